@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Installs what the tests need on a fresh Debian 12 (bookworm) machine, as root.
+# QEMU 10 (with the D-Bus display modules) and libvirt 11 come from bookworm-backports, enabled by
+# adding the suite to the machine's existing Debian source (no host name is written anywhere).
+set -euo pipefail
+export DEBIAN_FRONTEND=noninteractive
+
+src=/etc/apt/sources.list.d/debian.sources
+if [ -f "$src" ] && ! grep -q 'bookworm-backports' "$src"; then
+  sed -i -E 's/^(Suites:.*\bbookworm-updates\b.*)$/\1 bookworm-backports/' "$src"
+fi
+if ! grep -rqs 'bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/; then
+  echo "install-deps: could not enable bookworm-backports (no Debian source with bookworm-updates found)" >&2
+  exit 1
+fi
+
+apt-get update -q
+apt-get install -y -q --no-install-recommends \
+  dbus-daemon dbus cpio busybox-static xz-utils ca-certificates \
+  imagemagick procps
+apt-get install -y -q --no-install-recommends -t bookworm-backports \
+  qemu-system-x86 qemu-system-modules-opengl qemu-utils \
+  libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients

@@ -1,0 +1,205 @@
+//! gRPC glue: the Info service and the three Callbacks versions over one Unix socket, all
+//! calling the same pure rewrite.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use tokio::net::UnixListener;
+use tokio_stream::wrappers::UnixListenerStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+use tracing::{info, info_span, warn};
+
+use super::domain::{MAX_INPUT_BYTES, RewriteOptions, rewrite_bytes};
+use super::proto::{info as pinfo, v1alpha1, v1alpha2, v1alpha3};
+use super::vmi::VmiInfo;
+
+/// Hook points we subscribe to (names from kubevirt pkg/hooks/info/info.go).
+pub const HOOK_POINTS: &[&str] = &["OnDefineDomain", "Shutdown"];
+/// Callbacks versions we serve, in virt-launcher's order of preference.
+pub const VERSIONS: &[&str] = &["v1alpha3", "v1alpha2", "v1alpha1"];
+
+/// Room for a domain and a VMI at the limit plus protobuf framing, so that oversized input gets
+/// our own error message rather than a transport one.
+const MAX_MESSAGE_BYTES: usize = 2 * MAX_INPUT_BYTES + 64 * 1024;
+
+/// State shared by every service: the operator's rewrite options and the process shutdown.
+#[derive(Clone)]
+pub struct HookService {
+    base: Arc<RewriteOptions>,
+    shutdown: CancellationToken,
+}
+
+impl HookService {
+    /// `shutdown` is cancelled when virt-launcher calls v1alpha3 `Shutdown`.
+    pub fn new(base: RewriteOptions, shutdown: CancellationToken) -> Self {
+        Self {
+            base: Arc::new(base),
+            shutdown,
+        }
+    }
+
+    async fn define(
+        &self,
+        version: &'static str,
+        domain: Vec<u8>,
+        vmi: Vec<u8>,
+    ) -> Result<Vec<u8>, Status> {
+        let base = Arc::clone(&self.base);
+        tokio::task::spawn_blocking(move || define_blocking(&base, version, &domain, &vmi))
+            .await
+            .map_err(|e| Status::internal(format!("rewrite task failed: {e}")))?
+    }
+}
+
+fn define_blocking(
+    base: &RewriteOptions,
+    version: &'static str,
+    domain: &[u8],
+    vmi: &[u8],
+) -> Result<Vec<u8>, Status> {
+    let vmi = VmiInfo::parse(vmi).map_err(|e| {
+        warn!(version, error = %e, "OnDefineDomain rejected");
+        Status::invalid_argument(e.to_string())
+    })?;
+    let _span = info_span!("define", vm = %vmi.name, version).entered();
+    let opts = vmi.apply(base);
+    match rewrite_bytes(domain, &opts) {
+        Ok(out) => {
+            let s = &out.summary;
+            info!(
+                removed_graphics = s.removed_graphics,
+                removed_audio = s.removed_audio,
+                kept_graphics = s.kept_graphics,
+                added_video = s.added_video,
+                audio = s.added_audio,
+                bus = %opts.bus_address,
+                "OnDefineDomain: domain rewritten"
+            );
+            Ok(out.xml.into_bytes())
+        }
+        Err(e) => {
+            warn!(error = %e, "OnDefineDomain rejected");
+            Err(Status::invalid_argument(e.to_string()))
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl pinfo::info_server::Info for HookService {
+    async fn info(
+        &self,
+        _req: Request<pinfo::InfoParams>,
+    ) -> Result<Response<pinfo::InfoResult>, Status> {
+        info!("Info called by virt-launcher");
+        Ok(Response::new(pinfo::InfoResult {
+            name: super::HOOK_NAME.to_owned(),
+            hook_points: HOOK_POINTS
+                .iter()
+                .map(|name| pinfo::HookPoint {
+                    name: (*name).to_owned(),
+                    priority: 0,
+                })
+                .collect(),
+            versions: VERSIONS.iter().map(|v| (*v).to_owned()).collect(),
+        }))
+    }
+}
+
+#[tonic::async_trait]
+impl v1alpha1::callbacks_server::Callbacks for HookService {
+    async fn on_define_domain(
+        &self,
+        req: Request<v1alpha1::OnDefineDomainParams>,
+    ) -> Result<Response<v1alpha1::OnDefineDomainResult>, Status> {
+        let p = req.into_inner();
+        let domain_xml = self.define("v1alpha1", p.domain_xml, p.vmi).await?;
+        Ok(Response::new(v1alpha1::OnDefineDomainResult { domain_xml }))
+    }
+}
+
+#[tonic::async_trait]
+impl v1alpha2::callbacks_server::Callbacks for HookService {
+    async fn on_define_domain(
+        &self,
+        req: Request<v1alpha2::OnDefineDomainParams>,
+    ) -> Result<Response<v1alpha2::OnDefineDomainResult>, Status> {
+        let p = req.into_inner();
+        let domain_xml = self.define("v1alpha2", p.domain_xml, p.vmi).await?;
+        Ok(Response::new(v1alpha2::OnDefineDomainResult { domain_xml }))
+    }
+
+    /// Not subscribed; answered unchanged in case a launcher calls it anyway.
+    async fn pre_cloud_init_iso(
+        &self,
+        req: Request<v1alpha2::PreCloudInitIsoParams>,
+    ) -> Result<Response<v1alpha2::PreCloudInitIsoResult>, Status> {
+        let p = req.into_inner();
+        Ok(Response::new(v1alpha2::PreCloudInitIsoResult {
+            cloud_init_no_cloud_source: p.cloud_init_no_cloud_source,
+            cloud_init_data: p.cloud_init_data,
+        }))
+    }
+}
+
+#[tonic::async_trait]
+impl v1alpha3::callbacks_server::Callbacks for HookService {
+    async fn on_define_domain(
+        &self,
+        req: Request<v1alpha3::OnDefineDomainParams>,
+    ) -> Result<Response<v1alpha3::OnDefineDomainResult>, Status> {
+        let p = req.into_inner();
+        let domain_xml = self.define("v1alpha3", p.domain_xml, p.vmi).await?;
+        Ok(Response::new(v1alpha3::OnDefineDomainResult { domain_xml }))
+    }
+
+    /// Not subscribed; answered unchanged in case a launcher calls it anyway.
+    async fn pre_cloud_init_iso(
+        &self,
+        req: Request<v1alpha3::PreCloudInitIsoParams>,
+    ) -> Result<Response<v1alpha3::PreCloudInitIsoResult>, Status> {
+        let p = req.into_inner();
+        Ok(Response::new(v1alpha3::PreCloudInitIsoResult {
+            cloud_init_no_cloud_source: p.cloud_init_no_cloud_source,
+            cloud_init_data: p.cloud_init_data,
+        }))
+    }
+
+    async fn shutdown(
+        &self,
+        _req: Request<v1alpha3::ShutdownParams>,
+    ) -> Result<Response<v1alpha3::ShutdownResult>, Status> {
+        info!("Shutdown called by virt-launcher");
+        self.shutdown.cancel();
+        Ok(Response::new(v1alpha3::ShutdownResult {}))
+    }
+}
+
+/// Serves every hook service on `listener` until `signal` completes, then finishes in-flight
+/// calls (so the `Shutdown` reply still reaches virt-launcher).
+pub async fn serve(
+    listener: UnixListener,
+    service: HookService,
+    signal: impl Future<Output = ()> + Send,
+) -> Result<(), tonic::transport::Error> {
+    tonic::transport::Server::builder()
+        .concurrency_limit_per_connection(8)
+        .add_service(
+            pinfo::info_server::InfoServer::new(service.clone())
+                .max_decoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .add_service(
+            v1alpha1::callbacks_server::CallbacksServer::new(service.clone())
+                .max_decoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .add_service(
+            v1alpha2::callbacks_server::CallbacksServer::new(service.clone())
+                .max_decoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .add_service(
+            v1alpha3::callbacks_server::CallbacksServer::new(service)
+                .max_decoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), signal)
+        .await
+}

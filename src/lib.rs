@@ -1,0 +1,9 @@
+//! vdi-sidecar: a KubeVirt hook sidecar that gives every VM a remote desktop over QEMU's D-Bus
+//! display.
+//!
+//! Data path: `hook` (gRPC from virt-launcher → pure domain rewrite) makes QEMU join the bus that
+//! `bus` runs; the display source and servers attach to that bus.
+
+pub mod bus;
+pub mod hook;
+pub mod serve;

@@ -1,0 +1,159 @@
+//! Command-line wiring only; the work lives in the library modules.
+
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+use vdi_sidecar::bus::BusConfig;
+use vdi_sidecar::hook::domain::{RewriteOptions, rewrite_bytes};
+use vdi_sidecar::hook::vmi::VmiInfo;
+use vdi_sidecar::{hook, serve};
+
+#[derive(Parser)]
+#[command(name = "vdi-sidecar", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run as the KubeVirt hook sidecar: bus + hook server (+ display servers).
+    Serve(ServeArgs),
+    /// Rewrite a domain offline: domain XML on stdin, result on stdout.
+    RewriteDomain(RewriteDomainArgs),
+}
+
+#[derive(Args)]
+struct RewriteArgs {
+    /// Remove KubeVirt's <graphics type='vnc'> (breaks `virtctl vnc`).
+    #[arg(long, env = "VDI_DROP_VNC")]
+    drop_vnc: bool,
+    /// Leave audio out of the domain.
+    #[arg(long, env = "VDI_NO_AUDIO")]
+    no_audio: bool,
+    /// Model of the <video> added when the domain has none.
+    #[arg(long, env = "VDI_VIDEO_MODEL", default_value = "virtio",
+          value_parser = clap::builder::PossibleValuesParser::new(hook::domain::VIDEO_MODELS))]
+    video_model: String,
+}
+
+impl RewriteArgs {
+    fn options(&self, bus_address: String) -> RewriteOptions {
+        RewriteOptions {
+            bus_address,
+            drop_vnc: self.drop_vnc,
+            audio: !self.no_audio,
+            video_model: self.video_model.clone(),
+        }
+    }
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// Directory where virt-launcher looks for hook sockets.
+    #[arg(long, env = "VDI_HOOKS_DIR", default_value = serve::DEFAULT_HOOKS_DIR)]
+    hooks_dir: PathBuf,
+    /// Directory for the bus socket [default: <hooks-dir>/vdi].
+    #[arg(long, env = "VDI_BUS_DIR")]
+    bus_dir: Option<PathBuf>,
+    /// Bus address written into the domain, as the compute container sees it
+    /// [default: unix:path=/var/run/kubevirt-hooks/$CONTAINER_NAME/vdi/bus, or without
+    /// $CONTAINER_NAME when it is unset].
+    #[arg(long, env = "VDI_QEMU_BUS_ADDRESS")]
+    qemu_bus_address: Option<String>,
+    /// Hook socket file name.
+    #[arg(long, env = "VDI_SOCKET_NAME", default_value = hook::SOCKET_NAME)]
+    socket_name: String,
+    /// dbus-daemon binary.
+    #[arg(long, env = "VDI_DBUS_DAEMON", default_value = "dbus-daemon")]
+    dbus_daemon: PathBuf,
+    /// Extra uids allowed on the bus (root, 107 and our own uid always are).
+    #[arg(long = "bus-allow-uid", env = "VDI_BUS_ALLOW_UIDS", value_delimiter = ',')]
+    bus_allow_uids: Vec<u32>,
+    #[command(flatten)]
+    rewrite: RewriteArgs,
+}
+
+#[derive(Args)]
+struct RewriteDomainArgs {
+    /// VirtualMachineInstance JSON (for vdi.kubevirt.io/* annotations).
+    #[arg(long)]
+    vmi: Option<PathBuf>,
+    /// Bus address to write into the domain.
+    #[arg(long, default_value_t = serve::default_qemu_bus_address(None))]
+    bus_address: String,
+    #[command(flatten)]
+    rewrite: RewriteArgs,
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("VDI_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing();
+    let result = match cli.command {
+        Command::Serve(args) => run_serve(args),
+        Command::RewriteDomain(args) => run_rewrite(&args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("vdi-sidecar: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
+    let container = std::env::var("CONTAINER_NAME").ok();
+    let qemu_bus_address = args
+        .qemu_bus_address
+        .unwrap_or_else(|| serve::default_qemu_bus_address(container.as_deref()));
+    let cfg = serve::ServeConfig {
+        bus: BusConfig {
+            dir: args
+                .bus_dir
+                .unwrap_or_else(|| args.hooks_dir.join(serve::BUS_SUBDIR)),
+            program: args.dbus_daemon,
+            extra_uids: args.bus_allow_uids,
+        },
+        hooks_dir: args.hooks_dir,
+        socket_name: args.socket_name,
+        rewrite: args.rewrite.options(qemu_bus_address),
+    };
+    let rt = tokio::runtime::Runtime::new().context("cannot start the runtime")?;
+    rt.block_on(async {
+        let shutdown = CancellationToken::new();
+        serve::cancel_on_signals(shutdown.clone()).context("cannot install signal handlers")?;
+        serve::run(cfg, shutdown).await?;
+        Ok(())
+    })
+}
+
+fn run_rewrite(args: &RewriteDomainArgs) -> anyhow::Result<()> {
+    let mut xml = Vec::new();
+    std::io::stdin()
+        .take(u64::try_from(hook::domain::MAX_INPUT_BYTES)? + 1)
+        .read_to_end(&mut xml)
+        .context("cannot read the domain from stdin")?;
+    let vmi = match &args.vmi {
+        Some(path) => std::fs::read(path).with_context(|| format!("cannot read {path:?}"))?,
+        None => Vec::new(),
+    };
+    let info = VmiInfo::parse(&vmi)?;
+    let opts = info.apply(&args.rewrite.options(args.bus_address.clone()));
+    let out = rewrite_bytes(&xml, &opts)?;
+    std::io::stdout().write_all(out.xml.as_bytes())?;
+    Ok(())
+}

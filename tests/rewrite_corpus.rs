@@ -1,0 +1,194 @@
+//! The domain rewrite over the corpus in tests/data: golden output, idempotence, and that
+//! nothing outside graphics/audio/video changes.
+
+use std::path::PathBuf;
+
+use quick_xml::Reader;
+use quick_xml::events::Event;
+use vdi_sidecar::hook::domain::{RewriteOptions, rewrite};
+
+const BUS: &str = "unix:path=/var/run/kubevirt-hooks/hook-sidecar-0/vdi/bus";
+
+fn opts() -> RewriteOptions {
+    RewriteOptions {
+        bus_address: BUS.into(),
+        drop_vnc: false,
+        audio: true,
+        video_model: "virtio".into(),
+    }
+}
+
+fn corpus() -> Vec<(String, String)> {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/domains");
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .expect("corpus dir")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "xml"))
+        .collect();
+    files.sort();
+    assert!(files.len() >= 6, "corpus too small: {files:?}");
+    files
+        .into_iter()
+        .map(|p| {
+            let name = p.file_name().expect("name").to_string_lossy().into_owned();
+            (name, std::fs::read_to_string(&p).expect("read"))
+        })
+        .collect()
+}
+
+/// Raw text of every event outside `<devices>`' graphics/audio/video children, whitespace-only
+/// text dropped: what must be identical before and after the rewrite.
+fn untouched_events(xml: &str) -> Vec<String> {
+    let mut reader = Reader::from_str(xml);
+    let mut out = Vec::new();
+    let mut path: Vec<String> = Vec::new();
+    let mut skip_depth: Option<usize> = None;
+    loop {
+        let start = reader.buffer_position() as usize;
+        let ev = reader.read_event().expect("well-formed");
+        let end = reader.buffer_position() as usize;
+        let raw = xml[start..end].to_owned();
+        match &ev {
+            Event::Eof => break,
+            Event::Start(e) | Event::Empty(e) => {
+                let name = e.name().into_inner().to_owned();
+                let in_devices = path.len() == 2 && path[1] == "devices";
+                if skip_depth.is_none()
+                    && in_devices
+                    && matches!(name.as_str(), "graphics" | "audio" | "video")
+                {
+                    if matches!(ev, Event::Start(_)) {
+                        skip_depth = Some(path.len());
+                    }
+                } else if skip_depth.is_none() {
+                    out.push(raw);
+                }
+                if matches!(ev, Event::Start(_)) {
+                    path.push(name);
+                }
+            }
+            Event::End(_) => {
+                path.pop();
+                if skip_depth == Some(path.len()) {
+                    skip_depth = None;
+                } else if skip_depth.is_none() {
+                    out.push(raw);
+                }
+            }
+            Event::Text(t) if AsRef::<str>::as_ref(t).trim().is_empty() => {}
+            _ => {
+                if skip_depth.is_none() {
+                    out.push(raw);
+                }
+            }
+        }
+    }
+    out
+}
+
+fn count(xml: &str, needle: &str) -> usize {
+    xml.matches(needle).count()
+}
+
+#[test]
+fn matches_golden_output() {
+    let expected_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/expected");
+    for (name, xml) in corpus() {
+        let out = rewrite(&xml, &opts()).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let golden = std::fs::read_to_string(expected_dir.join(&name)).expect("golden file");
+        assert_eq!(out.xml, golden, "{name}: output differs from tests/data/expected");
+    }
+}
+
+#[test]
+fn is_idempotent() {
+    for (name, xml) in corpus() {
+        for o in [
+            opts(),
+            RewriteOptions {
+                drop_vnc: true,
+                ..opts()
+            },
+            RewriteOptions {
+                audio: false,
+                ..opts()
+            },
+        ] {
+            let once = rewrite(&xml, &o).expect("first").xml;
+            let twice = rewrite(&once, &o).expect("second").xml;
+            assert_eq!(once, twice, "{name} with {o:?} is not idempotent");
+        }
+    }
+}
+
+#[test]
+fn leaves_everything_else_byte_for_byte() {
+    for (name, xml) in corpus() {
+        let out = rewrite(&xml, &opts()).expect("rewrite").xml;
+        assert_eq!(
+            untouched_events(&xml),
+            untouched_events(&out),
+            "{name}: something outside graphics/audio/video changed"
+        );
+        // Kept verbatim: namespace declaration, prefixed elements, comments, escaped text.
+        for piece in ["xmlns:qemu=", "<qemu:commandline>", "<!--", "a &amp; b"] {
+            assert_eq!(count(&xml, piece), count(&out, piece), "{name}: {piece}");
+        }
+    }
+}
+
+#[test]
+fn exactly_one_dbus_graphics_linked_to_one_dbus_audio() {
+    for (name, xml) in corpus() {
+        let out = rewrite(&xml, &opts()).expect("rewrite").xml;
+        assert_eq!(count(&out, "<graphics type=\"dbus\""), 1, "{name}");
+        assert_eq!(count(&out, &format!("address=\"{BUS}\"")), 1, "{name}");
+        assert_eq!(count(&out, "<audio id=\"1\"></audio>"), 1, "{name}: link in graphics");
+        assert_eq!(count(&out, "<audio id=\"1\" type=\"dbus\"></audio>"), 1, "{name}");
+        assert_eq!(count(&out, "<audio "), 2, "{name}: other <audio> left");
+        assert_eq!(count(&out, "<video>"), 1, "{name}: exactly one video");
+        // KubeVirt's VNC stays by default.
+        assert_eq!(
+            count(&xml, "<graphics type=\"vnc\"") + count(&xml, "<graphics type='vnc'"),
+            count(&out, "<graphics type=\"vnc\"") + count(&out, "<graphics type='vnc'"),
+            "{name}"
+        );
+    }
+}
+
+#[test]
+fn drop_vnc_and_no_audio_options() {
+    for (name, xml) in corpus() {
+        let o = RewriteOptions {
+            drop_vnc: true,
+            audio: false,
+            ..opts()
+        };
+        let out = rewrite(&xml, &o).expect("rewrite").xml;
+        assert!(!out.contains("type=\"vnc\"") && !out.contains("type='vnc'"), "{name}");
+        assert!(!out.contains("<audio"), "{name}: audio left with audio=false");
+        assert_eq!(count(&out, "<graphics type=\"dbus\""), 1, "{name}");
+    }
+}
+
+#[test]
+fn adds_video_only_when_missing() {
+    let (_, xml) = corpus()
+        .into_iter()
+        .find(|(n, _)| n == "no-graphics-no-video.xml")
+        .expect("file");
+    let o = RewriteOptions {
+        video_model: "bochs".into(),
+        ..opts()
+    };
+    let out = rewrite(&xml, &o).expect("rewrite");
+    assert!(out.summary.added_video);
+    assert!(out.xml.contains("<model type=\"bochs\" heads=\"1\"></model>"));
+    let (_, basic) = corpus()
+        .into_iter()
+        .find(|(n, _)| n == "kubevirt-basic.xml")
+        .expect("file");
+    let out = rewrite(&basic, &o).expect("rewrite");
+    assert!(!out.summary.added_video);
+    assert!(!out.xml.contains("bochs"));
+}
