@@ -21,3 +21,9 @@ apt-get install -y -q --no-install-recommends \
 apt-get install -y -q --no-install-recommends -t bookworm-backports \
   qemu-system-x86 qemu-system-modules-opengl qemu-utils \
   libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients
+
+# QEMU runs as uid 107 in virt-launcher; the sidecar image names it `qemu` so the bus policy can
+# admit it by name (dbus-daemon takes names, not numbers). Mirror that here for the tests.
+if ! getent passwd 107 >/dev/null; then
+  useradd --system --uid 107 --user-group --no-create-home --shell /usr/sbin/nologin qemu
+fi

@@ -69,12 +69,59 @@ impl BusConfig {
     }
 }
 
+/// Who may connect, as dbus-daemon's policy must say it: by user *name* (it refuses numeric
+/// uids). A uid without a name in this container's passwd database cannot be named, so then the
+/// policy admits every user and only the socket directory's permissions keep others out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Admit {
+    Users(Vec<String>),
+    AnyUser { unnamed_uids: Vec<u32> },
+}
+
+impl Admit {
+    /// Names each uid through `lookup` (normally [`user_name`]).
+    pub fn resolve(uids: &[u32], lookup: impl Fn(u32) -> Option<String>) -> Self {
+        let mut names = Vec::new();
+        let mut unnamed = Vec::new();
+        for &uid in uids {
+            match lookup(uid) {
+                Some(name) => names.push(name),
+                None => unnamed.push(uid),
+            }
+        }
+        if unnamed.is_empty() {
+            Admit::Users(names)
+        } else {
+            Admit::AnyUser {
+                unnamed_uids: unnamed,
+            }
+        }
+    }
+}
+
+/// The user name of `uid` from `/etc/passwd` (what dbus-daemon resolves names against here).
+pub fn user_name(uid: u32) -> Option<String> {
+    let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
+    passwd.lines().find_map(|line| {
+        let mut fields = line.split(':');
+        let name = fields.next()?;
+        let id: u32 = fields.nth(1)?.parse().ok()?;
+        (id == uid && !name.is_empty()).then(|| name.to_owned())
+    })
+}
+
 /// The generated dbus-daemon configuration. dbus-daemon only lets its own uid in unless the
-/// policy names others, so QEMU (107), root and we are named explicitly; nobody else is.
-pub fn render_config(socket: &Path, uids: &[u32]) -> String {
+/// policy names others, so QEMU (107), root and we are named explicitly.
+pub fn render_config(socket: &Path, admit: &Admit) -> String {
     let mut users = String::new();
-    for uid in uids {
-        users.push_str(&format!("    <allow user=\"{uid}\"/>\n"));
+    match admit {
+        Admit::Users(names) => {
+            for name in names {
+                let name = quick_xml::escape::escape(name.as_str());
+                users.push_str(&format!("    <allow user=\"{name}\"/>\n"));
+            }
+        }
+        Admit::AnyUser { .. } => users.push_str("    <allow user=\"*\"/>\n"),
     }
     let listen = quick_xml::escape::escape(socket.to_string_lossy().into_owned()).into_owned();
     format!(
@@ -114,11 +161,16 @@ impl Bus {
             source,
         };
         std::fs::create_dir_all(&cfg.dir).map_err(dir_err)?;
-        std::fs::write(
-            cfg.config_path(),
-            render_config(&socket, &cfg.allowed_uids()),
-        )
-        .map_err(dir_err)?;
+        let admit = Admit::resolve(&cfg.allowed_uids(), user_name);
+        if let Admit::AnyUser { unnamed_uids } = &admit {
+            warn!(
+                ?unnamed_uids,
+                dir = %cfg.dir.display(),
+                "uids without a user name here cannot be named in the bus policy; \
+                 admitting every uid, so the bus directory's permissions are the only gate"
+            );
+        }
+        std::fs::write(cfg.config_path(), render_config(&socket, &admit)).map_err(dir_err)?;
 
         let (child, address) = spawn_daemon(&cfg).await?;
         info!(%address, pid = child.id(), "bus listening");
@@ -234,7 +286,10 @@ async fn supervise(cfg: BusConfig, mut child: Child, stop: CancellationToken) {
 
 /// SIGTERM by PID, then SIGKILL if it does not exit within 2 s.
 async fn terminate(child: &mut Child) {
-    let Some(pid) = child.id().and_then(|id| Pid::from_raw(i32::try_from(id).ok()?)) else {
+    let Some(pid) = child
+        .id()
+        .and_then(|id| Pid::from_raw(i32::try_from(id).ok()?))
+    else {
         return; // already reaped
     };
     if let Err(e) = kill_process(pid, Signal::TERM) {
@@ -243,7 +298,10 @@ async fn terminate(child: &mut Child) {
     match tokio::time::timeout(Duration::from_secs(2), child.wait()).await {
         Ok(_) => info!(pid = pid.as_raw_nonzero().get(), "dbus-daemon stopped"),
         Err(_) => {
-            warn!(pid = pid.as_raw_nonzero().get(), "dbus-daemon ignored SIGTERM; killing it");
+            warn!(
+                pid = pid.as_raw_nonzero().get(),
+                "dbus-daemon ignored SIGTERM; killing it"
+            );
             let _ = kill_process(pid, Signal::KILL);
             let _ = child.wait().await;
         }
@@ -255,12 +313,30 @@ mod tests {
     use super::*;
 
     #[test]
-    fn config_names_each_uid_and_escapes_path() {
-        let conf = render_config(Path::new("/tmp/a&b/bus"), &[0, 107]);
+    fn config_names_each_user_and_escapes_path() {
+        let admit = Admit::resolve(&[0, 107], |uid| Some(format!("u{uid}")));
+        let conf = render_config(Path::new("/tmp/a&b/bus"), &admit);
         assert!(conf.contains("<listen>unix:path=/tmp/a&amp;b/bus</listen>"));
-        assert!(conf.contains("<allow user=\"0\"/>"));
-        assert!(conf.contains("<allow user=\"107\"/>"));
+        assert!(conf.contains("<allow user=\"u0\"/>"));
+        assert!(conf.contains("<allow user=\"u107\"/>"));
         assert!(!conf.contains("user=\"*\""));
+    }
+
+    #[test]
+    fn unnamed_uid_admits_everyone() {
+        let admit = Admit::resolve(&[0, 107], |uid| (uid == 0).then(|| "root".to_owned()));
+        assert_eq!(
+            admit,
+            Admit::AnyUser {
+                unnamed_uids: vec![107]
+            }
+        );
+        assert!(render_config(Path::new("/b"), &admit).contains("<allow user=\"*\"/>"));
+    }
+
+    #[test]
+    fn root_has_a_name() {
+        assert_eq!(user_name(0).as_deref(), Some("root"));
     }
 
     #[test]

@@ -72,7 +72,11 @@ struct ServeArgs {
     #[arg(long, env = "VDI_DBUS_DAEMON", default_value = "dbus-daemon")]
     dbus_daemon: PathBuf,
     /// Extra uids allowed on the bus (root, 107 and our own uid always are).
-    #[arg(long = "bus-allow-uid", env = "VDI_BUS_ALLOW_UIDS", value_delimiter = ',')]
+    #[arg(
+        long = "bus-allow-uid",
+        env = "VDI_BUS_ALLOW_UIDS",
+        value_delimiter = ','
+    )]
     bus_allow_uids: Vec<u32>,
     #[command(flatten)]
     rewrite: RewriteArgs,

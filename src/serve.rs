@@ -107,9 +107,7 @@ pub async fn run(cfg: ServeConfig, shutdown: CancellationToken) -> Result<(), Er
         }
     };
     // virt-launcher runs as the same uid (107, or root for root VMIs) and group (fsGroup 107).
-    if let Err(e) =
-        std::fs::set_permissions(&socket_path, std::fs::Permissions::from_mode(0o660))
-    {
+    if let Err(e) = std::fs::set_permissions(&socket_path, std::fs::Permissions::from_mode(0o660)) {
         warn!(error = %e, "cannot set hook socket permissions");
     }
     info!(

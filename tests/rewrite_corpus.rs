@@ -96,7 +96,10 @@ fn matches_golden_output() {
     for (name, xml) in corpus() {
         let out = rewrite(&xml, &opts()).unwrap_or_else(|e| panic!("{name}: {e}"));
         let golden = std::fs::read_to_string(expected_dir.join(&name)).expect("golden file");
-        assert_eq!(out.xml, golden, "{name}: output differs from tests/data/expected");
+        assert_eq!(
+            out.xml, golden,
+            "{name}: output differs from tests/data/expected"
+        );
     }
 }
 
@@ -143,8 +146,16 @@ fn exactly_one_dbus_graphics_linked_to_one_dbus_audio() {
         let out = rewrite(&xml, &opts()).expect("rewrite").xml;
         assert_eq!(count(&out, "<graphics type=\"dbus\""), 1, "{name}");
         assert_eq!(count(&out, &format!("address=\"{BUS}\"")), 1, "{name}");
-        assert_eq!(count(&out, "<audio id=\"1\"></audio>"), 1, "{name}: link in graphics");
-        assert_eq!(count(&out, "<audio id=\"1\" type=\"dbus\"></audio>"), 1, "{name}");
+        assert_eq!(
+            count(&out, "<audio id=\"1\"></audio>"),
+            1,
+            "{name}: link in graphics"
+        );
+        assert_eq!(
+            count(&out, "<audio id=\"1\" type=\"dbus\"></audio>"),
+            1,
+            "{name}"
+        );
         assert_eq!(count(&out, "<audio "), 2, "{name}: other <audio> left");
         assert_eq!(count(&out, "<video>"), 1, "{name}: exactly one video");
         // KubeVirt's VNC stays by default.
@@ -165,8 +176,14 @@ fn drop_vnc_and_no_audio_options() {
             ..opts()
         };
         let out = rewrite(&xml, &o).expect("rewrite").xml;
-        assert!(!out.contains("type=\"vnc\"") && !out.contains("type='vnc'"), "{name}");
-        assert!(!out.contains("<audio"), "{name}: audio left with audio=false");
+        assert!(
+            !out.contains("type=\"vnc\"") && !out.contains("type='vnc'"),
+            "{name}"
+        );
+        assert!(
+            !out.contains("<audio"),
+            "{name}: audio left with audio=false"
+        );
         assert_eq!(count(&out, "<graphics type=\"dbus\""), 1, "{name}");
     }
 }
@@ -183,7 +200,10 @@ fn adds_video_only_when_missing() {
     };
     let out = rewrite(&xml, &o).expect("rewrite");
     assert!(out.summary.added_video);
-    assert!(out.xml.contains("<model type=\"bochs\" heads=\"1\"></model>"));
+    assert!(
+        out.xml
+            .contains("<model type=\"bochs\" heads=\"1\"></model>")
+    );
     let (_, basic) = corpus()
         .into_iter()
         .find(|(n, _)| n == "kubevirt-basic.xml")

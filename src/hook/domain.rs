@@ -214,10 +214,12 @@ fn scan(xml: &str, opts: &RewriteOptions) -> Result<Scan, Error> {
                         skipping = None;
                     }
                 }
-                Event::Eof => return Err(Error::Malformed {
-                    position: reader.buffer_position(),
-                    reason: "document ends inside an element".into(),
-                }),
+                Event::Eof => {
+                    return Err(Error::Malformed {
+                        position: reader.buffer_position(),
+                        reason: "document ends inside an element".into(),
+                    });
+                }
                 _ => {}
             }
             continue;
@@ -233,9 +235,7 @@ fn scan(xml: &str, opts: &RewriteOptions) -> Result<Scan, Error> {
                         return Err(malformed(&reader, "more than one root element"));
                     }
                     if name != "domain" {
-                        return Err(Error::RootNotDomain(
-                            name.to_owned(),
-                        ));
+                        return Err(Error::RootNotDomain(name.to_owned()));
                     }
                     root_seen = true;
                     if is_empty {
@@ -321,7 +321,11 @@ fn scan(xml: &str, opts: &RewriteOptions) -> Result<Scan, Error> {
                     if raw.bytes().all(|b| b.is_ascii_whitespace()) {
                         pending_ws = Some(start..end);
                     }
-                } else if depth == 0 && !AsRef::<str>::as_ref(t).bytes().all(|b| b.is_ascii_whitespace()) {
+                } else if depth == 0
+                    && !AsRef::<str>::as_ref(t)
+                        .bytes()
+                        .all(|b| b.is_ascii_whitespace())
+                {
                     return Err(malformed(&reader, "text outside the root element"));
                 }
             }
@@ -444,7 +448,10 @@ mod tests {
             rewrite_bytes(&big, &opts()),
             Err(Error::TooLarge { .. })
         ));
-        assert_eq!(rewrite_bytes(&[0xff, 0xfe], &opts()).unwrap_err(), Error::NotUtf8);
+        assert_eq!(
+            rewrite_bytes(&[0xff, 0xfe], &opts()).unwrap_err(),
+            Error::NotUtf8
+        );
     }
 
     #[test]
@@ -464,7 +471,11 @@ mod tests {
         let mut o = opts();
         o.bus_address = "unix:path=/a\"b&c".into();
         let out = rewrite("<domain><devices></devices></domain>", &o).unwrap();
-        assert!(out.xml.contains("address=\"unix:path=/a&quot;b&amp;c\""), "{}", out.xml);
+        assert!(
+            out.xml.contains("address=\"unix:path=/a&quot;b&amp;c\""),
+            "{}",
+            out.xml
+        );
     }
 
     #[test]
@@ -472,7 +483,9 @@ mod tests {
         let xml = "<domain><metadata><audio id=\"9\"/></metadata><devices>\
                    <hostdev><audio/></hostdev></devices></domain>";
         let out = rewrite(xml, &opts()).unwrap();
-        assert!(out.xml.starts_with("<domain><metadata><audio id=\"9\"/></metadata><devices><hostdev><audio/></hostdev>"));
+        assert!(out.xml.starts_with(
+            "<domain><metadata><audio id=\"9\"/></metadata><devices><hostdev><audio/></hostdev>"
+        ));
         assert_eq!(out.summary.removed_audio, 0);
     }
 }

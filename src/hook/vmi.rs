@@ -138,7 +138,11 @@ mod tests {
             br#"{"metadata":{"annotations":{"vdi.kubevirt.io/audio":"yes"}}}"#,
             br#"{"metadata":{"annotations":{"vdi.kubevirt.io/audio":false}}}"#,
         ] {
-            assert!(VmiInfo::parse(bad).is_err(), "accepted {}", String::from_utf8_lossy(bad));
+            assert!(
+                VmiInfo::parse(bad).is_err(),
+                "accepted {}",
+                String::from_utf8_lossy(bad)
+            );
         }
     }
 }

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Runs every test: formatting, lints, unit and integration tests (real dbus-daemon, real libvirt).
+# On a fresh Debian 12 machine, as root: installs what the tests need first.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "$(id -u)" = 0 ] && [ "${VDI_SKIP_INSTALL:-0}" != 1 ]; then
+  ./ci/install-deps.sh
+fi
+# Installs from rustup when missing; needs nothing else.
+rustup component add rustfmt clippy >/dev/null 2>&1 || true
+
+cargo fmt --check
+cargo clippy --all-targets --locked -- -D warnings
+cargo test --locked --all-targets

@@ -1,0 +1,181 @@
+//! Helpers shared by the integration tests: running our binary, a tonic client over a Unix
+//! socket (as virt-launcher dials us), and process bookkeeping by PID.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tonic::transport::{Channel, Endpoint, Uri};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_vdi-sidecar");
+
+pub fn data_file(rel: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data")
+        .join(rel)
+}
+
+/// Polls `cond` every 20 ms until it holds or `timeout` passes.
+pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A child process killed (SIGKILL, by PID) when dropped, so a failing test leaves nothing behind.
+pub struct Proc {
+    pub child: Child,
+    pub name: &'static str,
+}
+
+impl Proc {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits for the process to exit, up to `timeout`.
+    pub fn wait_timeout(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{sig}"), &self.pid().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success(), "kill -{sig} {} failed", self.pid());
+    }
+}
+
+impl Drop for Proc {
+    /// SIGTERM first so the process can stop what it started (our dbus-daemon), then SIGKILL.
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &self.pid().to_string()])
+                .status();
+            if self.wait_timeout(Duration::from_secs(5)).is_none() {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+            }
+        }
+    }
+}
+
+/// PIDs of processes whose command line contains `needle`.
+pub fn pids_with_cmdline(needle: &str) -> Vec<u32> {
+    let mut pids = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return pids;
+    };
+    for e in entries.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        if let Ok(cmd) = std::fs::read(e.path().join("cmdline")) {
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            // zombies have an empty cmdline; they are gone for our purposes
+            if cmd.contains(needle) {
+                pids.push(pid);
+            }
+        }
+    }
+    pids
+}
+
+/// A `vdi-sidecar serve` in a temporary hooks directory.
+pub struct Sidecar {
+    pub proc: Proc,
+    pub dir: tempfile::TempDir,
+}
+
+impl Sidecar {
+    pub fn hooks_dir(&self) -> PathBuf {
+        self.dir.path().join("hooks")
+    }
+    pub fn socket(&self) -> PathBuf {
+        self.hooks_dir().join("vdi-sidecar.sock")
+    }
+    pub fn bus_socket(&self) -> PathBuf {
+        self.hooks_dir().join("vdi/bus")
+    }
+
+    /// Starts `serve` and waits for the hook socket.
+    pub fn start(extra_args: &[&str], env: &[(&str, &str)]) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        Self::start_in(dir, extra_args, env)
+    }
+
+    pub fn start_in(dir: tempfile::TempDir, extra_args: &[&str], env: &[(&str, &str)]) -> Self {
+        // QEMU (uid 107) must be able to reach the bus socket inside it.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
+            .expect("chmod");
+        let hooks = dir.path().join("hooks");
+        let mut cmd = Command::new(BIN);
+        cmd.arg("serve")
+            .arg("--hooks-dir")
+            .arg(&hooks)
+            .args(extra_args)
+            .env_remove("CONTAINER_NAME")
+            .env("VDI_LOG", "debug,h2=info,hyper=info,tower=info")
+            .stdin(Stdio::null());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("spawn vdi-sidecar");
+        let mut sc = Sidecar {
+            proc: Proc {
+                child,
+                name: "vdi-sidecar",
+            },
+            dir,
+        };
+        let sock = sc.socket();
+        let is_socket = |p: &Path| {
+            use std::os::unix::fs::FileTypeExt;
+            std::fs::metadata(p).is_ok_and(|m| m.file_type().is_socket())
+        };
+        let up = wait_until(Duration::from_secs(15), || {
+            is_socket(&sock) || matches!(sc.proc.child.try_wait(), Ok(Some(_)))
+        });
+        assert!(
+            up && is_socket(&sock),
+            "hook socket {sock:?} did not appear"
+        );
+        sc
+    }
+}
+
+/// A gRPC channel over a Unix socket, the way virt-launcher dials hook sidecars.
+pub async fn uds_channel(path: &Path) -> Channel {
+    let path = path.to_owned();
+    Endpoint::try_from("http://localhost")
+        .expect("endpoint")
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let path = path.clone();
+            async move {
+                let s = tokio::net::UnixStream::connect(path).await?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(s))
+            }
+        }))
+        .await
+        .expect("connect to hook socket")
+}

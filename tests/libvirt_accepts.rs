@@ -1,0 +1,125 @@
+//! Every rewritten corpus domain validates against libvirt's schema (`virt-xml-validate`) and is
+//! defined by a real libvirt daemon, which keeps our dbus graphics and audio.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::{Proc, wait_until};
+use vdi_sidecar::hook::domain::{RewriteOptions, rewrite};
+
+const URI: &str = "qemu:///system";
+
+fn virsh(args: &[&str]) -> std::process::Output {
+    Command::new("virsh")
+        .args(["-c", URI])
+        .args(args)
+        .output()
+        .expect("virsh (install libvirt-clients)")
+}
+
+/// Uses the running libvirt daemon, or starts one for this test (killed by PID at the end).
+fn ensure_libvirtd() -> Option<Proc> {
+    if virsh(&["version"]).status.success() {
+        return None;
+    }
+    let child = Command::new("libvirtd")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("libvirtd (install libvirt-daemon-system)");
+    let p = Proc {
+        child,
+        name: "libvirtd",
+    };
+    assert!(
+        wait_until(Duration::from_secs(20), || virsh(&["version"])
+            .status
+            .success()),
+        "libvirtd did not come up"
+    );
+    Some(p)
+}
+
+fn domain_name(xml: &str) -> String {
+    let start = xml.find("<name>").expect("name") + "<name>".len();
+    let end = xml[start..].find('<').expect("name end") + start;
+    xml[start..end].to_owned()
+}
+
+#[test]
+fn libvirt_validates_and_defines_every_rewritten_domain() {
+    let _daemon = ensure_libvirtd();
+    let out_dir = tempfile::tempdir().expect("tempdir");
+    let opts = RewriteOptions {
+        bus_address: "unix:path=/var/run/kubevirt-hooks/hook-sidecar-0/vdi/bus".into(),
+        drop_vnc: false,
+        audio: true,
+        video_model: "virtio".into(),
+    };
+    let dir = common::data_file("domains");
+    let mut n = 0;
+    for entry in std::fs::read_dir(dir).expect("corpus") {
+        let path = entry.expect("entry").path();
+        let xml = std::fs::read_to_string(&path).expect("read");
+        for (variant, o) in [
+            ("default", opts.clone()),
+            (
+                "drop-vnc",
+                RewriteOptions {
+                    drop_vnc: true,
+                    ..opts.clone()
+                },
+            ),
+        ] {
+            let out = rewrite(&xml, &o).expect("rewrite").xml;
+            let file = out_dir.path().join(format!(
+                "{variant}-{}",
+                path.file_name().expect("f").to_string_lossy()
+            ));
+            std::fs::write(&file, &out).expect("write");
+
+            let v = Command::new("virt-xml-validate")
+                .arg(&file)
+                .arg("domain")
+                .output()
+                .expect("virt-xml-validate");
+            assert!(
+                v.status.success(),
+                "{file:?} fails libvirt's schema:\n{}{}",
+                String::from_utf8_lossy(&v.stdout),
+                String::from_utf8_lossy(&v.stderr)
+            );
+
+            let name = domain_name(&out);
+            let _ = virsh(&["undefine", &name]);
+            let d = virsh(&["define", file.to_str().expect("path")]);
+            assert!(
+                d.status.success(),
+                "libvirt refused {file:?}: {}",
+                String::from_utf8_lossy(&d.stderr)
+            );
+            let dump = virsh(&["dumpxml", "--inactive", &name]);
+            let _ = virsh(&["undefine", &name]);
+            let dump = String::from_utf8_lossy(&dump.stdout).into_owned();
+            assert!(
+                dump.contains(
+                    "<graphics type='dbus' address='unix:path=/var/run/kubevirt-hooks/hook-sidecar-0/vdi/bus'>"
+                ),
+                "{name}: dbus graphics lost:\n{dump}"
+            );
+            assert!(
+                dump.contains("<audio id='1' type='dbus'/>"),
+                "{name}: audio lost"
+            );
+            assert_eq!(
+                dump.matches("<audio id='1'/>").count(),
+                1,
+                "{name}: audio link"
+            );
+            n += 1;
+        }
+    }
+    assert!(n >= 12, "only {n} domains checked");
+}
