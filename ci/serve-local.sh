@@ -8,6 +8,7 @@ if [ "$(id -u)" = 0 ] && [ "${VDI_SKIP_INSTALL:-0}" != 1 ]; then
 fi
 cargo build --release --locked
 hooks=${VDI_HOOKS_DIR:-$(mktemp -d /tmp/vdi-hooks.XXXXXX)}
+mkdir -p "$hooks"
 chmod 0755 "$hooks"
 echo "hooks dir: $hooks (hook socket: $hooks/vdi-sidecar.sock, bus: $hooks/vdi/bus)"
 echo "try: ./target/release/vdi-sidecar rewrite-domain < tests/data/domains/kubevirt-basic.xml"

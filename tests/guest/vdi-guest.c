@@ -1,0 +1,333 @@
+/*
+ * vdi-guest: the test guest's only program. It runs as PID 1's child in a tiny initramfs
+ * (busybox + this), takes commands on the serial console, draws known pixels, animates,
+ * reports every input event it receives, and answers with lines starting "VDI ".
+ *
+ * Displays:
+ *   vbe  - QEMU's std VGA, driven directly: Bochs VBE "dispi" registers in the MMIO BAR (2) set
+ *          any mode (this is how the tests switch resolution), pixels go to the VRAM BAR (0).
+ *   fb   - /dev/fb0 (e.g. virtio-gpu's DRM fbdev emulation: the shared-memory Map path).
+ *
+ * Commands (one per line):
+ *   display vbe|fb           choose the display (vbe: also sets a mode, see "mode")
+ *   mode W H                 vbe: switch to W x H x 32
+ *   fill SEED                draw the test image (gradients, bars, noise) from SEED
+ *   solid RRGGBB             fill the screen with one colour
+ *   rect X Y W H RRGGBB      fill a rectangle
+ *   animate N                draw N full-screen frames as fast as possible
+ *   keybox on|off            on a key press, fill the top-left 64x64 box with a colour
+ *                            derived from the key code (default on)
+ *   info                     print the current mode
+ * Input events from every /dev/input/event* are printed as
+ *   "VDI EV <dev> <type> <code> <value>".
+ */
+#define _GNU_SOURCE
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/fb.h>
+#include <linux/input.h>
+#include <poll.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#define MAX_INPUTS 16
+
+static struct {
+    int kind; /* 0 none, 1 vbe, 2 fb */
+    uint8_t *pixels;
+    size_t map_len;
+    uint32_t width, height, stride, bpp;
+    uint32_t roff, goff, boff; /* bit offsets for fb */
+    volatile uint16_t *dispi;  /* vbe registers */
+    size_t vram_len;
+    int fb_fd;
+} d;
+
+static int keybox = 1;
+
+static void say(const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    printf("VDI ");
+    vprintf(fmt, ap);
+    printf("\n");
+    fflush(stdout);
+    va_end(ap);
+}
+
+static double now_ms(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec * 1000.0 + ts.tv_nsec / 1e6;
+}
+
+static inline void put(uint32_t x, uint32_t y, uint32_t rgb) {
+    uint8_t *p = d.pixels + (size_t)y * d.stride + (size_t)x * (d.bpp / 8);
+    uint32_t r = (rgb >> 16) & 0xff, g = (rgb >> 8) & 0xff, b = rgb & 0xff;
+    if (d.bpp == 32) {
+        uint32_t v = (r << d.roff) | (g << d.goff) | (b << d.boff);
+        memcpy(p, &v, 4);
+    } else if (d.bpp == 24) {
+        p[d.boff / 8] = b; p[d.goff / 8] = g; p[d.roff / 8] = r;
+    } else if (d.bpp == 16) {
+        uint16_t v = ((r >> 3) << 11) | ((g >> 2) << 5) | (b >> 3);
+        memcpy(p, &v, 2);
+    }
+}
+
+static void flush(void) {
+    if (d.kind == 2) {
+        /* DRM fbdev emulation with deferred I/O flushes on its own; a pan makes it prompt. */
+        struct fb_var_screeninfo v;
+        if (ioctl(d.fb_fd, FBIOGET_VSCREENINFO, &v) == 0)
+            ioctl(d.fb_fd, FBIOPAN_DISPLAY, &v);
+        msync(d.pixels, d.map_len, MS_SYNC);
+    }
+}
+
+/* Bochs VBE dispi register indexes (QEMU hw/display/vga_int.h). */
+enum { DISPI_ID, DISPI_XRES, DISPI_YRES, DISPI_BPP, DISPI_ENABLE, DISPI_BANK, DISPI_VIRT_W,
+       DISPI_VIRT_H, DISPI_X_OFF, DISPI_Y_OFF };
+
+static int find_stdvga(char *path, size_t len) {
+    DIR *dir = opendir("/sys/bus/pci/devices");
+    struct dirent *e;
+    if (!dir) return -1;
+    while ((e = readdir(dir))) {
+        char p[512], buf[32];
+        FILE *f;
+        unsigned ven = 0, dev = 0;
+        if (e->d_name[0] == '.') continue;
+        snprintf(p, sizeof p, "/sys/bus/pci/devices/%s/vendor", e->d_name);
+        if (!(f = fopen(p, "r"))) continue;
+        if (fgets(buf, sizeof buf, f)) ven = strtoul(buf, 0, 16);
+        fclose(f);
+        snprintf(p, sizeof p, "/sys/bus/pci/devices/%s/device", e->d_name);
+        if (!(f = fopen(p, "r"))) continue;
+        if (fgets(buf, sizeof buf, f)) dev = strtoul(buf, 0, 16);
+        fclose(f);
+        if (ven == 0x1234 && dev == 0x1111) {
+            snprintf(path, len, "/sys/bus/pci/devices/%s", e->d_name);
+            closedir(dir);
+            return 0;
+        }
+    }
+    closedir(dir);
+    return -1;
+}
+
+static void *map_resource(const char *dev, int bar, size_t *len) {
+    char p[600];
+    struct stat st;
+    int fd;
+    void *m;
+    snprintf(p, sizeof p, "%s/resource%d", dev, bar);
+    if ((fd = open(p, O_RDWR | O_SYNC)) < 0) return NULL;
+    if (fstat(fd, &st) < 0) { close(fd); return NULL; }
+    *len = st.st_size;
+    m = mmap(NULL, *len, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    close(fd);
+    return m == MAP_FAILED ? NULL : m;
+}
+
+static int open_vbe(void) {
+    char dev[512];
+    size_t mmio_len;
+    void *mmio;
+    if (find_stdvga(dev, sizeof dev) < 0) { say("ERR no std VGA (1234:1111)"); return -1; }
+    d.pixels = map_resource(dev, 0, &d.vram_len);
+    mmio = map_resource(dev, 2, &mmio_len);
+    if (!d.pixels || !mmio || mmio_len < 0x600) { say("ERR cannot map std VGA BARs"); return -1; }
+    d.dispi = (volatile uint16_t *)((uint8_t *)mmio + 0x500);
+    d.kind = 1;
+    d.map_len = d.vram_len;
+    return 0;
+}
+
+static int set_mode(uint32_t w, uint32_t h) {
+    if (d.kind != 1) { say("ERR mode needs display vbe"); return -1; }
+    if (w < 64 || h < 64 || w > 4096 || h > 4096 || (size_t)w * h * 4 > d.vram_len) {
+        say("ERR mode %ux%u does not fit", w, h);
+        return -1;
+    }
+    d.dispi[DISPI_ENABLE] = 0;
+    d.dispi[DISPI_BPP] = 32;
+    d.dispi[DISPI_XRES] = w;
+    d.dispi[DISPI_YRES] = h;
+    d.dispi[DISPI_VIRT_W] = w;
+    d.dispi[DISPI_VIRT_H] = h;
+    d.dispi[DISPI_X_OFF] = 0;
+    d.dispi[DISPI_Y_OFF] = 0;
+    d.dispi[DISPI_BANK] = 0;
+    d.dispi[DISPI_ENABLE] = 0x01 | 0x40; /* enabled | linear frame buffer */
+    d.width = w; d.height = h; d.bpp = 32; d.stride = w * 4;
+    d.roff = 16; d.goff = 8; d.boff = 0;
+    return 0;
+}
+
+static int open_fb(void) {
+    struct fb_var_screeninfo v;
+    struct fb_fix_screeninfo f;
+    d.fb_fd = open("/dev/fb0", O_RDWR);
+    if (d.fb_fd < 0) { say("ERR no /dev/fb0: %s", strerror(errno)); return -1; }
+    if (ioctl(d.fb_fd, FBIOGET_VSCREENINFO, &v) < 0 || ioctl(d.fb_fd, FBIOGET_FSCREENINFO, &f) < 0) {
+        say("ERR fb ioctl: %s", strerror(errno));
+        return -1;
+    }
+    d.width = v.xres; d.height = v.yres; d.bpp = v.bits_per_pixel; d.stride = f.line_length;
+    d.roff = v.red.offset; d.goff = v.green.offset; d.boff = v.blue.offset;
+    d.map_len = f.smem_len;
+    d.pixels = mmap(NULL, d.map_len, PROT_READ | PROT_WRITE, MAP_SHARED, d.fb_fd, 0);
+    if (d.pixels == MAP_FAILED) { say("ERR fb mmap: %s", strerror(errno)); return -1; }
+    d.kind = 2;
+    return 0;
+}
+
+static uint32_t hash(uint32_t x) {
+    x ^= x >> 16; x *= 0x7feb352d; x ^= x >> 15; x *= 0x846ca68b; x ^= x >> 16;
+    return x;
+}
+
+/* The test image: horizontal/vertical gradients, eight colour bars, a noise band and a border,
+ * so that channel order, stride and offsets errors all show. */
+static void fill(uint32_t seed) {
+    for (uint32_t y = 0; y < d.height; y++) {
+        for (uint32_t x = 0; x < d.width; x++) {
+            uint32_t c;
+            if (x == 0 || y == 0 || x == d.width - 1 || y == d.height - 1) c = 0xff00ff;
+            else if (y < d.height / 4) c = ((x * 255 / d.width) << 16) | ((y * 255 / (d.height / 4)) << 8) | (seed & 0xff);
+            else if (y < d.height / 2) {
+                static const uint32_t bars[8] = {0xffffff, 0xffff00, 0x00ffff, 0x00ff00,
+                                                 0xff00ff, 0xff0000, 0x0000ff, 0x000000};
+                c = bars[(x * 8 / d.width + seed) % 8];
+            } else if (y < d.height * 3 / 4) c = hash(x * 7919 + y * 104729 + seed) & 0xffffff;
+            else c = (((x + y + seed) & 0xff) << 16) | (((x ^ y) & 0xff) << 8) | ((x * y) & 0xff);
+            put(x, y, c);
+        }
+    }
+    flush();
+}
+
+static void rect(uint32_t x0, uint32_t y0, uint32_t w, uint32_t h, uint32_t rgb) {
+    for (uint32_t y = y0; y < y0 + h && y < d.height; y++)
+        for (uint32_t x = x0; x < x0 + w && x < d.width; x++) put(x, y, rgb);
+    flush();
+}
+
+static void animate(unsigned n) {
+    double t0 = now_ms();
+    for (unsigned i = 0; i < n; i++) {
+        for (uint32_t y = 0; y < d.height; y++)
+            for (uint32_t x = 0; x < d.width; x++)
+                put(x, y, (((x + i * 8) & 0xff) << 16) | (((y + i * 4) & 0xff) << 8) | (i & 0xff));
+        flush();
+        if ((i + 1) % 10 == 0) say("FRAME %u", i + 1);
+    }
+    say("OK animate %u frames %.0f ms", n, now_ms() - t0);
+}
+
+static int inputs[MAX_INPUTS];
+static char input_names[MAX_INPUTS][32];
+static int ninputs;
+
+static void open_inputs(void) {
+    DIR *dir = opendir("/dev/input");
+    struct dirent *e;
+    if (!dir) return;
+    while ((e = readdir(dir)) && ninputs < MAX_INPUTS) {
+        char p[300];
+        int fd;
+        if (strncmp(e->d_name, "event", 5) != 0) continue;
+        snprintf(p, sizeof p, "/dev/input/%s", e->d_name);
+        if ((fd = open(p, O_RDONLY | O_NONBLOCK)) < 0) continue;
+        inputs[ninputs] = fd;
+        ioctl(fd, EVIOCGNAME(sizeof input_names[0]), input_names[ninputs]);
+        say("INPUT %s %s", e->d_name, input_names[ninputs]);
+        ninputs++;
+    }
+    closedir(dir);
+}
+
+static void command(char *line) {
+    char op[32] = {0}, arg[32] = {0};
+    unsigned a, b, c, e, rgb;
+    if (sscanf(line, "%31s", op) != 1) return;
+    if (!strcmp(op, "display") && sscanf(line, "%*s %31s", arg) == 1) {
+        int r = !strcmp(arg, "vbe") ? open_vbe() : !strcmp(arg, "fb") ? open_fb() : -1;
+        if (r == 0) say("OK display %s %ux%u", arg, d.width, d.height);
+    } else if (!strcmp(op, "mode") && sscanf(line, "%*s %u %u", &a, &b) == 2) {
+        if (set_mode(a, b) == 0) say("OK mode %u %u", a, b);
+    } else if (!d.kind) {
+        say("ERR no display");
+    } else if (!strcmp(op, "fill") && sscanf(line, "%*s %u", &a) == 1) {
+        fill(a);
+        say("OK fill %u", a);
+    } else if (!strcmp(op, "solid") && sscanf(line, "%*s %x", &rgb) == 1) {
+        rect(0, 0, d.width, d.height, rgb);
+        say("OK solid %06x", rgb);
+    } else if (!strcmp(op, "rect") && sscanf(line, "%*s %u %u %u %u %x", &a, &b, &c, &e, &rgb) == 5) {
+        rect(a, b, c, e, rgb);
+        say("OK rect");
+    } else if (!strcmp(op, "animate") && sscanf(line, "%*s %u", &a) == 1) {
+        animate(a);
+    } else if (!strcmp(op, "keybox") && sscanf(line, "%*s %31s", arg) == 1) {
+        keybox = !strcmp(arg, "on");
+        say("OK keybox %d", keybox);
+    } else if (!strcmp(op, "info")) {
+        say("OK info %ux%u bpp %u stride %u", d.width, d.height, d.bpp, d.stride);
+    } else {
+        say("ERR unknown command: %s", line);
+    }
+}
+
+int main(void) {
+    char buf[512];
+    size_t used = 0;
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    open_inputs();
+    say("READY");
+    for (;;) {
+        struct pollfd p[MAX_INPUTS + 1];
+        p[0].fd = 0; p[0].events = POLLIN;
+        for (int i = 0; i < ninputs; i++) { p[i + 1].fd = inputs[i]; p[i + 1].events = POLLIN; }
+        if (poll(p, ninputs + 1, -1) < 0) continue;
+        for (int i = 0; i < ninputs; i++) {
+            struct input_event ev;
+            if (!(p[i + 1].revents & POLLIN)) continue;
+            while (read(inputs[i], &ev, sizeof ev) == sizeof ev) {
+                if (ev.type == EV_SYN || ev.type == EV_MSC) continue;
+                say("EV %d %u %u %d", i, ev.type, ev.code, ev.value);
+                if (keybox && d.kind && ev.type == EV_KEY && ev.value == 1)
+                    rect(0, 0, 64, 64, hash(ev.code) & 0xffffff);
+            }
+        }
+        if (p[0].revents & POLLIN) {
+            ssize_t n = read(0, buf + used, sizeof buf - 1 - used);
+            if (n <= 0) continue;
+            used += n;
+            for (;;) {
+                char *nl = memchr(buf, '\n', used);
+                size_t len;
+                if (!nl) {
+                    if (used == sizeof buf - 1) used = 0; /* overlong line: drop */
+                    break;
+                }
+                *nl = 0;
+                len = nl - buf + 1;
+                if (nl > buf && nl[-1] == '\r') nl[-1] = 0;
+                command(buf);
+                memmove(buf, buf + len, used - len);
+                used -= len;
+            }
+        }
+    }
+}
