@@ -5,5 +5,8 @@
 //! `bus` runs; the display source and servers attach to that bus.
 
 pub mod bus;
+pub mod framebuffer;
 pub mod hook;
+pub mod pixman;
+pub mod qemu;
 pub mod serve;

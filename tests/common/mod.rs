@@ -179,3 +179,4 @@ pub async fn uds_channel(path: &Path) -> Channel {
         .await
         .expect("connect to hook socket")
 }
+pub mod qemu;

@@ -1,0 +1,621 @@
+//! The shared display model the VNC, RDP and web servers read: the current pixels of a console,
+//! its size, a damage log every consumer reads at its own pace, and the cursor.
+//!
+//! Writers (the QEMU listener) only copy into it and record damage; they never wait for a
+//! consumer. Each consumer ([`Viewer`]) remembers the last damage sequence number it saw, so a slow
+//! viewer gets one merged "everything changed" instead of slowing QEMU or other viewers.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use tokio::sync::watch;
+
+use crate::pixman::{Format, UnsupportedFormat};
+
+/// Largest surface we accept from QEMU: 8K UHD. Bounds memory whatever QEMU claims.
+pub const MAX_WIDTH: u32 = 8192;
+pub const MAX_HEIGHT: u32 = 8192;
+pub const MAX_PIXELS: u64 = 7680 * 4320;
+/// Damage entries kept; a viewer further behind gets a full refresh.
+const DAMAGE_LOG: usize = 256;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Rect {
+    pub x: u32,
+    pub y: u32,
+    pub w: u32,
+    pub h: u32,
+}
+
+impl Rect {
+    pub fn full(width: u32, height: u32) -> Self {
+        Self {
+            x: 0,
+            y: 0,
+            w: width,
+            h: height,
+        }
+    }
+}
+
+/// Why a frame from QEMU was refused (logged by the caller; the model is left as it was).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    #[error(
+        "surface {width}x{height} is empty or larger than {MAX_WIDTH}x{MAX_HEIGHT} / {MAX_PIXELS} pixels"
+    )]
+    BadSize { width: u32, height: u32 },
+    #[error(transparent)]
+    Format(#[from] UnsupportedFormat),
+    #[error("stride {stride} is smaller than {width} pixels of {bytes} bytes")]
+    BadStride {
+        stride: u32,
+        width: u32,
+        bytes: usize,
+    },
+    #[error("{got} bytes of pixel data, {need} needed")]
+    ShortData { got: usize, need: usize },
+    #[error("update {x},{y} {w}x{h} is outside the {width}x{height} surface")]
+    OutOfBounds {
+        x: i32,
+        y: i32,
+        w: i32,
+        h: i32,
+        width: u32,
+        height: u32,
+    },
+}
+
+/// Cursor image from `CursorDefine`: canonical ARGB pixels (alpha kept in the top byte).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Cursor {
+    pub width: u32,
+    pub height: u32,
+    pub hot_x: u32,
+    pub hot_y: u32,
+    pub argb: Vec<u32>,
+}
+
+/// Pointer position and visibility from `MouseSet`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Pointer {
+    pub x: i32,
+    pub y: i32,
+    pub visible: bool,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    width: u32,
+    height: u32,
+    pixels: Vec<u32>,
+    /// Bumped on every resize and whenever the display goes away: consumers resend everything.
+    generation: u64,
+    /// Sequence number of the newest damage entry.
+    seq: u64,
+    log: VecDeque<(u64, Rect)>,
+    attached: bool,
+    cursor: Option<Arc<Cursor>>,
+    cursor_serial: u64,
+    pointer: Pointer,
+}
+
+/// Which delivery path frames came through (for logs, tests and benchmarks).
+#[derive(Debug, Default)]
+pub struct PathCounters {
+    pub scanout: AtomicU64,
+    pub update: AtomicU64,
+    pub scanout_map: AtomicU64,
+    pub update_map: AtomicU64,
+    /// Surface size changes that came without a Scanout (QEMU 10.0's resize bug).
+    pub resized_without_scanout: AtomicU64,
+}
+
+impl PathCounters {
+    pub fn bump(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+}
+
+/// A shared, cheaply cloned console model.
+#[derive(Clone)]
+pub struct Framebuffer {
+    state: Arc<Mutex<State>>,
+    notify: Arc<watch::Sender<u64>>,
+    counters: Arc<PathCounters>,
+}
+
+impl Default for Framebuffer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A copy of the whole surface.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    pub width: u32,
+    pub height: u32,
+    pub generation: u64,
+    pub attached: bool,
+    pub pixels: Vec<u32>,
+}
+
+fn check_size(width: u32, height: u32) -> Result<usize, FrameError> {
+    let n = u64::from(width) * u64::from(height);
+    if width == 0 || height == 0 || width > MAX_WIDTH || height > MAX_HEIGHT || n > MAX_PIXELS {
+        return Err(FrameError::BadSize { width, height });
+    }
+    usize::try_from(n).map_err(|_| FrameError::BadSize { width, height })
+}
+
+/// Bytes needed for `rows` rows of `width` pixels at `stride`: the last row need not be padded.
+fn needed(stride: usize, rows: usize, width: usize, bytes: usize) -> usize {
+    if rows == 0 {
+        0
+    } else {
+        stride * (rows - 1) + width * bytes
+    }
+}
+
+impl Framebuffer {
+    pub fn new() -> Self {
+        let (tx, _) = watch::channel(0);
+        Self {
+            state: Arc::new(Mutex::new(State::default())),
+            notify: Arc::new(tx),
+            counters: Arc::default(),
+        }
+    }
+
+    pub fn counters(&self) -> &PathCounters {
+        &self.counters
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock cannot leave pixels inconsistent in a way that matters
+        // more than losing the display; keep serving.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn damage(&self, st: &mut State, r: Rect) {
+        st.seq += 1;
+        if st.log.len() == DAMAGE_LOG {
+            st.log.pop_front();
+        }
+        let seq = st.seq;
+        st.log.push_back((seq, r));
+        self.notify.send_replace(seq);
+    }
+
+    /// Changes the size, keeping the pixels of the region both sizes share (Console
+    /// `Width`/`Height` changes arrive on the bus, unordered with the frames on the listener).
+    fn resize_locked(&self, st: &mut State, width: u32, height: u32) -> Result<(), FrameError> {
+        let n = check_size(width, height)?;
+        if st.width != width || st.height != height || !st.attached {
+            let old = std::mem::take(&mut st.pixels);
+            let (ow, oh) = (st.width, st.height);
+            st.pixels = vec![0; n];
+            copy_old(&mut st.pixels, width, height, &old, ow, oh);
+            st.width = width;
+            st.height = height;
+            st.generation += 1;
+            st.log.clear();
+        }
+        st.attached = true;
+        Ok(())
+    }
+
+    /// The surface changed size (a `Scanout`, a `ScanoutMap`, or Console `Width`/`Height`).
+    /// Pixels are kept where the size did not change.
+    pub fn resize(&self, width: u32, height: u32) -> Result<(), FrameError> {
+        let mut st = self.lock();
+        let changed = st.width != width || st.height != height || !st.attached;
+        self.resize_locked(&mut st, width, height)?;
+        if changed {
+            self.damage(&mut st, Rect::full(width, height));
+        }
+        Ok(())
+    }
+
+    /// `Scanout`: a whole new surface.
+    pub fn scanout(
+        &self,
+        width: u32,
+        height: u32,
+        stride: u32,
+        format: u32,
+        data: &[u8],
+    ) -> Result<(), FrameError> {
+        let fmt = Format::from_code(format)?;
+        check_size(width, height)?;
+        let mut st = self.lock();
+        self.resize_locked(&mut st, width, height)?;
+        blit(&mut st, fmt, Rect::full(width, height), stride, data)?;
+        self.damage(&mut st, Rect::full(width, height));
+        Ok(())
+    }
+
+    /// `Update` (tightly packed rect) or a damaged rect of a shared-memory surface (`UpdateMap`,
+    /// where `data` is the whole map and the rect is read from it at `stride`).
+    ///
+    /// QEMU 10.0 may send updates for a new, larger surface without a `Scanout` first; a rect
+    /// beyond the current size grows the surface instead of being dropped.
+    #[allow(clippy::too_many_arguments)]
+    pub fn update(
+        &self,
+        x: i32,
+        y: i32,
+        w: i32,
+        h: i32,
+        stride: u32,
+        format: u32,
+        data: &[u8],
+        data_is_whole_surface: bool,
+    ) -> Result<(), FrameError> {
+        let fmt = Format::from_code(format)?;
+        let oob = |width, height| FrameError::OutOfBounds {
+            x,
+            y,
+            w,
+            h,
+            width,
+            height,
+        };
+        let (Ok(ux), Ok(uy), Ok(uw), Ok(uh)) = (
+            u32::try_from(x),
+            u32::try_from(y),
+            u32::try_from(w),
+            u32::try_from(h),
+        ) else {
+            let st = self.lock();
+            return Err(oob(st.width, st.height));
+        };
+        if uw == 0 || uh == 0 {
+            return Ok(());
+        }
+        let right = ux.checked_add(uw).ok_or_else(|| oob(0, 0))?;
+        let bottom = uy.checked_add(uh).ok_or_else(|| oob(0, 0))?;
+        let mut st = self.lock();
+        if right > st.width || bottom > st.height {
+            // The resize-without-Scanout case: grow to cover the rect (bounded by check_size).
+            let (nw, nh) = (right.max(st.width), bottom.max(st.height));
+            check_size(nw, nh).map_err(|_| oob(st.width, st.height))?;
+            self.resize_locked(&mut st, nw, nh)?;
+            PathCounters::bump(&self.counters.resized_without_scanout);
+            self.damage(&mut st, Rect::full(nw, nh));
+        }
+        let rect = Rect {
+            x: ux,
+            y: uy,
+            w: uw,
+            h: uh,
+        };
+        if data_is_whole_surface {
+            blit_from_surface(&mut st, fmt, rect, stride, data)?;
+        } else {
+            blit(&mut st, fmt, rect, stride, data)?;
+        }
+        st.attached = true;
+        self.damage(&mut st, rect);
+        Ok(())
+    }
+
+    /// The display went away (QEMU gone, `Disable`): consumers keep the last frame but learn
+    /// the source is detached; the next frame starts a new generation.
+    pub fn detach(&self) {
+        let mut st = self.lock();
+        st.attached = false;
+        st.generation += 1;
+        st.log.clear();
+        let seq = st.seq + 1;
+        st.seq = seq;
+        self.notify.send_replace(seq);
+    }
+
+    pub fn set_cursor(&self, cursor: Cursor) {
+        let mut st = self.lock();
+        st.cursor = Some(Arc::new(cursor));
+        st.cursor_serial += 1;
+        let seq = st.seq + 1;
+        st.seq = seq;
+        self.notify.send_replace(seq);
+    }
+
+    pub fn set_pointer(&self, pointer: Pointer) {
+        let mut st = self.lock();
+        if st.pointer != pointer {
+            st.pointer = pointer;
+            let seq = st.seq + 1;
+            st.seq = seq;
+            self.notify.send_replace(seq);
+        }
+    }
+
+    pub fn cursor(&self) -> (Option<Arc<Cursor>>, u64, Pointer) {
+        let st = self.lock();
+        (st.cursor.clone(), st.cursor_serial, st.pointer)
+    }
+
+    pub fn size(&self) -> (u32, u32) {
+        let st = self.lock();
+        (st.width, st.height)
+    }
+
+    pub fn is_attached(&self) -> bool {
+        self.lock().attached
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        let st = self.lock();
+        Snapshot {
+            width: st.width,
+            height: st.height,
+            generation: st.generation,
+            attached: st.attached,
+            pixels: st.pixels.clone(),
+        }
+    }
+
+    /// Copies `rect` (clipped to the surface) into `out`, row by row, tightly packed.
+    pub fn read_rect(&self, rect: Rect, out: &mut Vec<u32>) -> Rect {
+        let st = self.lock();
+        let r = clip(rect, st.width, st.height);
+        out.clear();
+        out.reserve(r.w as usize * r.h as usize);
+        for row in r.y..r.y + r.h {
+            let start = row as usize * st.width as usize + r.x as usize;
+            out.extend_from_slice(&st.pixels[start..start + r.w as usize]);
+        }
+        r
+    }
+
+    /// A consumer with its own damage position, starting with "everything changed".
+    pub fn viewer(&self) -> Viewer {
+        Viewer {
+            fb: self.clone(),
+            rx: self.notify.subscribe(),
+            seen_seq: None,
+            seen_generation: u64::MAX,
+        }
+    }
+}
+
+fn clip(r: Rect, width: u32, height: u32) -> Rect {
+    let x = r.x.min(width);
+    let y = r.y.min(height);
+    Rect {
+        x,
+        y,
+        w: r.w.min(width - x),
+        h: r.h.min(height - y),
+    }
+}
+
+/// Copies the top-left region shared by the old (`ow`x`oh`) and new (`nw`x`nh`) surfaces.
+fn copy_old(new: &mut [u32], nw: u32, nh: u32, old: &[u32], ow: u32, oh: u32) {
+    if old.len() < ow as usize * oh as usize {
+        return;
+    }
+    let w = ow.min(nw) as usize;
+    for row in 0..oh.min(nh) as usize {
+        let src = &old[row * ow as usize..row * ow as usize + w];
+        new[row * nw as usize..row * nw as usize + w].copy_from_slice(src);
+    }
+}
+
+/// Copies a packed-or-strided rect whose first byte is at `data[0]`.
+fn blit(st: &mut State, fmt: Format, r: Rect, stride: u32, data: &[u8]) -> Result<(), FrameError> {
+    let stride = stride as usize;
+    let row_bytes = r.w as usize * fmt.bytes;
+    if stride < row_bytes {
+        return Err(FrameError::BadStride {
+            stride: stride as u32,
+            width: r.w,
+            bytes: fmt.bytes,
+        });
+    }
+    let need = needed(stride, r.h as usize, r.w as usize, fmt.bytes);
+    if data.len() < need {
+        return Err(FrameError::ShortData {
+            got: data.len(),
+            need,
+        });
+    }
+    let width = st.width as usize;
+    for row in 0..r.h as usize {
+        let src = &data[row * stride..row * stride + row_bytes];
+        let d0 = (r.y as usize + row) * width + r.x as usize;
+        fmt.convert_row(src, &mut st.pixels[d0..d0 + r.w as usize]);
+    }
+    Ok(())
+}
+
+/// Copies `r` out of a whole surface laid out at `stride` (the shared-memory map).
+fn blit_from_surface(
+    st: &mut State,
+    fmt: Format,
+    r: Rect,
+    stride: u32,
+    data: &[u8],
+) -> Result<(), FrameError> {
+    let offset = r.y as usize * stride as usize + r.x as usize * fmt.bytes;
+    let tail = data.get(offset..).ok_or(FrameError::ShortData {
+        got: data.len(),
+        need: offset,
+    })?;
+    blit(st, fmt, r, stride, tail)
+}
+
+/// What a viewer must send next.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Damage {
+    pub width: u32,
+    pub height: u32,
+    /// The surface was replaced (new size, or re-attached): resend everything, announce the size.
+    pub new_surface: bool,
+    pub attached: bool,
+    pub rects: Vec<Rect>,
+}
+
+/// One consumer's view of the framebuffer.
+pub struct Viewer {
+    fb: Framebuffer,
+    rx: watch::Receiver<u64>,
+    seen_seq: Option<u64>,
+    seen_generation: u64,
+}
+
+impl Viewer {
+    pub fn framebuffer(&self) -> &Framebuffer {
+        &self.fb
+    }
+
+    /// Waits until something changed since the last [`Viewer::take_damage`].
+    ///
+    /// # Cancel safety
+    /// Cancel safe: nothing is consumed until `take_damage`.
+    pub async fn changed(&mut self) {
+        if self.seen_seq != Some(*self.rx.borrow()) {
+            return;
+        }
+        // The sender lives as long as the framebuffer, which this viewer holds.
+        let _ = self.rx.changed().await;
+    }
+
+    /// Everything damaged since the last call, merged when the viewer fell behind.
+    pub fn take_damage(&mut self) -> Damage {
+        let st = self.fb.lock();
+        let _ = self.rx.borrow_and_update();
+        let new_surface = st.generation != self.seen_generation;
+        let full = vec![Rect::full(st.width, st.height)];
+        let rects = if new_surface {
+            full
+        } else {
+            let since = self.seen_seq.unwrap_or(0);
+            match st.log.front() {
+                Some(&(first, _)) if first > since + 1 => full, // fell behind the log
+                _ => st
+                    .log
+                    .iter()
+                    .filter(|(s, _)| *s > since)
+                    .map(|(_, r)| clip(*r, st.width, st.height))
+                    .filter(|r| r.w > 0 && r.h > 0)
+                    .collect(),
+            }
+        };
+        self.seen_seq = Some(st.seq);
+        self.seen_generation = st.generation;
+        Damage {
+            width: st.width,
+            height: st.height,
+            new_surface,
+            attached: st.attached,
+            rects,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pixman::X8R8G8B8;
+
+    fn solid(w: u32, h: u32, px: u32) -> Vec<u8> {
+        std::iter::repeat_n(px.to_ne_bytes(), (w * h) as usize)
+            .flatten()
+            .collect()
+    }
+
+    #[test]
+    fn scanout_then_update() {
+        let fb = Framebuffer::new();
+        fb.scanout(4, 2, 16, X8R8G8B8, &solid(4, 2, 0x11)).unwrap();
+        fb.update(1, 1, 2, 1, 8, X8R8G8B8, &solid(2, 1, 0x22), false)
+            .unwrap();
+        let s = fb.snapshot();
+        assert_eq!(s.pixels, [0x11, 0x11, 0x11, 0x11, 0x11, 0x22, 0x22, 0x11]);
+    }
+
+    #[test]
+    fn honours_stride_padding() {
+        let fb = Framebuffer::new();
+        let mut data = Vec::new();
+        for row in 0..2u32 {
+            data.extend(solid(2, 1, row + 1));
+            data.extend([0xee; 8]); // padding
+        }
+        fb.scanout(2, 2, 16, X8R8G8B8, &data).unwrap();
+        assert_eq!(fb.snapshot().pixels, [1, 1, 2, 2]);
+    }
+
+    #[test]
+    fn rejects_bad_frames_without_changing_state() {
+        let fb = Framebuffer::new();
+        fb.scanout(2, 2, 8, X8R8G8B8, &solid(2, 2, 7)).unwrap();
+        let before = fb.snapshot();
+        let bad = [
+            fb.scanout(0, 2, 8, X8R8G8B8, &[]),
+            fb.scanout(100_000, 100_000, 400_000, X8R8G8B8, &[]),
+            fb.scanout(2, 2, 4, X8R8G8B8, &solid(2, 2, 1)),
+            fb.scanout(2, 2, 8, X8R8G8B8, &solid(1, 1, 1)),
+            fb.scanout(2, 2, 8, 0xdead_beef, &solid(2, 2, 1)),
+            fb.update(-1, 0, 1, 1, 4, X8R8G8B8, &solid(1, 1, 1), false),
+            fb.update(0, 0, 1, 1, 4, X8R8G8B8, &[], false),
+            fb.update(i32::MAX, i32::MAX, i32::MAX, 1, 4, X8R8G8B8, &[], false),
+            fb.update(0, 0, 9000, 9000, 36000, X8R8G8B8, &[], false),
+        ];
+        for r in bad {
+            assert!(r.is_err());
+        }
+        assert_eq!(fb.snapshot().pixels, before.pixels);
+    }
+
+    #[test]
+    fn update_beyond_surface_grows_it() {
+        let fb = Framebuffer::new();
+        fb.scanout(2, 1, 8, X8R8G8B8, &solid(2, 1, 5)).unwrap();
+        fb.update(0, 2, 3, 1, 12, X8R8G8B8, &solid(3, 1, 9), false)
+            .unwrap();
+        let s = fb.snapshot();
+        assert_eq!((s.width, s.height), (3, 3));
+        assert_eq!(s.pixels, [5, 5, 0, 0, 0, 0, 9, 9, 9]);
+    }
+
+    #[test]
+    fn viewers_track_damage_independently() {
+        let fb = Framebuffer::new();
+        let mut a = fb.viewer();
+        let mut b = fb.viewer();
+        fb.scanout(4, 4, 16, X8R8G8B8, &solid(4, 4, 1)).unwrap();
+        assert!(a.take_damage().new_surface);
+        fb.update(0, 0, 1, 1, 4, X8R8G8B8, &solid(1, 1, 2), false)
+            .unwrap();
+        let d = a.take_damage();
+        assert!(!d.new_surface);
+        assert_eq!(
+            d.rects,
+            [Rect {
+                x: 0,
+                y: 0,
+                w: 1,
+                h: 1
+            }]
+        );
+        // b never read: it gets one full refresh.
+        let d = b.take_damage();
+        assert!(d.new_surface);
+        assert_eq!(d.rects, [Rect::full(4, 4)]);
+        // A viewer that falls behind the log gets a full rect too.
+        for _ in 0..DAMAGE_LOG + 5 {
+            fb.update(1, 1, 1, 1, 4, X8R8G8B8, &solid(1, 1, 3), false)
+                .unwrap();
+        }
+        assert_eq!(a.take_damage().rects, [Rect::full(4, 4)]);
+    }
+}

@@ -1,0 +1,249 @@
+//! The display source: finds QEMU on the bus, attaches a listener to every graphic console, and
+//! re-attaches by itself when QEMU goes away and comes back (VM restart, migration target).
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, info, info_span, warn};
+use zbus::Connection;
+
+use super::listener::listener_pair;
+use super::proxies::{BUS_NAME, ConsoleProxy, LISTENER_PATH, VmProxy, console_path};
+use crate::framebuffer::Framebuffer;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot connect to the bus {address}")]
+    Bus {
+        address: String,
+        #[source]
+        source: zbus::Error,
+    },
+    #[error("D-Bus call failed")]
+    DBus(#[from] zbus::Error),
+    #[error("cannot create the listener socket pair")]
+    Socket(#[source] std::io::Error),
+}
+
+/// The consoles of the VM we are attached to, by QEMU console id. A console's framebuffer
+/// outlives QEMU restarts, so consumers keep their handle.
+#[derive(Clone, Default)]
+pub struct Consoles {
+    inner: Arc<Mutex<BTreeMap<u32, Framebuffer>>>,
+    /// Lowest graphic console id, the one viewers see by default.
+    primary: Framebuffer,
+}
+
+impl Consoles {
+    /// The default console's framebuffer (console 0 on every VM we know of).
+    pub fn primary(&self) -> Framebuffer {
+        self.primary.clone()
+    }
+
+    pub fn get(&self, id: u32) -> Option<Framebuffer> {
+        self.inner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&id)
+            .cloned()
+    }
+
+    fn framebuffer(&self, id: u32, first: bool) -> Framebuffer {
+        let mut map = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        map.entry(id)
+            .or_insert_with(|| {
+                if first {
+                    self.primary.clone()
+                } else {
+                    Framebuffer::new()
+                }
+            })
+            .clone()
+    }
+
+    fn detach_all(&self) {
+        for fb in self
+            .inner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+        {
+            fb.detach();
+        }
+    }
+}
+
+/// A live attachment: the p2p listener connections, dropped when QEMU goes away.
+struct Attachment {
+    _listeners: Vec<Connection>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Attachment {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// Connects to a bus, retrying until it answers or `stop` is cancelled.
+pub async fn connect_bus(address: &str, stop: &CancellationToken) -> Option<Connection> {
+    let mut delay = Duration::from_millis(50);
+    loop {
+        match zbus::connection::Builder::address(address).build().await {
+            Ok(c) => return Some(c),
+            Err(e) => debug!(address, error = %e, "bus not reachable yet"),
+        }
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            () = stop.cancelled() => return None,
+        }
+        delay = (delay * 2).min(Duration::from_secs(2));
+    }
+}
+
+/// How the source attaches.
+#[derive(Debug, Clone, Copy)]
+pub struct SourceOptions {
+    /// Ask QEMU for shared-memory frames (`Listener.Unix.Map`) where the surface allows it.
+    pub shared_memory: bool,
+}
+
+impl Default for SourceOptions {
+    fn default() -> Self {
+        Self {
+            shared_memory: true,
+        }
+    }
+}
+
+/// Runs the source on `conn` until `stop`: attach whenever `org.qemu` has an owner.
+pub async fn run(
+    conn: Connection,
+    consoles: Consoles,
+    opts: SourceOptions,
+    stop: CancellationToken,
+) -> Result<(), Error> {
+    let vm = VmProxy::builder(&conn)
+        .cache_properties(zbus::proxy::CacheProperties::No)
+        .build()
+        .await?;
+    // Subscribe before looking, so an owner appearing in between is not missed.
+    let mut owners = vm.inner().receive_owner_changed().await?;
+    let dbus = zbus::fdo::DBusProxy::new(&conn).await?;
+    let mut attachment = None;
+    let mut has_owner = dbus
+        .name_has_owner(BUS_NAME.try_into()?)
+        .await
+        .map_err(zbus::Error::from)?;
+    loop {
+        if has_owner && attachment.is_none() {
+            match attach(&conn, &consoles, opts).await {
+                Ok(a) => attachment = Some(a),
+                Err(e) => {
+                    warn!(error = %e, "cannot attach to QEMU's display; waiting for it to come back")
+                }
+            }
+        }
+        tokio::select! {
+            owner = owners.next() => match owner {
+                Some(Some(name)) => {
+                    info!(owner = %name, "org.qemu appeared");
+                    drop(attachment.take());
+                    has_owner = true;
+                }
+                Some(None) => {
+                    info!("org.qemu went away; display detached");
+                    drop(attachment.take());
+                    consoles.detach_all();
+                    has_owner = false;
+                }
+                None => return Err(Error::DBus(zbus::Error::InputOutput(
+                    std::io::Error::other("bus connection closed").into(),
+                ))),
+            },
+            () = stop.cancelled() => return Ok(()),
+        }
+    }
+}
+
+async fn attach(
+    conn: &Connection,
+    consoles: &Consoles,
+    opts: SourceOptions,
+) -> Result<Attachment, Error> {
+    let vm = VmProxy::builder(conn)
+        .cache_properties(zbus::proxy::CacheProperties::No)
+        .build()
+        .await?;
+    let name = vm.name().await.unwrap_or_default();
+    let ids = vm.console_ids().await?;
+    info!(vm = %name, ?ids, "attaching to QEMU's display");
+    let mut listeners = Vec::new();
+    let mut tasks = Vec::new();
+    let mut first = true;
+    for id in ids {
+        // Cached properties, so Width/Height changes arrive as a stream.
+        let console = ConsoleProxy::builder(conn)
+            .path(console_path(id))
+            .build()
+            .await?;
+        let kind = console.type_().await.unwrap_or_default();
+        if kind != "Graphic" {
+            debug!(console = id, kind, "skipping non-graphic console");
+            continue;
+        }
+        let fb = consoles.framebuffer(id, first);
+        first = false;
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(Error::Socket)?;
+        console
+            .register_listener(zbus::OwnedFd::from(std::os::fd::OwnedFd::from(theirs)))
+            .await?;
+        // QEMU is the auth server on this socket and calls our objects: build a p2p *client*
+        // that already serves both interfaces when the handshake completes.
+        let (listener, map) = listener_pair(id, fb.clone(), opts.shared_memory);
+        let p2p = zbus::connection::Builder::unix_stream(ours)
+            .p2p()
+            .serve_at(LISTENER_PATH, listener)
+            .serve_at(LISTENER_PATH, map)
+            .build()
+            .await?;
+        listeners.push(p2p);
+        tasks.push(tokio::spawn(
+            follow_size(console, fb).instrument(info_span!("console", id)),
+        ));
+        info!(console = id, "listener registered");
+    }
+    Ok(Attachment {
+        _listeners: listeners,
+        tasks,
+    })
+}
+
+/// QEMU 10.0 can switch surfaces without a `Scanout`; its Console `Width`/`Height` properties
+/// tell the new size.
+async fn follow_size(console: ConsoleProxy<'static>, fb: Framebuffer) {
+    let mut widths = console.receive_width_changed().await;
+    let mut heights = console.receive_height_changed().await;
+    loop {
+        tokio::select! {
+            Some(_) = widths.next() => {}
+            Some(_) = heights.next() => {}
+            else => return,
+        }
+        let (Ok(w), Ok(h)) = (console.width().await, console.height().await) else {
+            continue;
+        };
+        if fb.size() != (w, h) {
+            debug!(w, h, "console size changed");
+            crate::framebuffer::PathCounters::bump(&fb.counters().resized_without_scanout);
+            if let Err(e) = fb.resize(w, h) {
+                warn!(error = %e, "console size refused");
+            }
+        }
+    }
+}

@@ -1,0 +1,210 @@
+//! The real-QEMU test harness: our bus, QEMU 10 with `-display dbus` running the test guest
+//! (tests/guest), its serial console for commands and QMP for `screendump`, all killed by PID.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::{Proc, wait_until};
+
+/// Builds (or reuses) the test guest; returns its directory (vmlinuz, initrd.gz).
+pub fn guest() -> PathBuf {
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/guest/build.sh");
+    let out = Command::new("bash")
+        .arg(&script)
+        .output()
+        .expect("run tests/guest/build.sh");
+    assert!(
+        out.status.success(),
+        "guest build failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    PathBuf::from(
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .lines()
+            .last()
+            .expect("path"),
+    )
+}
+
+/// Which display device the VM gets.
+#[derive(Clone, Copy, Debug)]
+pub enum Video {
+    /// std VGA (inline Scanout/Update frames).
+    StdVga,
+    /// virtio-gpu-pci (shared-memory ScanoutMap/UpdateMap frames).
+    VirtioGpu,
+}
+
+pub struct Vm {
+    pub proc: Proc,
+    pub dir: PathBuf,
+    serial: BufReader<UnixStream>,
+    qmp: BufReader<UnixStream>,
+}
+
+impl Vm {
+    /// Starts QEMU on the bus at `bus_address`, with its sockets in `dir`.
+    pub fn start(dir: &Path, bus_address: &str, video: Video) -> Vm {
+        let g = guest();
+        let serial = dir.join("serial.sock");
+        let qmp = dir.join("qmp.sock");
+        let mut cmd = Command::new("qemu-system-x86_64");
+        cmd.args([
+            "-accel",
+            "tcg",
+            "-m",
+            "256",
+            "-nodefaults",
+            "-no-user-config",
+        ])
+        .args(["-name", "vdi-test-vm"])
+        .arg("-kernel")
+        .arg(g.join("vmlinuz"))
+        .arg("-initrd")
+        .arg(g.join("initrd.gz"))
+        .args(["-append", "console=ttyS0 quiet"])
+        .arg("-display")
+        .arg(format!("dbus,addr={bus_address}"))
+        .arg("-serial")
+        .arg(format!("unix:{},server=on,wait=off", serial.display()))
+        .arg("-qmp")
+        .arg(format!("unix:{},server=on,wait=off", qmp.display()))
+        .stdin(Stdio::null());
+        match video {
+            Video::StdVga => cmd.args(["-vga", "std"]),
+            Video::VirtioGpu => cmd.args(["-vga", "none", "-device", "virtio-gpu-pci"]),
+        };
+        let child = cmd
+            .spawn()
+            .expect("qemu-system-x86_64 (install qemu-system-x86)");
+        let proc = Proc {
+            child,
+            name: "qemu",
+        };
+        assert!(
+            wait_until(Duration::from_secs(20), || serial.exists() && qmp.exists()),
+            "QEMU did not create its sockets"
+        );
+        let serial = BufReader::new(UnixStream::connect(&serial).expect("serial"));
+        let qmp = BufReader::new(UnixStream::connect(&qmp).expect("qmp"));
+        let mut vm = Vm {
+            proc,
+            dir: dir.to_owned(),
+            serial,
+            qmp,
+        };
+        let mut greeting = String::new();
+        vm.qmp.read_line(&mut greeting).expect("qmp greeting");
+        vm.qmp_cmd(r#"{"execute":"qmp_capabilities"}"#);
+        vm
+    }
+
+    /// Sends one QMP command and returns its reply line (events are skipped).
+    pub fn qmp_cmd(&mut self, json: &str) -> String {
+        let s = self.qmp.get_mut();
+        s.write_all(json.as_bytes()).expect("qmp write");
+        s.write_all(b"\n").expect("qmp write");
+        loop {
+            let mut line = String::new();
+            self.qmp.read_line(&mut line).expect("qmp read");
+            assert!(!line.is_empty(), "QMP closed");
+            if line.contains("\"return\"") || line.contains("\"error\"") {
+                return line;
+            }
+        }
+    }
+
+    /// Reads serial output until a line starting with `VDI <prefix>` (returned), or panics.
+    pub fn expect_line(&mut self, prefix: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        let want = format!("VDI {prefix}");
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(
+                !left.is_zero(),
+                "guest did not print {want:?} within {timeout:?}"
+            );
+            self.serial
+                .get_ref()
+                .set_read_timeout(Some(left.max(Duration::from_millis(10))))
+                .expect("timeout");
+            let mut line = String::new();
+            match self.serial.read_line(&mut line) {
+                Ok(0) => panic!("serial closed while waiting for {want:?}"),
+                Ok(_) => {
+                    let line = line.trim_end().to_owned();
+                    if line.starts_with("VDI ERR") {
+                        panic!("guest error while waiting for {want:?}: {line}");
+                    }
+                    if line.starts_with(&want) {
+                        return line;
+                    }
+                }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+                Err(e) => panic!("serial: {e}"),
+            }
+        }
+    }
+
+    /// Sends a command to the guest program and waits for its `OK`.
+    pub fn guest(&mut self, cmd: &str) -> String {
+        let s = self.serial.get_mut();
+        s.write_all(cmd.as_bytes()).expect("serial write");
+        s.write_all(b"\n").expect("serial write");
+        let op = cmd.split_whitespace().next().unwrap_or_default();
+        self.expect_line(&format!("OK {op}"), Duration::from_secs(60))
+    }
+
+    pub fn wait_ready(&mut self) {
+        self.expect_line("READY", Duration::from_secs(90));
+    }
+
+    /// QMP `screendump` of console 0, as (width, height, 0x00RRGGBB pixels).
+    pub fn screendump(&mut self) -> (u32, u32, Vec<u32>) {
+        let file = self.dir.join("screendump.ppm");
+        let _ = std::fs::remove_file(&file);
+        let reply = self.qmp_cmd(&format!(
+            r#"{{"execute":"screendump","arguments":{{"filename":"{}"}}}}"#,
+            file.display()
+        ));
+        assert!(reply.contains("\"return\""), "screendump: {reply}");
+        parse_ppm(&std::fs::read(&file).expect("screendump file"))
+    }
+}
+
+/// Parses a binary PPM (P6, maxval 255) as QEMU writes it.
+pub fn parse_ppm(data: &[u8]) -> (u32, u32, Vec<u32>) {
+    let mut r = std::io::Cursor::new(data);
+    let mut fields = Vec::new();
+    let mut tok = Vec::new();
+    let mut b = [0u8; 1];
+    while fields.len() < 4 {
+        r.read_exact(&mut b).expect("ppm header");
+        if b[0].is_ascii_whitespace() {
+            if !tok.is_empty() {
+                fields.push(String::from_utf8(std::mem::take(&mut tok)).expect("ascii"));
+            }
+        } else {
+            tok.push(b[0]);
+        }
+    }
+    assert_eq!(fields[0], "P6");
+    let w: u32 = fields[1].parse().expect("w");
+    let h: u32 = fields[2].parse().expect("h");
+    let start = r.position() as usize;
+    let px = data[start..]
+        .chunks_exact(3)
+        .map(|p| (u32::from(p[0]) << 16) | (u32::from(p[1]) << 8) | u32::from(p[2]))
+        .collect::<Vec<_>>();
+    assert_eq!(px.len(), (w * h) as usize, "ppm size");
+    (w, h, px)
+}
