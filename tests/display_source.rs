@@ -35,7 +35,8 @@ impl Rig {
         })
         .await
         .expect("bus");
-        let consoles = Consoles::default();
+        let (consoles, input_task) = Consoles::new();
+        tokio::spawn(input_task);
         let stop = CancellationToken::new();
         let conn = source::connect_bus(bus.address(), &stop)
             .await
@@ -58,8 +59,12 @@ impl Rig {
     }
 
     fn vm(&self, video: Video) -> Vm {
+        self.vm_with(video, &[])
+    }
+
+    fn vm_with(&self, video: Video, extra: &[&str]) -> Vm {
         let bus = self.bus.as_ref().expect("bus");
-        Vm::start(self.dir.path(), bus.address(), video)
+        Vm::start_with(self.dir.path(), bus.address(), video, extra)
     }
 
     async fn stop(mut self) {
@@ -229,6 +234,169 @@ async fn reattaches_after_qemu_restart() {
     .await
     .expect("second");
     assert!(fb.snapshot().generation > gen_before);
+    drop(vm);
+    rig.stop().await;
+}
+
+/// Linux input event types and codes the guest reports.
+const EV_KEY: u32 = 1;
+const EV_REL: u32 = 2;
+const EV_ABS: u32 = 3;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_buttons_wheel_and_relative_pointer_reach_the_guest() {
+    use vdi_sidecar::qemu::input::button;
+    let rig = Rig::start().await;
+    let input = rig.consoles.input();
+    let mut vm = rig.vm(Video::StdVga);
+    let mut vm = tokio::task::spawn_blocking(move || {
+        vm.wait_ready();
+        vm.guest("display vbe");
+        vm.guest("mode 800 600");
+        vm
+    })
+    .await
+    .expect("boot");
+    let mut viewer = input.viewer();
+    // (qnum, Linux KEY_*) — plain and E0-extended keys, and the E1 Pause key.
+    let keys = [
+        (0x1e, 30),  // A
+        (0x1c, 28),  // Enter
+        (0xc8, 103), // Up
+        (0xcb, 105), // Left
+        (0xcd, 106), // Right
+        (0xd0, 108), // Down
+        (0x9d, 97),  // Right Ctrl
+        (0xb8, 100), // Right Alt
+        (0xd2, 110), // Insert
+        (0xd3, 111), // Delete
+        (0xc7, 102), // Home
+        (0xcf, 107), // End
+        (0xc6, 119), // Pause
+        (0x54, 99),  // SysRq / PrintScreen
+    ];
+    for (qnum, code) in keys {
+        viewer.key(qnum, true).await;
+        viewer.key(qnum, false).await;
+        vm = tokio::task::spawn_blocking(move || {
+            vm.expect_event(EV_KEY, code, 1);
+            vm.expect_event(EV_KEY, code, 0);
+            vm
+        })
+        .await
+        .expect("key");
+    }
+    // PS/2 mouse: relative motion from absolute viewer positions, buttons, wheel.
+    // Paced like a person: the guest's PS/2 driver drops packets that arrive faster than an
+    // emulated (TCG) CPU drains them.
+    let pause = || tokio::time::sleep(Duration::from_millis(100));
+    viewer.pointer(100, 100);
+    viewer.pointer(110, 95);
+    pause().await;
+    for b in [button::LEFT, button::RIGHT, button::MIDDLE] {
+        viewer.buttons(1 << b).await;
+        pause().await;
+        viewer.buttons(0).await;
+        pause().await;
+    }
+    viewer.wheel(button::WHEEL_UP).await;
+    pause().await;
+    viewer.wheel(button::WHEEL_DOWN).await;
+    vm = tokio::task::spawn_blocking(move || {
+        vm.expect_event(EV_REL, 0, 10); // REL_X
+        vm.expect_event(EV_REL, 1, -5); // REL_Y
+        vm.expect_event(EV_KEY, 272, 1); // BTN_LEFT
+        vm.expect_event(EV_KEY, 272, 0);
+        vm.expect_event(EV_KEY, 273, 1); // BTN_RIGHT
+        vm.expect_event(EV_KEY, 273, 0);
+        vm.expect_event(EV_KEY, 274, 1); // BTN_MIDDLE
+        vm.expect_event(EV_KEY, 274, 0);
+        vm.expect_event(EV_REL, 8, 1); // REL_WHEEL up
+        vm.expect_event(EV_REL, 8, -1); // and down
+        vm
+    })
+    .await
+    .expect("pointer");
+    // Lock LEDs follow the guest keyboard (Keyboard.Modifiers): Caps Lock toggles them.
+    use vdi_sidecar::qemu::input::led;
+    assert_eq!(input.leds() & led::CAPS, 0);
+    viewer.key(0x3a, true).await;
+    viewer.key(0x3a, false).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while input.leds() & led::CAPS == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "Caps Lock LED never came on"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A viewer that disconnects with a key held releases it.
+    viewer.key(0x2a, true).await; // Left Shift
+    drop(viewer);
+    vm = tokio::task::spawn_blocking(move || {
+        vm.expect_event(EV_KEY, 42, 1);
+        vm.expect_event(EV_KEY, 42, 0);
+        vm
+    })
+    .await
+    .expect("release on disconnect");
+    drop(vm);
+    rig.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn absolute_pointer_with_a_tablet() {
+    let rig = Rig::start().await;
+    let input = rig.consoles.input();
+    let fb = rig.consoles.primary();
+    let mut vm = rig.vm_with(
+        Video::StdVga,
+        &["-device", "qemu-xhci", "-device", "usb-tablet"],
+    );
+    let mut vm = tokio::task::spawn_blocking(move || {
+        vm.wait_ready();
+        vm.guest("display vbe");
+        vm.guest("mode 800 600");
+        vm
+    })
+    .await
+    .expect("boot");
+    assert!(
+        common::wait_until(Duration::from_secs(10), || fb.size() == (800, 600)),
+        "mode not seen"
+    );
+    let mut viewer = input.viewer();
+    // The tablet becomes QEMU's active pointer once the guest drives it; move until it does.
+    let mut seen = None;
+    for attempt in 0..20u32 {
+        viewer.pointer(400 + attempt, 300);
+        let (v, line) = tokio::task::spawn_blocking(move || {
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                vm.expect_line(&format!("EV "), Duration::from_secs(1))
+            }));
+            (vm, r.ok())
+        })
+        .await
+        .expect("poll");
+        vm = v;
+        if let Some(line) = line.filter(|l| l.contains(&format!(" {EV_ABS} 0 "))) {
+            seen = Some(line);
+            break;
+        }
+    }
+    let mice = vm.qmp_cmd(r#"{"execute":"query-mice"}"#);
+    let line =
+        seen.unwrap_or_else(|| panic!("no absolute X event from the tablet; query-mice: {mice}"));
+    let value: i64 = line
+        .rsplit(' ')
+        .next()
+        .and_then(|v| v.parse().ok())
+        .expect("value");
+    // 400 of 800 pixels is the middle of QEMU's 0..0x7fff axis.
+    assert!(
+        (value - 0x4000).abs() < 0x400,
+        "ABS_X {value} not near the middle: {line}"
+    );
     drop(vm);
     rig.stop().await;
 }

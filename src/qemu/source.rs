@@ -6,12 +6,16 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::StreamExt;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 use zbus::Connection;
 
+use super::input::{ConsoleInput, InputSink, input_path};
 use super::listener::listener_pair;
-use super::proxies::{BUS_NAME, ConsoleProxy, LISTENER_PATH, VmProxy, console_path};
+use super::proxies::{
+    BUS_NAME, ConsoleProxy, KeyboardProxy, LISTENER_PATH, MouseProxy, VmProxy, console_path,
+};
 use crate::framebuffer::Framebuffer;
 
 #[derive(Debug, thiserror::Error)]
@@ -30,14 +34,35 @@ pub enum Error {
 
 /// The consoles of the VM we are attached to, by QEMU console id. A console's framebuffer
 /// outlives QEMU restarts, so consumers keep their handle.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct Consoles {
     inner: Arc<Mutex<BTreeMap<u32, Framebuffer>>>,
     /// Lowest graphic console id, the one viewers see by default.
     primary: Framebuffer,
+    input: InputSink,
+    input_target: Arc<watch::Sender<Option<ConsoleInput>>>,
 }
 
 impl Consoles {
+    /// The console registry and the input task to spawn next to it.
+    pub fn new() -> (Self, impl std::future::Future<Output = ()> + Send + 'static) {
+        let (input, input_target, task) = input_path();
+        (
+            Self {
+                inner: Arc::default(),
+                primary: Framebuffer::new(),
+                input,
+                input_target: Arc::new(input_target),
+            },
+            task,
+        )
+    }
+
+    /// Where viewers send keyboard and pointer input (to the primary console).
+    pub fn input(&self) -> InputSink {
+        self.input.clone()
+    }
+
     /// The default console's framebuffer (console 0 on every VM we know of).
     pub fn primary(&self) -> Framebuffer {
         self.primary.clone()
@@ -65,6 +90,7 @@ impl Consoles {
     }
 
     fn detach_all(&self) {
+        self.input_target.send_replace(None);
         for fb in self
             .inner
             .lock()
@@ -198,6 +224,26 @@ async fn attach(
             continue;
         }
         let fb = consoles.framebuffer(id, first);
+        if first {
+            let path = console_path(id);
+            // Cached eagerly: input decisions read IsAbsolute and Modifiers without a round trip,
+            // and the cache follows PropertiesChanged.
+            let keyboard = KeyboardProxy::builder(conn)
+                .path(path.clone())
+                .cache_properties(zbus::proxy::CacheProperties::Yes)
+                .build()
+                .await?;
+            let mouse = MouseProxy::builder(conn)
+                .path(path)
+                .cache_properties(zbus::proxy::CacheProperties::Yes)
+                .build()
+                .await?;
+            consoles.input_target.send_replace(Some(ConsoleInput {
+                keyboard,
+                mouse,
+                fb: fb.clone(),
+            }));
+        }
         first = false;
         let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(Error::Socket)?;
         console

@@ -50,6 +50,11 @@ pub struct Vm {
 impl Vm {
     /// Starts QEMU on the bus at `bus_address`, with its sockets in `dir`.
     pub fn start(dir: &Path, bus_address: &str, video: Video) -> Vm {
+        Self::start_with(dir, bus_address, video, &[])
+    }
+
+    /// As [`Vm::start`], with extra QEMU arguments (devices).
+    pub fn start_with(dir: &Path, bus_address: &str, video: Video, extra: &[&str]) -> Vm {
         let g = guest();
         let serial = dir.join("serial.sock");
         let qmp = dir.join("qmp.sock");
@@ -74,6 +79,7 @@ impl Vm {
         .arg(format!("unix:{},server=on,wait=off", serial.display()))
         .arg("-qmp")
         .arg(format!("unix:{},server=on,wait=off", qmp.display()))
+        .args(extra)
         .stdin(Stdio::null());
         match video {
             Video::StdVga => cmd.args(["-vga", "std"]),
@@ -162,6 +168,27 @@ impl Vm {
         s.write_all(b"\n").expect("serial write");
         let op = cmd.split_whitespace().next().unwrap_or_default();
         self.expect_line(&format!("OK {op}"), Duration::from_secs(60))
+    }
+
+    /// Waits for the guest to report input event `type code value` (Linux input codes).
+    pub fn expect_event(&mut self, ty: u32, code: u32, value: i32) -> String {
+        let suffix = format!(" {ty} {code} {value}");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut other = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() || other.len() > 200 {
+                panic!("guest never saw input event {suffix:?}; it saw {other:?}");
+            }
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                self.expect_line("EV ", left)
+            }));
+            match r {
+                Ok(line) if line.ends_with(&suffix) => return line,
+                Ok(line) => other.push(line),
+                Err(_) => panic!("guest never saw input event {suffix:?}; it saw {other:?}"),
+            }
+        }
     }
 
     pub fn wait_ready(&mut self) {

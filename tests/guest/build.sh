@@ -49,7 +49,8 @@ add_mod() {
   cp "$ko" "$root/lib/modules/$kver/${ko#"$moddir"/}"
   echo "${ko#"$moddir"/}" >> "$root/lib/modules/$kver/load-order"
 }
-for m in evdev psmouse virtio_pci virtio_input virtio-gpu snd-hda-intel snd-hda-codec-generic \
+for m in evdev psmouse virtio_pci virtio_input virtio-gpu xhci-pci usbhid hid-generic \
+         snd-hda-intel snd-hda-codec-generic \
          snd-intel8x0; do
   add_mod "$m"
 done
