@@ -372,7 +372,7 @@ async fn absolute_pointer_with_a_tablet() {
         viewer.pointer(400 + attempt, 300);
         let (v, line) = tokio::task::spawn_blocking(move || {
             let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                vm.expect_line(&format!("EV "), Duration::from_secs(1))
+                vm.expect_line("EV ", Duration::from_secs(1))
             }));
             (vm, r.ok())
         })
