@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 use vdi_sidecar::bus::BusConfig;
 use vdi_sidecar::hook::domain::{RewriteOptions, rewrite_bytes};
 use vdi_sidecar::hook::vmi::VmiInfo;
+use vdi_sidecar::qemu::source::{self, SourceOptions};
 use vdi_sidecar::{hook, serve};
 
 #[derive(Parser)]
@@ -25,6 +26,18 @@ enum Command {
     Serve(ServeArgs),
     /// Rewrite a domain offline: domain XML on stdin, result on stdout.
     RewriteDomain(RewriteDomainArgs),
+    /// Attach to QEMU's D-Bus display on an existing bus (plain QEMU or libvirt, no Kubernetes).
+    Bridge(BridgeArgs),
+}
+
+#[derive(Args)]
+struct BridgeArgs {
+    /// D-Bus address of the bus QEMU's `-display dbus,addr=` joined.
+    #[arg(long, env = "VDI_DBUS_ADDRESS")]
+    dbus_address: String,
+    /// Take every frame inline instead of through shared memory.
+    #[arg(long, env = "VDI_NO_SHARED_MEMORY")]
+    no_shared_memory: bool,
 }
 
 #[derive(Args)]
@@ -109,6 +122,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve(args) => run_serve(args),
         Command::RewriteDomain(args) => run_rewrite(&args),
+        Command::Bridge(args) => run_bridge(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -160,4 +174,19 @@ fn run_rewrite(args: &RewriteDomainArgs) -> anyhow::Result<()> {
     let out = rewrite_bytes(&xml, &opts)?;
     std::io::stdout().write_all(out.xml.as_bytes())?;
     Ok(())
+}
+
+fn run_bridge(args: BridgeArgs) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Runtime::new().context("cannot start the runtime")?;
+    rt.block_on(async {
+        let stop = CancellationToken::new();
+        serve::cancel_on_signals(stop.clone()).context("cannot install signal handlers")?;
+        let opts = SourceOptions {
+            shared_memory: !args.no_shared_memory,
+        };
+        let (_consoles, task) = source::spawn(args.dbus_address, opts, stop.clone());
+        stop.cancelled().await;
+        let _ = task.await;
+        Ok(())
+    })
 }

@@ -13,6 +13,7 @@ use tracing::{info, warn};
 use crate::bus::{Bus, BusConfig};
 use crate::hook::domain::RewriteOptions;
 use crate::hook::grpc::{self, HookService};
+use crate::qemu::source::{self, SourceOptions};
 
 /// Where KubeVirt mounts the hook sockets directory in every sidecar.
 pub const DEFAULT_HOOKS_DIR: &str = "/var/run/kubevirt-hooks";
@@ -116,6 +117,13 @@ pub async fn run(cfg: ServeConfig, shutdown: CancellationToken) -> Result<(), Er
         "hook server listening"
     );
 
+    // The display side: attach to QEMU on our bus whenever it is there.
+    let (_consoles, display) = source::spawn(
+        bus.address().to_owned(),
+        SourceOptions::default(),
+        shutdown.child_token(),
+    );
+
     let service = HookService::new(cfg.rewrite.clone(), shutdown.clone());
     let stop_grpc = shutdown.clone();
     let mut server = tokio::spawn(grpc::serve(listener, service, async move {
@@ -137,6 +145,7 @@ pub async fn run(cfg: ServeConfig, shutdown: CancellationToken) -> Result<(), Er
     };
 
     info!("shutting down");
+    display.abort();
     let _ = std::fs::remove_file(&socket_path);
     bus.stop().await;
     result

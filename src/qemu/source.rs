@@ -293,3 +293,30 @@ async fn follow_size(console: ConsoleProxy<'static>, fb: Framebuffer) {
         }
     }
 }
+
+/// The whole display side for one bus: connects (retrying), spawns the input task, and runs
+/// the source until `stop`. Returns the consoles at once so servers can attach to them.
+pub fn spawn(
+    address: String,
+    opts: SourceOptions,
+    stop: CancellationToken,
+) -> (Consoles, tokio::task::JoinHandle<()>) {
+    let (consoles, input_task) = Consoles::new();
+    let input = tokio::spawn(input_task);
+    let c = consoles.clone();
+    let task = tokio::spawn(
+        async move {
+            let Some(conn) = connect_bus(&address, &stop).await else {
+                input.abort();
+                return;
+            };
+            info!(%address, "display source connected to the bus");
+            if let Err(e) = run(conn, c, opts, stop).await {
+                warn!(error = %e, "display source stopped");
+            }
+            input.abort();
+        }
+        .instrument(info_span!("display")),
+    );
+    (consoles, task)
+}

@@ -117,6 +117,11 @@ impl Sidecar {
         self.hooks_dir().join("vdi/bus")
     }
 
+    /// Everything the sidecar logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("sidecar.log")).unwrap_or_default()
+    }
+
     /// Starts `serve` and waits for the hook socket.
     pub fn start(extra_args: &[&str], env: &[(&str, &str)]) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -140,6 +145,8 @@ impl Sidecar {
         for (k, v) in env {
             cmd.env(k, v);
         }
+        let log = std::fs::File::create(dir.path().join("sidecar.log")).expect("log file");
+        cmd.stderr(log);
         let child = cmd.spawn().expect("spawn vdi-sidecar");
         let mut sc = Sidecar {
             proc: Proc {
