@@ -4,43 +4,9 @@
 mod common;
 
 use std::process::Command;
-use std::time::Duration;
 
-use common::{Proc, wait_until};
+use common::libvirt::{ensure, virsh};
 use vdi_sidecar::hook::domain::{RewriteOptions, rewrite};
-
-const URI: &str = "qemu:///system";
-
-fn virsh(args: &[&str]) -> std::process::Output {
-    Command::new("virsh")
-        .args(["-c", URI])
-        .args(args)
-        .output()
-        .expect("virsh (install libvirt-clients)")
-}
-
-/// Uses the running libvirt daemon, or starts one for this test (killed by PID at the end).
-fn ensure_libvirtd() -> Option<Proc> {
-    if virsh(&["version"]).status.success() {
-        return None;
-    }
-    let child = Command::new("libvirtd")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("libvirtd (install libvirt-daemon-system)");
-    let p = Proc {
-        child,
-        name: "libvirtd",
-    };
-    assert!(
-        wait_until(Duration::from_secs(20), || virsh(&["version"])
-            .status
-            .success()),
-        "libvirtd did not come up"
-    );
-    Some(p)
-}
 
 fn domain_name(xml: &str) -> String {
     let start = xml.find("<name>").expect("name") + "<name>".len();
@@ -50,7 +16,7 @@ fn domain_name(xml: &str) -> String {
 
 #[test]
 fn libvirt_validates_and_defines_every_rewritten_domain() {
-    let _daemon = ensure_libvirtd();
+    let _daemons = ensure();
     let out_dir = tempfile::tempdir().expect("tempdir");
     let opts = RewriteOptions {
         bus_address: "unix:path=/var/run/kubevirt-hooks/hook-sidecar-0/vdi/bus".into(),

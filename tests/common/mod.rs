@@ -186,4 +186,5 @@ pub async fn uds_channel(path: &Path) -> Channel {
         .await
         .expect("connect to hook socket")
 }
+pub mod libvirt;
 pub mod qemu;
