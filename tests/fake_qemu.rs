@@ -28,6 +28,7 @@ trait FakeListener {
         data: &[u8],
     ) -> zbus::Result<()>;
     fn cursor_define(&self, w: i32, h: i32, hx: i32, hy: i32, data: &[u8]) -> zbus::Result<()>;
+    fn mouse_set(&self, x: i32, y: i32, on: i32) -> zbus::Result<()>;
     #[zbus(name = "ScanoutDMABUF")]
     #[allow(clippy::too_many_arguments)]
     fn scanout_dmabuf(
@@ -196,4 +197,24 @@ async fn malformed_frames_are_refused_and_the_listener_survives() {
     .expect("listener still answers")
     .expect("scanout");
     assert_eq!(fb.size(), (2, 2));
+
+    // A valid cursor and pointer position reach the model.
+    let argb: Vec<u8> = [0x80ff_0000u32, 0xff00_ff00, 0x0000_00ff, 0xffff_ffff]
+        .iter()
+        .flat_map(|p| p.to_ne_bytes())
+        .collect();
+    l.cursor_define(2, 2, 1, 5, &argb).await.expect("cursor");
+    l.mouse_set(10, 20, 1).await.expect("mouse set");
+    let (cursor, serial, pointer) = fb.cursor();
+    let cursor = cursor.expect("cursor kept");
+    assert_eq!(
+        (cursor.width, cursor.height, cursor.hot_x, cursor.hot_y),
+        (2, 2, 1, 1)
+    );
+    assert_eq!(
+        cursor.argb,
+        [0x80ff_0000, 0xff00_ff00, 0x0000_00ff, 0xffff_ffff]
+    );
+    assert_eq!(serial, 1);
+    assert_eq!((pointer.x, pointer.y, pointer.visible), (10, 20, true));
 }

@@ -10,6 +10,9 @@ mkdir -p "$out"
 out=$(cd "$out" && pwd)
 
 stamp=$(cat "$0" "$here/vdi-guest.c" | sha256sum | cut -c1-16)
+# Tests run in parallel and all ask for the guest: one builds, the others wait and reuse it.
+exec 9>"$out/.lock"
+flock 9
 if [ -f "$out/stamp" ] && [ "$(cat "$out/stamp")" = "$stamp" ] && [ -f "$out/initrd.gz" ]; then
   echo "$out"; exit 0
 fi
@@ -31,7 +34,7 @@ moddir=kernel/lib/modules/$kver
 root=$work/root
 mkdir -p "$root"/{bin,dev,proc,sys,tmp,lib/modules/"$kver"}
 cp bb/bin/busybox "$root/bin/busybox"
-gcc -static -O2 -Wall -o "$root/bin/vdi-guest" "$here/vdi-guest.c"
+gcc -static -O2 -Wall -o "$root/bin/vdi-guest" "$here/vdi-guest.c" -lm
 
 # Modules the tests use, with everything they depend on (read from each .ko's modinfo).
 declare -A seen=()
@@ -50,7 +53,7 @@ add_mod() {
   echo "${ko#"$moddir"/}" >> "$root/lib/modules/$kver/load-order"
 }
 for m in evdev psmouse virtio_pci virtio_input virtio-gpu xhci-pci usbhid hid-generic \
-         snd-hda-intel snd-hda-codec-generic \
+         snd-hda-codec-generic snd-hda-intel \
          snd-intel8x0; do
   add_mod "$m"
 done
@@ -62,13 +65,15 @@ mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
 kver=$(uname -r)
-while read -r ko; do insmod "/lib/modules/$kver/$ko" 2>/dev/null; done < "/lib/modules/$kver/load-order"
+while read -r ko; do insmod "/lib/modules/$kver/$ko" 2>/dev/null || echo "VDI-INIT insmod failed: $ko"; done < "/lib/modules/$kver/load-order"
 sleep 0.3
 exec /bin/vdi-guest < /dev/ttyS0 > /dev/ttyS0 2>&1
 INIT
 chmod +x "$root/init"
 
-(cd "$root" && find . | cpio -o -H newc --quiet | gzip -1) > "$out/initrd.gz"
-cp kernel/boot/vmlinuz-"$kver" "$out/vmlinuz"
+(cd "$root" && find . | cpio -o -H newc --quiet | gzip -1) > "$out/initrd.gz.new"
+cp kernel/boot/vmlinuz-"$kver" "$out/vmlinuz.new"
+mv "$out/initrd.gz.new" "$out/initrd.gz"
+mv "$out/vmlinuz.new" "$out/vmlinuz"
 echo "$stamp" > "$out/stamp"
 echo "$out"

@@ -18,6 +18,10 @@
  *   keybox on|off            on a key press, fill the top-left 64x64 box with a colour
  *                            derived from the key code (default on)
  *   info                     print the current mode
+ *   tone HZ MS [RATE]        play a sine of HZ for MS milliseconds on /dev/snd/pcmC0D0p
+ *                            (S16_LE stereo at RATE, default 48000)
+ *   record MS [RATE]         record MS milliseconds from /dev/snd/pcmC0D0c and print its
+ *                            dominant frequency (zero crossings) and RMS level
  * Input events from every /dev/input/event* are printed as
  *   "VDI EV <dev> <type> <code> <value>".
  */
@@ -27,6 +31,8 @@
 #include <fcntl.h>
 #include <linux/fb.h>
 #include <linux/input.h>
+#include <math.h>
+#include <sound/asound.h>
 #include <poll.h>
 #include <stdarg.h>
 #include <stdint.h>
@@ -235,6 +241,144 @@ static void animate(unsigned n) {
     say("OK animate %u frames %.0f ms", n, now_ms() - t0);
 }
 
+/* ALSA PCM through the kernel's ioctl interface (no alsa-lib in the initramfs). */
+static void mask_only(struct snd_pcm_hw_params *p, int param, unsigned val) {
+    struct snd_mask *m = &p->masks[param - SNDRV_PCM_HW_PARAM_FIRST_MASK];
+    memset(m, 0, sizeof *m);
+    m->bits[val >> 5] |= 1u << (val & 31);
+}
+
+static void interval_is(struct snd_pcm_hw_params *p, int param, unsigned val) {
+    struct snd_interval *i = &p->intervals[param - SNDRV_PCM_HW_PARAM_FIRST_INTERVAL];
+    i->min = i->max = val;
+    i->integer = 1;
+}
+
+/* Drivers start with their mixer muted (userspace normally restores it): switch every switch
+ * on and every volume to its maximum, through /dev/snd/controlC0. */
+static void mixer_unmute(void) {
+    struct snd_ctl_elem_list list;
+    struct snd_ctl_elem_id *ids;
+    int fd = open("/dev/snd/controlC0", O_RDWR);
+    if (fd < 0) return;
+    memset(&list, 0, sizeof list);
+    if (ioctl(fd, SNDRV_CTL_IOCTL_ELEM_LIST, &list) < 0 || !list.count) { close(fd); return; }
+    ids = calloc(list.count, sizeof *ids);
+    list.space = list.count;
+    list.pids = ids;
+    if (ids && ioctl(fd, SNDRV_CTL_IOCTL_ELEM_LIST, &list) == 0) {
+        for (unsigned n = 0; n < list.used; n++) {
+            struct snd_ctl_elem_info info;
+            struct snd_ctl_elem_value val;
+            memset(&info, 0, sizeof info);
+            info.id = ids[n];
+            if (ioctl(fd, SNDRV_CTL_IOCTL_ELEM_INFO, &info) < 0) continue;
+            if (!(info.access & SNDRV_CTL_ELEM_ACCESS_WRITE)) continue;
+            memset(&val, 0, sizeof val);
+            val.id = ids[n];
+            for (unsigned c = 0; c < info.count && c < 128; c++) {
+                if (info.type == SNDRV_CTL_ELEM_TYPE_BOOLEAN) val.value.integer.value[c] = 1;
+                else if (info.type == SNDRV_CTL_ELEM_TYPE_INTEGER) val.value.integer.value[c] = info.value.integer.max;
+                else goto next;
+            }
+            ioctl(fd, SNDRV_CTL_IOCTL_ELEM_WRITE, &val);
+        next:;
+        }
+    }
+    free(ids);
+    close(fd);
+}
+
+static int pcm_open(int capture, unsigned rate) {
+    char path[64];
+    struct snd_pcm_hw_params p;
+    int fd;
+    snprintf(path, sizeof path, "/dev/snd/pcmC0D0%c", capture ? 'c' : 'p');
+    /* HDA codecs are probed asynchronously; under emulation that takes a few seconds. */
+    for (int tries = 0; (fd = open(path, O_RDWR)) < 0 && tries < 100; tries++) usleep(100000);
+    if (fd < 0) { say("ERR %s: %s", path, strerror(errno)); return -1; }
+    mixer_unmute();
+    memset(&p, 0, sizeof p);
+    for (int i = 0; i <= SNDRV_PCM_HW_PARAM_LAST_MASK - SNDRV_PCM_HW_PARAM_FIRST_MASK; i++)
+        memset(&p.masks[i], 0xff, sizeof p.masks[i]);
+    for (int i = 0; i <= SNDRV_PCM_HW_PARAM_LAST_INTERVAL - SNDRV_PCM_HW_PARAM_FIRST_INTERVAL; i++) {
+        p.intervals[i].min = 0;
+        p.intervals[i].max = ~0u;
+    }
+    p.rmask = ~0u;
+    p.info = ~0u;
+    mask_only(&p, SNDRV_PCM_HW_PARAM_ACCESS, SNDRV_PCM_ACCESS_RW_INTERLEAVED);
+    mask_only(&p, SNDRV_PCM_HW_PARAM_FORMAT, SNDRV_PCM_FORMAT_S16_LE);
+    mask_only(&p, SNDRV_PCM_HW_PARAM_SUBFORMAT, SNDRV_PCM_SUBFORMAT_STD);
+    interval_is(&p, SNDRV_PCM_HW_PARAM_CHANNELS, 2);
+    interval_is(&p, SNDRV_PCM_HW_PARAM_RATE, rate);
+    interval_is(&p, SNDRV_PCM_HW_PARAM_SAMPLE_BITS, 16);
+    interval_is(&p, SNDRV_PCM_HW_PARAM_FRAME_BITS, 32);
+    if (ioctl(fd, SNDRV_PCM_IOCTL_HW_PARAMS, &p) < 0) {
+        say("ERR hw_params %u Hz: %s", rate, strerror(errno));
+        close(fd);
+        return -1;
+    }
+    if (ioctl(fd, SNDRV_PCM_IOCTL_PREPARE) < 0) { say("ERR prepare: %s", strerror(errno)); close(fd); return -1; }
+    return fd;
+}
+
+static void tone(unsigned hz, unsigned ms, unsigned rate) {
+    int fd = pcm_open(0, rate);
+    int16_t buf[2 * 480];
+    unsigned long total = (unsigned long)rate * ms / 1000, done = 0;
+    double t0 = now_ms();
+    if (fd < 0) return;
+    while (done < total) {
+        unsigned n = total - done < 480 ? total - done : 480;
+        struct snd_xferi x;
+        for (unsigned i = 0; i < n; i++) {
+            int16_t v = (int16_t)(12000 * sin(2 * M_PI * hz * (double)(done + i) / rate));
+            buf[2 * i] = buf[2 * i + 1] = v;
+        }
+        x.result = 0; x.buf = buf; x.frames = n;
+        if (ioctl(fd, SNDRV_PCM_IOCTL_WRITEI_FRAMES, &x) < 0) {
+            if (errno == EPIPE) { ioctl(fd, SNDRV_PCM_IOCTL_PREPARE); continue; }
+            say("ERR write: %s", strerror(errno));
+            break;
+        }
+        done += x.result;
+    }
+    ioctl(fd, SNDRV_PCM_IOCTL_DRAIN);
+    close(fd);
+    say("OK tone %u Hz %u ms %.0f ms", hz, ms, now_ms() - t0);
+}
+
+static void record(unsigned ms, unsigned rate) {
+    int fd = pcm_open(1, rate);
+    int16_t buf[2 * 480];
+    unsigned long total = (unsigned long)rate * ms / 1000, done = 0, crossings = 0;
+    double sum2 = 0;
+    int prev = 0;
+    if (fd < 0) return;
+    ioctl(fd, SNDRV_PCM_IOCTL_START);
+    while (done < total) {
+        struct snd_xferi x;
+        x.result = 0; x.buf = buf; x.frames = 480;
+        if (ioctl(fd, SNDRV_PCM_IOCTL_READI_FRAMES, &x) < 0) {
+            if (errno == EPIPE) { ioctl(fd, SNDRV_PCM_IOCTL_PREPARE); ioctl(fd, SNDRV_PCM_IOCTL_START); continue; }
+            say("ERR read: %s", strerror(errno));
+            break;
+        }
+        for (long i = 0; i < x.result; i++) {
+            int v = buf[2 * i];
+            int sign = v > 200 ? 1 : v < -200 ? -1 : 0; /* hysteresis against noise */
+            if (sign && prev && sign != prev) crossings++;
+            if (sign) prev = sign;
+            sum2 += (double)v * v;
+        }
+        done += x.result;
+    }
+    close(fd);
+    say("OK record %lu frames freq %.1f rms %.0f", done,
+        done ? crossings / 2.0 * rate / done : 0.0, done ? sqrt(sum2 / done) : 0.0);
+}
+
 static int inputs[MAX_INPUTS];
 static char input_names[MAX_INPUTS][32];
 static int ninputs;
@@ -266,6 +410,12 @@ static void command(char *line) {
         if (r == 0) say("OK display %s %ux%u", arg, d.width, d.height);
     } else if (!strcmp(op, "mode") && sscanf(line, "%*s %u %u", &a, &b) == 2) {
         if (set_mode(a, b) == 0) say("OK mode %u %u", a, b);
+    } else if (!strcmp(op, "tone") && sscanf(line, "%*s %u %u", &a, &b) == 2) {
+        if (sscanf(line, "%*s %*u %*u %u", &c) != 1) c = 48000;
+        tone(a, b, c);
+    } else if (!strcmp(op, "record") && sscanf(line, "%*s %u", &a) == 1) {
+        if (sscanf(line, "%*s %*u %u", &c) != 1) c = 48000;
+        record(a, c);
     } else if (!d.kind) {
         say("ERR no display");
     } else if (!strcmp(op, "fill") && sscanf(line, "%*s %u", &a) == 1) {
