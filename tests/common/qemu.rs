@@ -59,9 +59,12 @@ impl Vm {
         let serial = dir.join("serial.sock");
         let qmp = dir.join("qmp.sock");
         let mut cmd = Command::new("qemu-system-x86_64");
+        // TCG by default: /dev/kvm exists on these machines but does not boot guests reliably.
+        // VDI_TEST_ACCEL=kvm uses KVM where it works.
+        let accel = std::env::var("VDI_TEST_ACCEL").unwrap_or_else(|_| "tcg".into());
         cmd.args([
             "-accel",
-            "tcg",
+            accel.as_str(),
             "-m",
             "256",
             "-nodefaults",
