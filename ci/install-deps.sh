@@ -27,3 +27,6 @@ apt-get install -y -q --no-install-recommends -t bookworm-backports \
 if ! getent passwd 107 >/dev/null; then
   useradd --system --uid 107 --user-group --no-create-home --shell /usr/sbin/nologin qemu
 fi
+
+# Real VNC client for the tests (RFB 3.3–3.8, VNC auth, Raw).
+python3 -m pip install --quiet --disable-pip-version-check vncdotool

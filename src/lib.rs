@@ -10,3 +10,4 @@ pub mod hook;
 pub mod pixman;
 pub mod qemu;
 pub mod serve;
+pub mod vnc;

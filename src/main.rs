@@ -1,8 +1,10 @@
 //! Command-line wiring only; the work lives in the library modules.
 
 use std::io::{Read, Write};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
@@ -11,7 +13,8 @@ use vdi_sidecar::bus::BusConfig;
 use vdi_sidecar::hook::domain::{RewriteOptions, rewrite_bytes};
 use vdi_sidecar::hook::vmi::VmiInfo;
 use vdi_sidecar::qemu::source::{self, SourceOptions};
-use vdi_sidecar::{hook, serve};
+use vdi_sidecar::vnc::conn::VncConfig;
+use vdi_sidecar::{hook, serve, vnc};
 
 #[derive(Parser)]
 #[command(name = "vdi-sidecar", version, about)]
@@ -38,6 +41,8 @@ struct BridgeArgs {
     /// Take every frame inline instead of through shared memory.
     #[arg(long, env = "VDI_NO_SHARED_MEMORY")]
     no_shared_memory: bool,
+    #[command(flatten)]
+    viewers: ViewerArgs,
 }
 
 #[derive(Args)]
@@ -66,7 +71,68 @@ impl RewriteArgs {
 }
 
 #[derive(Args)]
+struct ViewerArgs {
+    /// VNC listen address, or `none`.
+    #[arg(long, env = "VDI_VNC")]
+    vnc: Option<String>,
+    /// File holding the viewers' password (first line). Otherwise $VDI_PASSWORD, otherwise a
+    /// random password is generated and logged once at start-up.
+    #[arg(long, env = "VDI_PASSWORD_FILE")]
+    password_file: Option<PathBuf>,
+    /// Let anyone reach the desktop without a password.
+    #[arg(long, env = "VDI_INSECURE_NO_AUTH")]
+    insecure_no_auth: bool,
+}
+
+impl ViewerArgs {
+    fn password(&self) -> anyhow::Result<Option<String>> {
+        if self.insecure_no_auth {
+            tracing::warn!("--insecure-no-auth: viewers connect without a password");
+            return Ok(None);
+        }
+        if let Some(path) = &self.password_file {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read the password file {path:?}"))?;
+            let line = text.lines().next().unwrap_or_default().to_owned();
+            anyhow::ensure!(!line.is_empty(), "the password file {path:?} is empty");
+            return Ok(Some(line));
+        }
+        if let Ok(p) = std::env::var("VDI_PASSWORD")
+            && !p.is_empty()
+        {
+            return Ok(Some(p));
+        }
+        let p = vnc::auth::generate_password();
+        tracing::info!(password = %p, "no password given: generated one for this run (set VDI_PASSWORD or --password-file to choose it)");
+        Ok(Some(p))
+    }
+
+    /// The VNC address and settings; `default` applies when `--vnc` is not given.
+    fn vnc(
+        &self,
+        default: &str,
+        name: &str,
+    ) -> anyhow::Result<Option<(SocketAddr, Arc<VncConfig>)>> {
+        let addr = self.vnc.as_deref().unwrap_or(default);
+        if addr == "none" {
+            return Ok(None);
+        }
+        let addr: SocketAddr = addr
+            .parse()
+            .with_context(|| format!("bad --vnc address {addr:?}"))?;
+        let cfg = VncConfig {
+            password: self.password()?,
+            desktop_name: name.to_owned(),
+            limiter: vnc::auth::LoginLimiter::default(),
+        };
+        Ok(Some((addr, Arc::new(cfg))))
+    }
+}
+
+#[derive(Args)]
 struct ServeArgs {
+    #[command(flatten)]
+    viewers: ViewerArgs,
     /// Directory where virt-launcher looks for hook sockets.
     #[arg(long, env = "VDI_HOOKS_DIR", default_value = serve::DEFAULT_HOOKS_DIR)]
     hooks_dir: PathBuf,
@@ -138,7 +204,9 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
     let qemu_bus_address = args
         .qemu_bus_address
         .unwrap_or_else(|| serve::default_qemu_bus_address(container.as_deref()));
+    let vnc = args.viewers.vnc("0.0.0.0:5900", "vdi-sidecar")?;
     let cfg = serve::ServeConfig {
+        vnc,
         bus: BusConfig {
             dir: args
                 .bus_dir
@@ -177,6 +245,7 @@ fn run_rewrite(args: &RewriteDomainArgs) -> anyhow::Result<()> {
 }
 
 fn run_bridge(args: BridgeArgs) -> anyhow::Result<()> {
+    let vnc = args.viewers.vnc("127.0.0.1:5900", "vdi-sidecar")?;
     let rt = tokio::runtime::Runtime::new().context("cannot start the runtime")?;
     rt.block_on(async {
         let stop = CancellationToken::new();
@@ -184,7 +253,19 @@ fn run_bridge(args: BridgeArgs) -> anyhow::Result<()> {
         let opts = SourceOptions {
             shared_memory: !args.no_shared_memory,
         };
-        let (_consoles, task) = source::spawn(args.dbus_address, opts, stop.clone());
+        let (consoles, task) = source::spawn(args.dbus_address, opts, stop.clone());
+        if let Some((addr, cfg)) = vnc {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr}"))?;
+            tokio::spawn(vnc::server::run(
+                listener,
+                cfg,
+                consoles.primary(),
+                consoles.input(),
+                stop.clone(),
+            ));
+        }
         stop.cancelled().await;
         let _ = task.await;
         Ok(())

@@ -4,6 +4,7 @@
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::UnixListener;
@@ -14,6 +15,7 @@ use crate::bus::{Bus, BusConfig};
 use crate::hook::domain::RewriteOptions;
 use crate::hook::grpc::{self, HookService};
 use crate::qemu::source::{self, SourceOptions};
+use crate::vnc::conn::VncConfig;
 
 /// Where KubeVirt mounts the hook sockets directory in every sidecar.
 pub const DEFAULT_HOOKS_DIR: &str = "/var/run/kubevirt-hooks";
@@ -35,6 +37,12 @@ pub enum Error {
     },
     #[error("hook server failed")]
     Grpc(#[source] tonic::transport::Error),
+    #[error("cannot listen on {addr}")]
+    Listen {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// The bus address QEMU must use, as the compute container sees our bus directory.
@@ -48,8 +56,10 @@ pub fn default_qemu_bus_address(container_name: Option<&str>) -> String {
 }
 
 /// Everything `serve` needs.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ServeConfig {
+    /// The VNC listener address and its settings, unless disabled.
+    pub vnc: Option<(std::net::SocketAddr, Arc<VncConfig>)>,
     pub hooks_dir: PathBuf,
     pub socket_name: String,
     pub bus: BusConfig,
@@ -118,11 +128,30 @@ pub async fn run(cfg: ServeConfig, shutdown: CancellationToken) -> Result<(), Er
     );
 
     // The display side: attach to QEMU on our bus whenever it is there.
-    let (_consoles, display) = source::spawn(
+    let (consoles, display) = source::spawn(
         bus.address().to_owned(),
         SourceOptions::default(),
         shutdown.child_token(),
     );
+    if let Some((addr, vnc_cfg)) = &cfg.vnc {
+        let listener = match tokio::net::TcpListener::bind(addr).await {
+            Ok(l) => l,
+            Err(source) => {
+                bus.stop().await;
+                return Err(Error::Listen {
+                    addr: *addr,
+                    source,
+                });
+            }
+        };
+        tokio::spawn(crate::vnc::server::run(
+            listener,
+            Arc::clone(vnc_cfg),
+            consoles.primary(),
+            consoles.input(),
+            shutdown.child_token(),
+        ));
+    }
 
     let service = HookService::new(cfg.rewrite.clone(), shutdown.clone());
     let stop_grpc = shutdown.clone();

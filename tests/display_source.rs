@@ -7,74 +7,9 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::qemu::{Video, Vm};
-use tokio_util::sync::CancellationToken;
-use vdi_sidecar::bus::{Bus, BusConfig};
+use common::qemu::{Rig, Video, Vm};
 use vdi_sidecar::framebuffer::{Framebuffer, PathCounters};
-use vdi_sidecar::qemu::source::{self, Consoles, SourceOptions};
-
-struct Rig {
-    dir: tempfile::TempDir,
-    bus: Option<Bus>,
-    consoles: Consoles,
-    stop: CancellationToken,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Rig {
-    async fn start() -> Rig {
-        Self::start_with(SourceOptions::default()).await
-    }
-
-    async fn start_with(opts: SourceOptions) -> Rig {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let bus = Bus::start(BusConfig {
-            dir: dir.path().join("vdi"),
-            program: "dbus-daemon".into(),
-            extra_uids: vec![],
-        })
-        .await
-        .expect("bus");
-        let (consoles, input_task) = Consoles::new();
-        tokio::spawn(input_task);
-        let stop = CancellationToken::new();
-        let conn = source::connect_bus(bus.address(), &stop)
-            .await
-            .expect("connect");
-        let task = tokio::spawn({
-            let (c, s) = (consoles.clone(), stop.clone());
-            async move {
-                if let Err(e) = source::run(conn, c, opts, s).await {
-                    panic!("source failed: {e}");
-                }
-            }
-        });
-        Rig {
-            dir,
-            bus: Some(bus),
-            consoles,
-            stop,
-            task,
-        }
-    }
-
-    fn vm(&self, video: Video) -> Vm {
-        self.vm_with(video, &[])
-    }
-
-    fn vm_with(&self, video: Video, extra: &[&str]) -> Vm {
-        let bus = self.bus.as_ref().expect("bus");
-        Vm::start_with(self.dir.path(), bus.address(), video, extra)
-    }
-
-    async fn stop(mut self) {
-        self.stop.cancel();
-        let _ = self.task.await;
-        if let Some(b) = self.bus.take() {
-            b.stop().await;
-        }
-    }
-}
+use vdi_sidecar::qemu::source::SourceOptions;
 
 /// Waits until our framebuffer equals QEMU's screendump (frames arrive at QEMU's refresh rate).
 fn assert_matches_screendump(vm: &mut Vm, fb: &Framebuffer, what: &str) {

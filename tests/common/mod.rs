@@ -141,6 +141,8 @@ impl Sidecar {
             .args(extra_args)
             .env_remove("CONTAINER_NAME")
             .env("VDI_LOG", "debug,h2=info,hyper=info,tower=info")
+            // Tests run in parallel: no fixed VNC port unless a test asks for one.
+            .env("VDI_VNC", "none")
             .stdin(Stdio::null());
         for (k, v) in env {
             cmd.env(k, v);

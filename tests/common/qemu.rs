@@ -9,6 +9,9 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use super::{Proc, wait_until};
+use tokio_util::sync::CancellationToken;
+use vdi_sidecar::bus::{Bus, BusConfig};
+use vdi_sidecar::qemu::source::{self, Consoles, SourceOptions};
 
 /// Builds (or reuses) the test guest; returns its directory (vmlinuz, initrd.gz).
 pub fn guest() -> PathBuf {
@@ -208,6 +211,70 @@ impl Vm {
         ));
         assert!(reply.contains("\"return\""), "screendump: {reply}");
         parse_ppm(&std::fs::read(&file).expect("screendump file"))
+    }
+}
+
+/// Our bus, the display source on it, and room for a QEMU.
+pub struct Rig {
+    pub dir: tempfile::TempDir,
+    pub bus: Option<Bus>,
+    pub consoles: Consoles,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Rig {
+    pub async fn start() -> Rig {
+        Self::start_with(SourceOptions::default()).await
+    }
+
+    pub async fn start_with(opts: SourceOptions) -> Rig {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let bus = Bus::start(BusConfig {
+            dir: dir.path().join("vdi"),
+            program: "dbus-daemon".into(),
+            extra_uids: vec![],
+        })
+        .await
+        .expect("bus");
+        let (consoles, input_task) = Consoles::new();
+        tokio::spawn(input_task);
+        let stop = CancellationToken::new();
+        let conn = source::connect_bus(bus.address(), &stop)
+            .await
+            .expect("connect");
+        let task = tokio::spawn({
+            let (c, s) = (consoles.clone(), stop.clone());
+            async move {
+                if let Err(e) = source::run(conn, c, opts, s).await {
+                    panic!("source failed: {e}");
+                }
+            }
+        });
+        Rig {
+            dir,
+            bus: Some(bus),
+            consoles,
+            stop,
+            task,
+        }
+    }
+
+    pub fn vm(&self, video: Video) -> Vm {
+        self.vm_with(video, &[])
+    }
+
+    pub fn vm_with(&self, video: Video, extra: &[&str]) -> Vm {
+        let bus = self.bus.as_ref().expect("bus");
+        Vm::start_with(self.dir.path(), bus.address(), video, extra)
+    }
+
+    pub async fn stop(mut self) {
+        self.stop.cancel();
+        let _ = self.task.await;
+        if let Some(b) = self.bus.take() {
+            b.stop().await;
+        }
     }
 }
 
