@@ -31,6 +31,26 @@ enum Command {
     RewriteDomain(RewriteDomainArgs),
     /// Attach to QEMU's D-Bus display on an existing bus (plain QEMU or libvirt, no Kubernetes).
     Bridge(BridgeArgs),
+    /// Start a bus, a local QEMU running a small guest, and serve its desktop (see README).
+    Demo(DemoArgs),
+}
+
+#[derive(Args)]
+struct DemoArgs {
+    /// Guest kernel (e.g. target/vdi-guest/vmlinuz from tests/guest/build.sh).
+    #[arg(long)]
+    kernel: PathBuf,
+    /// Guest initrd (e.g. target/vdi-guest/initrd.gz).
+    #[arg(long)]
+    initrd: PathBuf,
+    /// QEMU binary (10.0+ with the D-Bus display module).
+    #[arg(long, default_value = "qemu-system-x86_64")]
+    qemu: PathBuf,
+    /// Guest resolution, WIDTHxHEIGHT.
+    #[arg(long, default_value = "1024x768")]
+    size: String,
+    #[command(flatten)]
+    viewers: ViewerArgs,
 }
 
 #[derive(Args)]
@@ -189,6 +209,7 @@ fn main() -> ExitCode {
         Command::Serve(args) => run_serve(args),
         Command::RewriteDomain(args) => run_rewrite(&args),
         Command::Bridge(args) => run_bridge(args),
+        Command::Demo(args) => run_demo(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -268,6 +289,29 @@ fn run_bridge(args: BridgeArgs) -> anyhow::Result<()> {
         }
         stop.cancelled().await;
         let _ = task.await;
+        Ok(())
+    })
+}
+
+fn run_demo(args: DemoArgs) -> anyhow::Result<()> {
+    let (w, h) = args
+        .size
+        .split_once('x')
+        .and_then(|(w, h)| Some((w.parse().ok()?, h.parse().ok()?)))
+        .context("--size must be WIDTHxHEIGHT")?;
+    let cfg = vdi_sidecar::demo::DemoConfig {
+        vnc: args.viewers.vnc("127.0.0.1:5900", "vdi-sidecar demo")?,
+        kernel: args.kernel,
+        initrd: args.initrd,
+        qemu: args.qemu,
+        width: w,
+        height: h,
+    };
+    let rt = tokio::runtime::Runtime::new().context("cannot start the runtime")?;
+    rt.block_on(async {
+        let stop = CancellationToken::new();
+        serve::cancel_on_signals(stop.clone()).context("cannot install signal handlers")?;
+        vdi_sidecar::demo::run(cfg, stop).await?;
         Ok(())
     })
 }

@@ -1,0 +1,152 @@
+//! `vdi-sidecar demo`: the whole display path on one machine, without Kubernetes. It starts our
+//! bus, a local QEMU with the D-Bus display running a small guest (kernel + initrd, e.g. the
+//! test guest from `tests/guest/build.sh`), attaches the display source and serves VNC.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+use tokio::process::Command;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::bus::{Bus, BusConfig};
+use crate::qemu::source::{self, SourceOptions};
+use crate::vnc::conn::VncConfig;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Bus(#[from] crate::bus::Error),
+    #[error("cannot start {0}")]
+    Spawn(String, #[source] std::io::Error),
+    #[error("cannot listen on {0}")]
+    Listen(SocketAddr, #[source] std::io::Error),
+    #[error("cannot create the demo directory")]
+    Dir(#[source] std::io::Error),
+}
+
+pub struct DemoConfig {
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    pub qemu: PathBuf,
+    pub vnc: Option<(SocketAddr, Arc<VncConfig>)>,
+    /// Guest resolution (std VGA, set by the guest program).
+    pub width: u32,
+    pub height: u32,
+}
+
+/// Runs the demo until `stop`.
+pub async fn run(cfg: DemoConfig, stop: CancellationToken) -> Result<(), Error> {
+    let dir = std::env::temp_dir().join(format!("vdi-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(Error::Dir)?;
+    let bus = Bus::start(BusConfig {
+        dir: dir.join("bus"),
+        program: "dbus-daemon".into(),
+        extra_uids: vec![],
+    })
+    .await?;
+
+    let (consoles, display) = source::spawn(
+        bus.address().to_owned(),
+        SourceOptions::default(),
+        stop.child_token(),
+    );
+    if let Some((addr, vnc)) = &cfg.vnc {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| Error::Listen(*addr, e))?;
+        tokio::spawn(crate::vnc::server::run(
+            listener,
+            Arc::clone(vnc),
+            consoles.primary(),
+            consoles.input(),
+            stop.child_token(),
+        ));
+    }
+
+    let serial = dir.join("serial.sock");
+    let mut qemu = Command::new(&cfg.qemu)
+        .args([
+            "-accel",
+            "tcg",
+            "-m",
+            "256",
+            "-nodefaults",
+            "-name",
+            "vdi-demo",
+        ])
+        .args([
+            "-vga",
+            "std",
+            "-device",
+            "qemu-xhci",
+            "-device",
+            "usb-tablet",
+        ])
+        .arg("-kernel")
+        .arg(&cfg.kernel)
+        .arg("-initrd")
+        .arg(&cfg.initrd)
+        .args(["-append", "console=ttyS0 quiet"])
+        .arg("-display")
+        .arg(format!("dbus,addr={}", bus.address()))
+        .arg("-serial")
+        .arg(format!("unix:{},server=on,wait=off", serial.display()))
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| Error::Spawn(cfg.qemu.display().to_string(), e))?;
+    info!(pid = qemu.id(), "QEMU started");
+
+    if let Some((addr, vnc)) = &cfg.vnc {
+        let password = vnc
+            .password
+            .as_deref()
+            .unwrap_or("(none: --insecure-no-auth)");
+        println!("vdi-sidecar demo: the guest's desktop is served at");
+        println!("  VNC   {addr}   password: {password}");
+        println!("  e.g.  vncviewer {}::{}", addr.ip(), addr.port());
+        println!("Ctrl-C stops the demo (QEMU and the bus are stopped too).");
+    }
+
+    // Draw a known image once the guest is up; then keep the serial open for its output.
+    let drive = drive_guest(serial, cfg.width, cfg.height);
+    tokio::select! {
+        () = stop.cancelled() => {}
+        status = qemu.wait() => warn!(?status, "QEMU exited"),
+        r = drive => if let Err(e) = r { warn!(error = %e, "cannot drive the guest") },
+    }
+    let _ = qemu.start_kill();
+    let _ = qemu.wait().await;
+    display.abort();
+    bus.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+/// Tells the guest program what to show, then echoes what it reports.
+async fn drive_guest(serial: PathBuf, width: u32, height: u32) -> std::io::Result<()> {
+    let mut stream = loop {
+        match UnixStream::connect(&serial).await {
+            Ok(s) => break s,
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    };
+    let (rd, mut wr) = stream.split();
+    let mut lines = BufReader::new(rd).lines();
+    while let Some(line) = lines.next_line().await? {
+        if line.starts_with("VDI READY") {
+            wr.write_all(format!("display vbe\nmode {width} {height}\nfill 1\n").as_bytes())
+                .await?;
+            info!("guest ready: drawing the test image; keys you type show as events");
+        } else if let Some(event) = line.strip_prefix("VDI ") {
+            info!(guest = event.trim_end());
+        }
+    }
+    Ok(())
+}

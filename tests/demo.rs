@@ -1,0 +1,92 @@
+//! `vdi-sidecar demo`: bus + QEMU + guest + VNC on one machine. A real client (vncdotool) gets the
+//! guest's drawing with the password; SIGTERM stops everything.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::{BIN, Proc, pids_with_cmdline, wait_until};
+
+#[test]
+fn demo_serves_the_guest_over_vnc_and_stops_cleanly() {
+    let guest = common::qemu::guest();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let mut child = Command::new(BIN)
+        .args(["demo", "--kernel"])
+        .arg(guest.join("vmlinuz"))
+        .arg("--initrd")
+        .arg(guest.join("initrd.gz"))
+        .args(["--vnc", &format!("127.0.0.1:{port}")])
+        .env("VDI_PASSWORD", "demo-pw1")
+        .env("VDI_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("demo");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut demo = Proc {
+        child,
+        name: "demo",
+    };
+    let mut lines = BufReader::new(stdout).lines();
+    let announce = lines.next().expect("first line").expect("read");
+    assert!(announce.contains("desktop is served"), "{announce}");
+    let vnc_line = lines.next().expect("vnc line").expect("read");
+    assert!(
+        vnc_line.contains(&format!("127.0.0.1:{port}")) && vnc_line.contains("demo-pw1"),
+        "{vnc_line}"
+    );
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let png = dir.path().join("demo.png");
+    // The guest boots (TCG, a few seconds) and draws its test image: wait for many colours.
+    let drawn = wait_until(Duration::from_secs(90), || {
+        let ok = Command::new("vncdotool")
+            .args([
+                "-s",
+                &format!("127.0.0.1::{port}"),
+                "-p",
+                "demo-pw1",
+                "capture",
+            ])
+            .arg(&png)
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            return false;
+        }
+        let colours = Command::new("/usr/bin/identify")
+            .args(["-format", "%w %h %k"])
+            .arg(&png)
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        let f: Vec<u64> = colours
+            .split_whitespace()
+            .filter_map(|v| v.parse().ok())
+            .collect();
+        f.len() == 3 && f[0] == 1024 && f[1] == 768 && f[2] > 1000
+    });
+    assert!(
+        drawn,
+        "the demo never showed the guest's test image at 1024x768"
+    );
+
+    demo.signal("TERM");
+    let status = demo
+        .wait_timeout(Duration::from_secs(10))
+        .expect("demo exits");
+    assert!(status.success(), "{status:?}");
+    assert!(
+        wait_until(Duration::from_secs(5), || pids_with_cmdline("vdi-demo")
+            .is_empty()),
+        "QEMU left behind"
+    );
+}
