@@ -17,7 +17,7 @@ fi
 apt-get update -q
 apt-get install -y -q --no-install-recommends \
   dbus-daemon dbus cpio busybox-static xz-utils ca-certificates \
-  imagemagick procps gvncviewer tigervnc-viewer xvfb xdotool
+  imagemagick procps gvncviewer tigervnc-viewer tigervnc-tools xvfb xdotool util-linux
 apt-get install -y -q --no-install-recommends -t bookworm-backports \
   qemu-system-x86 qemu-system-modules-opengl qemu-utils \
   libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients

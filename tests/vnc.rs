@@ -20,6 +20,24 @@ async fn start_vnc(rig: &Rig, password: Option<&str>) -> std::net::SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
+    serve_vnc(rig, password, listener)
+}
+
+/// Some clients (gvnccapture) only take a display number: a port in 5900..=5999.
+async fn start_vnc_on_display(rig: &Rig, password: Option<&str>) -> std::net::SocketAddr {
+    for port in (5950..6000).chain(5900..5950) {
+        if let Ok(l) = tokio::net::TcpListener::bind(("127.0.0.1", port)).await {
+            return serve_vnc(rig, password, l);
+        }
+    }
+    panic!("no free port in 5900..6000");
+}
+
+fn serve_vnc(
+    rig: &Rig,
+    password: Option<&str>,
+    listener: tokio::net::TcpListener,
+) -> std::net::SocketAddr {
     let addr = listener.local_addr().expect("addr");
     let cfg = Arc::new(VncConfig {
         password: password.map(str::to_owned),
@@ -156,6 +174,7 @@ impl Client {
                         .expect("inflate");
                     self.zrle_tiles(&raw, x, y, w, h);
                 }
+                -258 => {} // QEMU extended key events confirmed
                 -223 | -308 => {
                     if enc == -308 {
                         let mut hdr = [0u8; 4];
@@ -335,6 +354,8 @@ async fn incremental_updates_resize_and_qemu_extended_keys() {
         .await
         .expect("no-auth connect");
     c.set_encodings(&[16, -223, -258]).await;
+    // The server confirms QEMU extended key events with a pseudo-rectangle first.
+    c.read_update().await;
     c.request(false).await;
     c.read_update().await;
 
@@ -476,6 +497,198 @@ async fn vncdotool_captures_the_guest_exactly() {
     })
     .await
     .expect("vncdotool");
+    drop(vm);
+    rig.stop().await;
+}
+
+/// Differing pixels between two images (ImageMagick `compare -metric AE`).
+fn image_diff(a: &std::path::Path, b: &std::path::Path) -> String {
+    let cmp = std::process::Command::new("/usr/bin/compare")
+        .args(["-metric", "AE"])
+        .arg(a)
+        .arg(b)
+        .arg("null:")
+        .output()
+        .expect("/usr/bin/compare (install imagemagick)");
+    String::from_utf8_lossy(&cmp.stderr).trim().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gvnccapture_captures_the_guest_exactly() {
+    let rig = Rig::start().await;
+    let addr = start_vnc_on_display(&rig, Some(PASSWORD)).await;
+    let vm = guest_with_image(&rig).await;
+    let dir = rig.dir.path().to_owned();
+    let vm = tokio::task::spawn_blocking(move || {
+        let mut vm = vm;
+        vm.screendump();
+        let oracle = dir.join("oracle-g.ppm");
+        std::fs::copy(dir.join("screendump.ppm"), &oracle).expect("oracle");
+        let png = dir.join("gvnc.png");
+        // gvnccapture asks for the password on its terminal: answer it in a pty.
+        let out = std::process::Command::new("python3")
+            .arg(common::data_file("../tools/with-password.py"))
+            .arg("gvnccapture")
+            .arg(format!("127.0.0.1:{}", addr.port() - 5900))
+            .arg(&png)
+            .env("VNC_PASSWORD", PASSWORD)
+            .output()
+            .expect("gvnccapture (install gvncviewer)");
+        assert!(
+            out.status.success(),
+            "gvnccapture: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let ae = image_diff(&png, &oracle);
+        assert_eq!(
+            ae.split_whitespace().next(),
+            Some("0"),
+            "gvnccapture differs from screendump: {ae}"
+        );
+        vm
+    })
+    .await
+    .expect("gvnccapture");
+    drop(vm);
+    rig.stop().await;
+}
+
+/// An X server for GUI clients, killed by PID when dropped.
+fn xvfb() -> (common::Proc, String) {
+    for n in 90..140 {
+        if std::path::Path::new(&format!("/tmp/.X{n}-lock")).exists() {
+            continue;
+        }
+        let child = std::process::Command::new("Xvfb")
+            .args([
+                &format!(":{n}"),
+                "-screen",
+                "0",
+                "1280x1024x24",
+                "-nolisten",
+                "tcp",
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("Xvfb (install xvfb)");
+        let p = common::Proc {
+            child,
+            name: "Xvfb",
+        };
+        let sock = format!("/tmp/.X11-unix/X{n}");
+        if common::wait_until(Duration::from_secs(10), || {
+            std::path::Path::new(&sock).exists()
+        }) {
+            return (p, format!(":{n}"));
+        }
+    }
+    panic!("no X display could be started");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tigervnc_shows_the_guest_exactly_and_types_into_it() {
+    let rig = Rig::start().await;
+    let addr = start_vnc(&rig, Some(PASSWORD)).await;
+    let vm = guest_with_image(&rig).await;
+    let dir = rig.dir.path().to_owned();
+    let vm = tokio::task::spawn_blocking(move || {
+        let mut vm = vm;
+        let (_x, display) = xvfb();
+        let pwfile = dir.join("passwd");
+        let mut p = std::process::Command::new("vncpasswd")
+            .arg("-f")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("vncpasswd (install tigervnc-tools)");
+        use std::io::Write;
+        p.stdin
+            .take()
+            .expect("stdin")
+            .write_all(format!("{PASSWORD}\n").as_bytes())
+            .expect("write");
+        let out = p.wait_with_output().expect("vncpasswd");
+        std::fs::write(&pwfile, out.stdout).expect("passwd file");
+        let viewer = std::process::Command::new("vncviewer")
+            .arg("-passwd")
+            .arg(&pwfile)
+            .args(["-AutoSelect=0", "-PreferredEncoding=ZRLE", "-FullColor=1"])
+            .arg(format!("127.0.0.1::{}", addr.port()))
+            .env("DISPLAY", &display)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("vncviewer (install tigervnc-viewer)");
+        let _viewer = common::Proc {
+            child: viewer,
+            name: "vncviewer",
+        };
+        let xdo = |args: &[&str]| {
+            std::process::Command::new("xdotool")
+                .args(args)
+                .env("DISPLAY", &display)
+                .output()
+                .expect("xdotool")
+        };
+        let mut window = String::new();
+        assert!(
+            common::wait_until(Duration::from_secs(20), || {
+                window = String::from_utf8_lossy(&xdo(&["search", "--name", "vdi-test"]).stdout)
+                    .lines()
+                    .next()
+                    .unwrap_or_default()
+                    .to_owned();
+                !window.is_empty()
+            }),
+            "TigerVNC window never appeared"
+        );
+        // The window shows the remote desktop 1:1: compare a screenshot with QEMU's screendump.
+        vm.screendump();
+        let oracle = dir.join("oracle-t.ppm");
+        std::fs::copy(dir.join("screendump.ppm"), &oracle).expect("oracle");
+        let shot = dir.join("tigervnc.png");
+        let mut ae = String::new();
+        let same = common::wait_until(Duration::from_secs(20), || {
+            let ok = std::process::Command::new("/usr/bin/import")
+                .args(["-window", &window])
+                .arg(&shot)
+                .env("DISPLAY", &display)
+                .status()
+                .is_ok_and(|s| s.success());
+            ae = if ok {
+                image_diff(&shot, &oracle)
+            } else {
+                "no screenshot".into()
+            };
+            ae.split_whitespace().next() == Some("0")
+        });
+        assert!(same, "TigerVNC window differs from screendump: {ae}");
+        // Keys typed into the viewer reach the guest as the right scancodes.
+        let out = xdo(&[
+            "windowfocus",
+            "--sync",
+            &window,
+            "key",
+            "Up",
+            "Insert",
+            "Pause",
+            "a",
+            "Delete",
+        ]);
+        assert!(
+            out.status.success(),
+            "xdotool: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        for code in [103, 110, 119, 30, 111] {
+            vm.expect_event(1, code, 1);
+            vm.expect_event(1, code, 0);
+        }
+        vm
+    })
+    .await
+    .expect("tigervnc");
     drop(vm);
     rig.stop().await;
 }

@@ -276,6 +276,13 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                             }
                             debug!(zrle = caps.zrle, desktop_size = caps.desktop_size,
                                    qemu_ext_key = caps.qemu_ext_key, "encodings set");
+                            if caps.qemu_ext_key {
+                                // Clients only send scancodes once the server confirms with
+                                // a pseudo-rectangle (rfbproto "QEMU Extended Key Event").
+                                let mut ack = vec![0, 0, 0, 1];
+                                rect_header(&mut ack, 0, 0, 0, 0, enc::QEMU_EXT_KEY);
+                                s.write_all(&ack).await?;
+                            }
                         }
                         ClientMsg::UpdateRequest { incremental, x, y, w, h } => {
                             let r = Rect { x: x.into(), y: y.into(), w: w.into(), h: h.into() };
