@@ -17,9 +17,10 @@ fi
 apt-get update -q
 apt-get install -y -q --no-install-recommends \
   dbus-daemon dbus cpio busybox-static xz-utils ca-certificates \
-  imagemagick procps gvncviewer tigervnc-viewer tigervnc-tools xvfb xdotool util-linux
+  imagemagick procps gvncviewer tigervnc-viewer tigervnc-tools xvfb xdotool util-linux \
+  x11proto-dev
 apt-get install -y -q --no-install-recommends -t bookworm-backports \
-  qemu-system-x86 qemu-system-modules-opengl qemu-utils \
+  qemu-system-x86 qemu-system-data qemu-system-modules-opengl qemu-utils \
   libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients
 
 # QEMU runs as uid 107 in virt-launcher; the sidecar image names it `qemu` so the bus policy can

@@ -493,6 +493,36 @@ async fn vncdotool_captures_the_guest_exactly() {
             "wrong password: {:?}",
             bad.status
         );
+        // Plain keysym key events (vncdotool sends no scancodes) go through the US layout
+        // table; an upper-case letter gets Shift around it.
+        let keys = std::process::Command::new("vncdotool")
+            .args(["-s", &format!("127.0.0.1::{}", addr.port()), "-p", PASSWORD])
+            .args([
+                "key", "up", "key", "ins", "key", "a", "key", "A", "key", "bsp",
+            ])
+            .output()
+            .expect("vncdotool");
+        assert!(
+            keys.status.success(),
+            "vncdotool keys: {}",
+            String::from_utf8_lossy(&keys.stderr)
+        );
+        for (code, value) in [
+            (103, 1),
+            (103, 0),
+            (110, 1),
+            (110, 0),
+            (30, 1),
+            (30, 0),
+            (42, 1),
+            (30, 1),
+            (42, 0),
+            (30, 0),
+            (14, 1),
+            (14, 0),
+        ] {
+            vm.expect_event(1, code, value);
+        }
         vm
     })
     .await

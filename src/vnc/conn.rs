@@ -11,6 +11,7 @@ use tracing::{debug, info, trace, warn};
 
 use super::auth::{LoginLimiter, challenge, constant_time_eq, vnc_response};
 use super::encode::{Zrle, raw, rect_header};
+use super::keymap::{QNUM_SHIFT_L, XK_SHIFT_L, XK_SHIFT_R, keysym_to_qnum};
 use super::proto::{ClientMsg, PixelFormat, ProtoError, decode, enc};
 use crate::framebuffer::{Damage, Framebuffer, Rect};
 use crate::qemu::input::{InputSink, ViewerInput};
@@ -233,6 +234,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     // An update request the client is waiting on: (incremental, region).
     let mut pending: Option<(bool, Rect)> = None;
     let mut pixels = Vec::new();
+    let mut shift_held = false;
 
     loop {
         // Answer a pending request as soon as there is something to send.
@@ -296,9 +298,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                             keys.key(keycode, down).await;
                         }
                         ClientMsg::Key { down, keysym } => {
-                            // Plain keysyms need a layout table; QEMU's extended key event
-                            // carries the scancode and is what modern clients send.
-                            trace!(keysym, down, "keysym key event without a scancode dropped");
+                            keysym_key(&mut keys, &mut shift_held, keysym, down).await;
                         }
                         ClientMsg::Pointer { mask, x, y } => pointer(&mut keys, mask, x, y).await,
                         ClientMsg::CutText(_) | ClientMsg::Fence { .. }
@@ -309,6 +309,25 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
             }
             () = viewer.changed(), if pending.is_some() => {}
         }
+    }
+}
+
+/// A plain RFB key event (an X11 keysym): mapped through the US layout table. A character that
+/// needs Shift gets a Shift press around it when the viewer is not holding Shift itself.
+async fn keysym_key(keys: &mut ViewerInput, shift_held: &mut bool, keysym: u32, down: bool) {
+    if keysym == XK_SHIFT_L || keysym == XK_SHIFT_R {
+        *shift_held = down;
+    }
+    let Some((qnum, needs_shift)) = keysym_to_qnum(keysym) else {
+        trace!(keysym, "keysym not on a US layout; dropped");
+        return;
+    };
+    if down && needs_shift && !*shift_held {
+        keys.key(QNUM_SHIFT_L, true).await;
+        keys.key(qnum, true).await;
+        keys.key(QNUM_SHIFT_L, false).await;
+    } else {
+        keys.key(qnum, down).await;
     }
 }
 

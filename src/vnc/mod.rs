@@ -3,5 +3,6 @@
 pub mod auth;
 pub mod conn;
 pub mod encode;
+pub mod keymap;
 pub mod proto;
 pub mod server;
