@@ -722,3 +722,84 @@ async fn tigervnc_shows_the_guest_exactly_and_types_into_it() {
     drop(vm);
     rig.stop().await;
 }
+
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_viewers_one_stalled_while_the_guest_animates() {
+    let rig = Rig::start().await;
+    let addr = start_vnc(&rig, Some(PASSWORD)).await;
+    let vm = guest_with_image(&rig).await;
+    let rss_before = rss_kib();
+
+    // The stalled viewer: asks for updates, never reads a byte.
+    let mut stalled = Client::connect(addr, "003.008", Some(PASSWORD))
+        .await
+        .expect("stalled");
+    stalled.set_encodings(&[0]).await; // Raw: the most bytes it could be owed
+    for _ in 0..50 {
+        stalled.request(false).await;
+    }
+
+    let duration = Duration::from_secs(30);
+    let mut viewers = Vec::new();
+    for _ in 0..19 {
+        let mut c = Client::connect(addr, "003.008", Some(PASSWORD))
+            .await
+            .expect("viewer");
+        c.set_encodings(&[16, -223]).await;
+        viewers.push(tokio::spawn(async move {
+            let start = Instant::now();
+            let mut updates = 0u32;
+            c.request(false).await;
+            c.read_update().await;
+            // The guest animates for the whole time, so every request is answered soon.
+            while start.elapsed() < duration {
+                c.request(true).await;
+                match tokio::time::timeout(Duration::from_secs(20), c.read_update()).await {
+                    Ok(()) => updates += 1,
+                    Err(_) => break,
+                }
+            }
+            updates
+        }));
+    }
+    // Animate for longer than the viewers watch.
+    let vm = tokio::task::spawn_blocking(move || {
+        let mut vm = vm;
+        // About 70 frames/s in the guest: longer than the viewers watch.
+        let line = vm.guest("animate 3000");
+        eprintln!("guest: {line}");
+        vm
+    });
+    let mut counts = Vec::new();
+    for v in viewers {
+        counts.push(v.await.expect("viewer task"));
+    }
+    let vm = vm.await.expect("animate");
+    let rss_after = rss_kib();
+    // Every live viewer kept getting frames while one never read.
+    assert!(
+        counts.iter().all(|&n| n >= 5),
+        "updates per viewer: {counts:?}"
+    );
+    // Memory stays bounded: the stalled viewer is owed at most one update, not a queue.
+    let grown_mib = rss_after.saturating_sub(rss_before) / 1024;
+    assert!(
+        grown_mib < 256,
+        "RSS grew by {grown_mib} MiB with 20 viewers (counts {counts:?})"
+    );
+    eprintln!("20 viewers: updates per live viewer {counts:?}; RSS +{grown_mib} MiB");
+    drop(stalled);
+    drop(vm);
+    rig.stop().await;
+}
