@@ -191,7 +191,7 @@ async fn hostile_clients_are_closed_and_a_good_viewer_is_unaffected() {
     // Wrong passwords in a loop: refused, then turned away before authenticating.
     let mut reasons = Vec::new();
     for _ in 0..6 {
-        reasons.push(login(addr, "wrong!!!").await.err().expect("must fail"));
+        reasons.push(login(addr, "wrong!!!").await.expect_err("must fail"));
     }
     assert!(reasons[0].contains("authentication failed"), "{reasons:?}");
     assert!(
