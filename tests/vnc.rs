@@ -61,6 +61,8 @@ struct Client {
     height: u16,
     fb: Vec<u32>,
     z: Decompress,
+    /// (reason, status) of the last ExtendedDesktopSize rectangle.
+    last_eds: Option<(u16, u16)>,
 }
 
 impl Client {
@@ -124,6 +126,7 @@ impl Client {
             height,
             fb: vec![0; width as usize * height as usize],
             z: Decompress::new(true),
+            last_eds: None,
         })
     }
 
@@ -177,6 +180,7 @@ impl Client {
                 -258 => {} // QEMU extended key events confirmed
                 -223 | -308 => {
                     if enc == -308 {
+                        self.last_eds = Some((x as u16, y as u16));
                         let mut hdr = [0u8; 4];
                         self.s.read_exact(&mut hdr).await.expect("eds");
                         let mut screens = vec![0u8; 16 * hdr[0] as usize];
@@ -353,7 +357,7 @@ async fn incremental_updates_resize_and_qemu_extended_keys() {
     let mut c = Client::connect(addr, "003.008", None)
         .await
         .expect("no-auth connect");
-    c.set_encodings(&[16, -223, -258]).await;
+    c.set_encodings(&[16, -223, -308, -258]).await;
     // The server confirms QEMU extended key events with a pseudo-rectangle first.
     c.read_update().await;
     c.request(false).await;
@@ -395,6 +399,24 @@ async fn incremental_updates_resize_and_qemu_extended_keys() {
             .expect("update");
     }
     let mut vm = converge(&mut c, vm, "after resize").await;
+
+    // SetDesktopSize goes to Console.SetUIInfo; std VGA cannot change mode on request, so the
+    // client is told "prohibited" (status 1) and the size stays.
+    let mut sds = vec![251, 0];
+    sds.extend(1280u16.to_be_bytes());
+    sds.extend(800u16.to_be_bytes());
+    sds.extend([1, 0]);
+    sds.extend([0, 0, 0, 0, 0, 0, 0, 0, 5, 0, 3, 32, 0, 0, 0, 0]);
+    c.s.write_all(&sds).await.expect("SetDesktopSize");
+    tokio::time::timeout(Duration::from_secs(10), c.read_update())
+        .await
+        .expect("ExtendedDesktopSize reply");
+    assert_eq!(
+        c.last_eds,
+        Some((1, 1)),
+        "reason 1 (client request), status 1 (prohibited)"
+    );
+    assert_eq!((c.width, c.height), (1024, 768));
 
     // QEMU extended key event: Right Ctrl (qnum 0x9d) → KEY_RIGHTCTRL.
     for down in [1u16, 0] {

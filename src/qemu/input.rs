@@ -8,7 +8,7 @@ use std::collections::BTreeSet;
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, trace};
 
-use super::proxies::{KeyboardProxy, MouseProxy};
+use super::proxies::{ConsoleProxy, KeyboardProxy, MouseProxy};
 use crate::framebuffer::Framebuffer;
 
 /// QEMU's InputButton values (qapi/ui.json).
@@ -39,9 +39,21 @@ const MAX_QNUM: u32 = 0xff;
 /// The input objects of the console viewers control (set by the source on attach).
 #[derive(Clone)]
 pub struct ConsoleInput {
+    pub console: ConsoleProxy<'static>,
     pub keyboard: KeyboardProxy<'static>,
     pub mouse: MouseProxy<'static>,
     pub fb: Framebuffer,
+}
+
+/// Why a resize request was not passed on.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UiInfoError {
+    #[error("no display attached")]
+    Detached,
+    #[error("the display device cannot change mode on request (e.g. std VGA)")]
+    Unsupported,
+    #[error("SetUIInfo failed: {0}")]
+    Failed(String),
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -86,6 +98,24 @@ impl InputSink {
         target
             .and_then(|t| t.keyboard.cached_modifiers().ok().flatten())
             .unwrap_or(0)
+    }
+
+    /// Asks the guest for a new mode (`Console.SetUIInfo`, as a monitor hot-plug would). The
+    /// new size arrives later as a new surface.
+    pub async fn set_ui_info(&self, width: u32, height: u32) -> Result<(), UiInfoError> {
+        let target = self.target.borrow().clone();
+        let t = target.ok_or(UiInfoError::Detached)?;
+        let call = t.console.set_ui_info(0, 0, 0, 0, width, height);
+        match tokio::time::timeout(std::time::Duration::from_secs(2), call).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(zbus::Error::MethodError(name, _, _)))
+                if name.as_str() == "org.qemu.Display1.Error.Unsupported" =>
+            {
+                Err(UiInfoError::Unsupported)
+            }
+            Ok(Err(e)) => Err(UiInfoError::Failed(e.to_string())),
+            Err(_) => Err(UiInfoError::Failed("no reply within 2 s".into())),
+        }
     }
 
     /// A per-viewer handle that remembers what the viewer holds.

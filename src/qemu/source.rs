@@ -239,6 +239,7 @@ async fn attach(
                 .build()
                 .await?;
             consoles.input_target.send_replace(Some(ConsoleInput {
+                console: console.clone(),
                 keyboard,
                 mouse,
                 fb: fb.clone(),

@@ -14,7 +14,7 @@ use super::encode::{Zrle, raw, rect_header};
 use super::keymap::{QNUM_SHIFT_L, XK_SHIFT_L, XK_SHIFT_R, keysym_to_qnum};
 use super::proto::{ClientMsg, PixelFormat, ProtoError, decode, enc};
 use crate::framebuffer::{Damage, Framebuffer, Rect};
-use crate::qemu::input::{InputSink, ViewerInput};
+use crate::qemu::input::{InputSink, UiInfoError, ViewerInput};
 
 /// Security types (RFC 6143 §7.2).
 const SEC_NONE: u8 = 1;
@@ -301,9 +301,18 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                             keysym_key(&mut keys, &mut shift_held, keysym, down).await;
                         }
                         ClientMsg::Pointer { mask, x, y } => pointer(&mut keys, mask, x, y).await,
+                        ClientMsg::SetDesktopSize { width: w, height: h, screens } => {
+                            let status = desktop_size_status(&input, w, h, screens.len()).await;
+                            info!(w, h, status, "client asked for a new desktop size");
+                            if caps.ext_desktop_size {
+                                let mut reply = vec![0, 0, 0, 1];
+                                eds_rect(&mut reply, 1, status, width, height);
+                                s.write_all(&reply).await?;
+                            }
+                        }
                         ClientMsg::CutText(_) | ClientMsg::Fence { .. }
                         | ClientMsg::EnableContinuousUpdates { .. }
-                        | ClientMsg::SetDesktopSize { .. } | ClientMsg::QemuAudio { .. } => {}
+                        | ClientMsg::QemuAudio { .. } => {}
                     }
                 }
             }
@@ -355,20 +364,38 @@ async fn pointer(keys: &mut ViewerInput, mask: u8, x: u16, y: u16) {
 }
 
 fn write_resize(out: &mut Vec<u8>, caps: &ClientCaps, width: u32, height: u32) {
-    let (w, h) = (width as u16, height as u16);
     out.extend_from_slice(&[0, 0]);
     out.extend_from_slice(&1u16.to_be_bytes());
     if caps.ext_desktop_size {
-        // Reason 0 (server-side change), status 0; one screen covering everything.
-        rect_header(out, 0, 0, w, h, enc::EXTENDED_DESKTOP_SIZE);
-        out.extend_from_slice(&[1, 0, 0, 0]);
-        out.extend_from_slice(&0u32.to_be_bytes());
-        out.extend_from_slice(&[0, 0, 0, 0]);
-        out.extend_from_slice(&w.to_be_bytes());
-        out.extend_from_slice(&h.to_be_bytes());
-        out.extend_from_slice(&0u32.to_be_bytes());
+        eds_rect(out, 0, 0, width, height); // reason 0: the server changed size
     } else {
-        rect_header(out, 0, 0, w, h, enc::DESKTOP_SIZE);
+        rect_header(out, 0, 0, width as u16, height as u16, enc::DESKTOP_SIZE);
+    }
+}
+
+/// An ExtendedDesktopSize rectangle (rfbproto §7.8.2): x = reason, y = status, one screen.
+fn eds_rect(out: &mut Vec<u8>, reason: u16, status: u16, width: u32, height: u32) {
+    let (w, h) = (width as u16, height as u16);
+    rect_header(out, reason, status, w, h, enc::EXTENDED_DESKTOP_SIZE);
+    out.extend_from_slice(&[1, 0, 0, 0]);
+    out.extend_from_slice(&0u32.to_be_bytes());
+    out.extend_from_slice(&[0, 0, 0, 0]);
+    out.extend_from_slice(&w.to_be_bytes());
+    out.extend_from_slice(&h.to_be_bytes());
+    out.extend_from_slice(&0u32.to_be_bytes());
+}
+
+/// SetDesktopSize → `Console.SetUIInfo`; the RFB status: 0 done (the new mode follows as a
+/// resize), 1 prohibited (the device cannot change mode on request), 2 out of resources,
+/// 3 invalid layout.
+async fn desktop_size_status(input: &InputSink, w: u16, h: u16, screens: usize) -> u16 {
+    if w == 0 || h == 0 || screens == 0 || u32::from(w) > crate::framebuffer::MAX_WIDTH {
+        return 3;
+    }
+    match input.set_ui_info(w.into(), h.into()).await {
+        Ok(()) => 0,
+        Err(UiInfoError::Unsupported) => 1,
+        Err(UiInfoError::Detached | UiInfoError::Failed(_)) => 2,
     }
 }
 
