@@ -51,6 +51,15 @@ pub struct BusConfig {
 }
 
 impl BusConfig {
+    /// A bus in `dir` run by the `dbus-daemon` on PATH, admitting only the default uids.
+    pub fn in_dir(dir: impl Into<PathBuf>) -> Self {
+        Self {
+            dir: dir.into(),
+            program: "dbus-daemon".into(),
+            extra_uids: Vec::new(),
+        }
+    }
+
     pub fn socket_path(&self) -> PathBuf {
         self.dir.join("bus")
     }

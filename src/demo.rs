@@ -44,12 +44,7 @@ pub struct DemoConfig {
 pub async fn run(cfg: DemoConfig, stop: CancellationToken) -> Result<(), Error> {
     let dir = std::env::temp_dir().join(format!("vdi-demo-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(Error::Dir)?;
-    let bus = Bus::start(BusConfig {
-        dir: dir.join("bus"),
-        program: "dbus-daemon".into(),
-        extra_uids: vec![],
-    })
-    .await?;
+    let bus = Bus::start(BusConfig::in_dir(dir.join("bus"))).await?;
 
     let (consoles, display) = source::spawn(
         bus.address().to_owned(),

@@ -493,13 +493,13 @@ impl Viewer {
         let st = self.fb.lock();
         let _ = self.rx.borrow_and_update();
         let new_surface = st.generation != self.seen_generation;
-        let full = vec![Rect::full(st.width, st.height)];
+        let full = || vec![Rect::full(st.width, st.height)];
         let rects = if new_surface {
-            full
+            full()
         } else {
             let since = self.seen_seq.unwrap_or(0);
             match st.log.front() {
-                Some(&(first, _)) if first > since + 1 => full, // fell behind the log
+                Some(&(first, _)) if first > since + 1 => full(), // fell behind the log
                 _ => st
                     .log
                     .iter()

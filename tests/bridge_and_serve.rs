@@ -38,13 +38,10 @@ fn serve_attaches_to_qemu_on_its_bus() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bridge_attaches_to_an_existing_bus() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let bus = vdi_sidecar::bus::Bus::start(vdi_sidecar::bus::BusConfig {
-        dir: dir.path().join("bus"),
-        program: "dbus-daemon".into(),
-        extra_uids: vec![],
-    })
-    .await
-    .expect("bus");
+    let bus =
+        vdi_sidecar::bus::Bus::start(vdi_sidecar::bus::BusConfig::in_dir(dir.path().join("bus")))
+            .await
+            .expect("bus");
     let log_path = dir.path().join("bridge.log");
     let child = Command::new(BIN)
         .args(["bridge", "--vnc", "none", "--dbus-address", bus.address()])

@@ -33,13 +33,9 @@ async fn qemu_uid_connects_and_owns_org_qemu_other_uids_are_refused() {
     let dir = tempfile::tempdir().expect("tempdir");
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
-    let bus = Bus::start(BusConfig {
-        dir: dir.path().join("vdi"),
-        program: "dbus-daemon".into(),
-        extra_uids: vec![],
-    })
-    .await
-    .expect("bus");
+    let bus = Bus::start(BusConfig::in_dir(dir.path().join("vdi")))
+        .await
+        .expect("bus");
     std::fs::set_permissions(
         dir.path().join("vdi"),
         std::fs::Permissions::from_mode(0o755),

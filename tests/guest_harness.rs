@@ -37,11 +37,9 @@ fn guest_plays_a_known_tone() {
     // The harness needs a bus for -display dbus; a private daemon is enough here.
     let rt = tokio::runtime::Runtime::new().expect("rt");
     let bus = rt
-        .block_on(vdi_sidecar::bus::Bus::start(vdi_sidecar::bus::BusConfig {
-            dir: dir.path().join("bus"),
-            program: "dbus-daemon".into(),
-            extra_uids: vec![],
-        }))
+        .block_on(vdi_sidecar::bus::Bus::start(
+            vdi_sidecar::bus::BusConfig::in_dir(dir.path().join("bus")),
+        ))
         .expect("bus");
     let wav = dir.path().join("out.wav");
     let mut vm = Vm::start_with(

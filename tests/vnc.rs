@@ -463,8 +463,7 @@ async fn vncdotool_captures_the_guest_exactly() {
     let dir = rig.dir.path().to_owned();
     let vm = tokio::task::spawn_blocking(move || {
         let mut vm = vm;
-        let (w, h, _) = vm.screendump();
-        std::fs::copy(dir.join("screendump.ppm"), dir.join("oracle.ppm")).expect("keep oracle");
+        let (oracle, w, h) = vm.screendump_file("oracle.ppm");
         let png = dir.join("vncdotool.png");
         let out = std::process::Command::new("vncdotool")
             .args([
@@ -486,7 +485,7 @@ async fn vncdotool_captures_the_guest_exactly() {
         let cmp = std::process::Command::new("/usr/bin/compare")
             .args(["-metric", "AE"])
             .arg(&png)
-            .arg(dir.join("oracle.ppm"))
+            .arg(&oracle)
             .arg("null:")
             .output()
             .expect("/usr/bin/compare (install imagemagick)");
@@ -573,9 +572,7 @@ async fn gvnccapture_captures_the_guest_exactly() {
     let dir = rig.dir.path().to_owned();
     let vm = tokio::task::spawn_blocking(move || {
         let mut vm = vm;
-        vm.screendump();
-        let oracle = dir.join("oracle-g.ppm");
-        std::fs::copy(dir.join("screendump.ppm"), &oracle).expect("oracle");
+        let (oracle, _, _) = vm.screendump_file("oracle-g.ppm");
         let png = dir.join("gvnc.png");
         // gvnccapture asks for the password on its terminal: answer it in a pty.
         let out = std::process::Command::new("python3")
@@ -696,9 +693,7 @@ async fn tigervnc_shows_the_guest_exactly_and_types_into_it() {
             "TigerVNC window never appeared"
         );
         // The window shows the remote desktop 1:1: compare a screenshot with QEMU's screendump.
-        vm.screendump();
-        let oracle = dir.join("oracle-t.ppm");
-        std::fs::copy(dir.join("screendump.ppm"), &oracle).expect("oracle");
+        let (oracle, _, _) = vm.screendump_file("oracle-t.ppm");
         let shot = dir.join("tigervnc.png");
         let mut ae = String::new();
         let same = common::wait_until(Duration::from_secs(20), || {

@@ -230,13 +230,9 @@ impl Rig {
 
     pub async fn start_with(opts: SourceOptions) -> Rig {
         let dir = tempfile::tempdir().expect("tempdir");
-        let bus = Bus::start(BusConfig {
-            dir: dir.path().join("vdi"),
-            program: "dbus-daemon".into(),
-            extra_uids: vec![],
-        })
-        .await
-        .expect("bus");
+        let bus = Bus::start(BusConfig::in_dir(dir.path().join("vdi")))
+            .await
+            .expect("bus");
         let (consoles, input_task) = Consoles::new();
         tokio::spawn(input_task);
         let stop = CancellationToken::new();
@@ -275,6 +271,17 @@ impl Rig {
         if let Some(b) = self.bus.take() {
             b.stop().await;
         }
+    }
+}
+
+impl Vm {
+    /// Takes a screendump and keeps it as `name` in the VM's directory (an oracle file for image
+    /// comparisons with ImageMagick); returns its path and size.
+    pub fn screendump_file(&mut self, name: &str) -> (PathBuf, u32, u32) {
+        let (w, h, _) = self.screendump();
+        let path = self.dir.join(name);
+        std::fs::copy(self.dir.join("screendump.ppm"), &path).expect("keep screendump");
+        (path, w, h)
     }
 }
 
