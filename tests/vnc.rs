@@ -16,6 +16,10 @@ use vdi_sidecar::vnc::conn::VncConfig;
 
 const PASSWORD: &str = "s3cret!x";
 
+/// These tests each boot a guest and some measure this process (RSS) or wait on GUI clients:
+/// run them one at a time so they do not skew each other on a 2-core machine.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 async fn start_vnc(rig: &Rig, password: Option<&str>) -> std::net::SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
@@ -300,6 +304,7 @@ async fn guest_with_image(rig: &Rig) -> Vm {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_see_the_guest_exactly_and_passwords_are_enforced() {
+    let _serial = SERIAL.lock().await;
     let rig = Rig::start().await;
     let addr = start_vnc(&rig, Some(PASSWORD)).await;
     let vm = guest_with_image(&rig).await;
@@ -351,6 +356,7 @@ async fn clients_see_the_guest_exactly_and_passwords_are_enforced() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn incremental_updates_resize_and_qemu_extended_keys() {
+    let _serial = SERIAL.lock().await;
     let rig = Rig::start().await;
     let addr = start_vnc(&rig, None).await;
     let vm = guest_with_image(&rig).await;
@@ -457,6 +463,7 @@ async fn incremental_updates_resize_and_qemu_extended_keys() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vncdotool_captures_the_guest_exactly() {
+    let _serial = SERIAL.lock().await;
     let rig = Rig::start().await;
     let addr = start_vnc(&rig, Some(PASSWORD)).await;
     let vm = guest_with_image(&rig).await;
@@ -566,6 +573,7 @@ fn image_diff(a: &std::path::Path, b: &std::path::Path) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gvnccapture_captures_the_guest_exactly() {
+    let _serial = SERIAL.lock().await;
     let rig = Rig::start().await;
     let addr = start_vnc_on_display(&rig, Some(PASSWORD)).await;
     let vm = guest_with_image(&rig).await;
@@ -637,6 +645,7 @@ fn xvfb() -> (common::Proc, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tigervnc_shows_the_guest_exactly_and_types_into_it() {
+    let _serial = SERIAL.lock().await;
     let rig = Rig::start().await;
     let addr = start_vnc(&rig, Some(PASSWORD)).await;
     let vm = guest_with_image(&rig).await;
@@ -682,7 +691,7 @@ async fn tigervnc_shows_the_guest_exactly_and_types_into_it() {
         };
         let mut window = String::new();
         assert!(
-            common::wait_until(Duration::from_secs(20), || {
+            common::wait_until(Duration::from_secs(60), || {
                 window = String::from_utf8_lossy(&xdo(&["search", "--name", "vdi-test"]).stdout)
                     .lines()
                     .next()
@@ -753,6 +762,7 @@ fn rss_kib() -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn twenty_viewers_one_stalled_while_the_guest_animates() {
+    let _serial = SERIAL.lock().await;
     let rig = Rig::start().await;
     let addr = start_vnc(&rig, Some(PASSWORD)).await;
     let vm = guest_with_image(&rig).await;
