@@ -11,4 +11,5 @@ pub mod hook;
 pub mod pixman;
 pub mod qemu;
 pub mod serve;
+pub mod tls;
 pub mod vnc;

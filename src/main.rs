@@ -102,6 +102,27 @@ struct ViewerArgs {
     /// Let anyone reach the desktop without a password.
     #[arg(long, env = "VDI_INSECURE_NO_AUTH")]
     insecure_no_auth: bool,
+    /// User name VeNCrypt Plain logins must give (any name is accepted when unset).
+    #[arg(long, env = "VDI_USERNAME")]
+    username: Option<String>,
+    /// TLS certificate chain (PEM) for VeNCrypt; a self-signed one is generated when unset.
+    #[arg(long, env = "VDI_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM) matching --tls-cert.
+    #[arg(long, env = "VDI_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Extra names (DNS or IP) for the generated certificate, e.g. the Service's name.
+    #[arg(long = "tls-name", env = "VDI_TLS_NAMES", value_delimiter = ',')]
+    tls_names: Vec<String>,
+    /// Write the PEM clients should trust (the generated CA) to this file.
+    #[arg(long, env = "VDI_TLS_TRUST_OUT")]
+    tls_trust_out: Option<PathBuf>,
+    /// Offer only VeNCrypt (TLS) to VNC clients: no plain VNC authentication.
+    #[arg(long, env = "VDI_VNC_REQUIRE_TLS")]
+    vnc_require_tls: bool,
+    /// Let a client that asks for exclusive access disconnect the others (default: always share).
+    #[arg(long, env = "VDI_VNC_ALLOW_EXCLUSIVE")]
+    vnc_allow_exclusive: bool,
 }
 
 impl ViewerArgs {
@@ -140,12 +161,36 @@ impl ViewerArgs {
         let addr: SocketAddr = addr
             .parse()
             .with_context(|| format!("bad --vnc address {addr:?}"))?;
-        let cfg = VncConfig {
-            password: self.password()?,
-            desktop_name: name.to_owned(),
-            limiter: vnc::auth::LoginLimiter::default(),
-        };
+        let mut cfg = VncConfig::new(self.password()?, name);
+        cfg.username = self.username.clone();
+        cfg.tls = Some(self.tls()?);
+        cfg.require_tls = self.vnc_require_tls;
+        if self.vnc_allow_exclusive {
+            cfg.share = vnc::conn::SharePolicy::AllowExclusive;
+        }
         Ok(Some((addr, Arc::new(cfg))))
+    }
+
+    /// The TLS identity: the operator's files, or a certificate generated for this run.
+    fn tls(&self) -> anyhow::Result<vdi_sidecar::tls::TlsIdentity> {
+        use vdi_sidecar::tls::{TlsIdentity, default_names};
+        let id = match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => TlsIdentity::load(cert, key)?,
+            _ => {
+                let id = TlsIdentity::generate(&default_names(&self.tls_names))?;
+                tracing::info!(
+                    "no --tls-cert given: generated a CA and a server certificate for this run"
+                );
+                id
+            }
+        };
+        if let Some(path) = &self.tls_trust_out {
+            std::fs::write(path, &id.trust_pem)
+                .with_context(|| format!("writing {}", path.display()))?;
+            tracing::info!(path = %path.display(), "certificate for clients to trust written");
+        }
+        tracing::info!(fingerprint = %id.fingerprint, "TLS identity ready");
+        Ok(id)
     }
 }
 

@@ -7,7 +7,8 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::qemu::{Rig, Video, Vm};
+use common::qemu::{Rig, Vm};
+use common::x11::{TigerVnc, Xvfb, compare};
 use flate2::{Decompress, FlushDecompress};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -43,11 +44,9 @@ fn serve_vnc(
     listener: tokio::net::TcpListener,
 ) -> std::net::SocketAddr {
     let addr = listener.local_addr().expect("addr");
-    let cfg = Arc::new(VncConfig {
-        password: password.map(str::to_owned),
-        desktop_name: "vdi-test".into(),
-        limiter: LoginLimiter::new(3, Duration::from_secs(60)),
-    });
+    let mut cfg = VncConfig::new(password.map(str::to_owned), "vdi-test");
+    cfg.limiter = LoginLimiter::new(3, Duration::from_secs(60));
+    let cfg = Arc::new(cfg);
     tokio::spawn(vdi_sidecar::vnc::server::run(
         listener,
         cfg,
@@ -283,31 +282,13 @@ async fn converge(c: &mut Client, vm: Vm, what: &str) -> Vm {
 }
 
 /// Boots the guest and draws a known image at 800x600.
-async fn guest_with_image(rig: &Rig) -> Vm {
-    let mut vm = rig.vm(Video::StdVga);
-    let fb = rig.consoles.primary();
-    tokio::task::spawn_blocking(move || {
-        vm.wait_ready();
-        vm.guest("display vbe");
-        vm.guest("mode 800 600");
-        vm.guest("fill 21");
-        assert!(common::wait_until(Duration::from_secs(20), || {
-            let (w, h, px) = vm.screendump();
-            let s = fb.snapshot();
-            (s.width, s.height) == (w, h) && s.pixels == px
-        }));
-        vm
-    })
-    .await
-    .expect("guest")
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_see_the_guest_exactly_and_passwords_are_enforced() {
     let _serial = SERIAL.lock().await;
     let rig = Rig::start().await;
     let addr = start_vnc(&rig, Some(PASSWORD)).await;
-    let vm = guest_with_image(&rig).await;
+    let vm = rig.vm_with_test_image().await;
     let (vm, (sw, sh, shot)) = tokio::task::spawn_blocking(move || {
         let mut vm = vm;
         let d = vm.screendump();
@@ -359,7 +340,7 @@ async fn incremental_updates_resize_and_qemu_extended_keys() {
     let _serial = SERIAL.lock().await;
     let rig = Rig::start().await;
     let addr = start_vnc(&rig, None).await;
-    let vm = guest_with_image(&rig).await;
+    let vm = rig.vm_with_test_image().await;
     let mut c = Client::connect(addr, "003.008", None)
         .await
         .expect("no-auth connect");
@@ -466,7 +447,7 @@ async fn vncdotool_captures_the_guest_exactly() {
     let _serial = SERIAL.lock().await;
     let rig = Rig::start().await;
     let addr = start_vnc(&rig, Some(PASSWORD)).await;
-    let vm = guest_with_image(&rig).await;
+    let vm = rig.vm_with_test_image().await;
     let dir = rig.dir.path().to_owned();
     let vm = tokio::task::spawn_blocking(move || {
         let mut vm = vm;
@@ -560,23 +541,13 @@ async fn vncdotool_captures_the_guest_exactly() {
 }
 
 /// Differing pixels between two images (ImageMagick `compare -metric AE`).
-fn image_diff(a: &std::path::Path, b: &std::path::Path) -> String {
-    let cmp = std::process::Command::new("/usr/bin/compare")
-        .args(["-metric", "AE"])
-        .arg(a)
-        .arg(b)
-        .arg("null:")
-        .output()
-        .expect("/usr/bin/compare (install imagemagick)");
-    String::from_utf8_lossy(&cmp.stderr).trim().to_owned()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gvnccapture_captures_the_guest_exactly() {
     let _serial = SERIAL.lock().await;
     let rig = Rig::start().await;
     let addr = start_vnc_on_display(&rig, Some(PASSWORD)).await;
-    let vm = guest_with_image(&rig).await;
+    let vm = rig.vm_with_test_image().await;
     let dir = rig.dir.path().to_owned();
     let vm = tokio::task::spawn_blocking(move || {
         let mut vm = vm;
@@ -596,7 +567,7 @@ async fn gvnccapture_captures_the_guest_exactly() {
             "gvnccapture: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let ae = image_diff(&png, &oracle);
+        let ae = compare(&png, &oracle, "AE");
         assert_eq!(
             ae.split_whitespace().next(),
             Some("0"),
@@ -610,49 +581,16 @@ async fn gvnccapture_captures_the_guest_exactly() {
     rig.stop().await;
 }
 
-/// An X server for GUI clients, killed by PID when dropped.
-fn xvfb() -> (common::Proc, String) {
-    for n in 90..140 {
-        if std::path::Path::new(&format!("/tmp/.X{n}-lock")).exists() {
-            continue;
-        }
-        let child = std::process::Command::new("Xvfb")
-            .args([
-                &format!(":{n}"),
-                "-screen",
-                "0",
-                "1280x1024x24",
-                "-nolisten",
-                "tcp",
-            ])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("Xvfb (install xvfb)");
-        let p = common::Proc {
-            child,
-            name: "Xvfb",
-        };
-        let sock = format!("/tmp/.X11-unix/X{n}");
-        if common::wait_until(Duration::from_secs(10), || {
-            std::path::Path::new(&sock).exists()
-        }) {
-            return (p, format!(":{n}"));
-        }
-    }
-    panic!("no X display could be started");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tigervnc_shows_the_guest_exactly_and_types_into_it() {
     let _serial = SERIAL.lock().await;
     let rig = Rig::start().await;
     let addr = start_vnc(&rig, Some(PASSWORD)).await;
-    let vm = guest_with_image(&rig).await;
+    let vm = rig.vm_with_test_image().await;
     let dir = rig.dir.path().to_owned();
     let vm = tokio::task::spawn_blocking(move || {
         let mut vm = vm;
-        let (_x, display) = xvfb();
+        let x = Xvfb::start();
         let pwfile = dir.join("passwd");
         let mut p = std::process::Command::new("vncpasswd")
             .arg("-f")
@@ -668,57 +606,18 @@ async fn tigervnc_shows_the_guest_exactly_and_types_into_it() {
             .expect("write");
         let out = p.wait_with_output().expect("vncpasswd");
         std::fs::write(&pwfile, out.stdout).expect("passwd file");
-        let viewer = std::process::Command::new("vncviewer")
-            .arg("-passwd")
-            .arg(&pwfile)
-            .args(["-AutoSelect=0", "-PreferredEncoding=ZRLE", "-FullColor=1"])
-            .arg(format!("127.0.0.1::{}", addr.port()))
-            .env("DISPLAY", &display)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("vncviewer (install tigervnc-viewer)");
-        let _viewer = common::Proc {
-            child: viewer,
-            name: "vncviewer",
-        };
-        let xdo = |args: &[&str]| {
-            std::process::Command::new("xdotool")
-                .args(args)
-                .env("DISPLAY", &display)
-                .output()
-                .expect("xdotool")
-        };
-        let mut window = String::new();
-        assert!(
-            common::wait_until(Duration::from_secs(60), || {
-                window = String::from_utf8_lossy(&xdo(&["search", "--name", "vdi-test"]).stdout)
-                    .lines()
-                    .next()
-                    .unwrap_or_default()
-                    .to_owned();
-                !window.is_empty()
-            }),
-            "TigerVNC window never appeared"
-        );
+        let args = [
+            format!("-passwd={}", pwfile.display()),
+            "-AutoSelect=0".into(),
+            "-PreferredEncoding=ZRLE".into(),
+            "-FullColor=1".into(),
+        ];
+        let v = TigerVnc::open(&x, &dir, &args, &[], addr.port(), "vdi-test");
+        let window = v.window.clone();
+        let xdo = |args: &[&str]| x.xdotool(args);
         // The window shows the remote desktop 1:1: compare a screenshot with QEMU's screendump.
         let (oracle, _, _) = vm.screendump_file("oracle-t.ppm");
-        let shot = dir.join("tigervnc.png");
-        let mut ae = String::new();
-        let same = common::wait_until(Duration::from_secs(20), || {
-            let ok = std::process::Command::new("/usr/bin/import")
-                .args(["-window", &window])
-                .arg(&shot)
-                .env("DISPLAY", &display)
-                .status()
-                .is_ok_and(|s| s.success());
-            ae = if ok {
-                image_diff(&shot, &oracle)
-            } else {
-                "no screenshot".into()
-            };
-            ae.split_whitespace().next() == Some("0")
-        });
+        let (same, ae) = v.wait_matches(&x, &dir.join("tigervnc.png"), &oracle, "AE", |d| d == 0.0);
         assert!(same, "TigerVNC window differs from screendump: {ae}");
         // Keys typed into the viewer reach the guest as the right scancodes.
         let out = xdo(&[
@@ -765,7 +664,7 @@ async fn twenty_viewers_one_stalled_while_the_guest_animates() {
     let _serial = SERIAL.lock().await;
     let rig = Rig::start().await;
     let addr = start_vnc(&rig, Some(PASSWORD)).await;
-    let vm = guest_with_image(&rig).await;
+    let vm = rig.vm_with_test_image().await;
     let rss_before = rss_kib();
 
     // The stalled viewer: asks for updates, never reads a byte.

@@ -26,11 +26,9 @@ async fn server() -> (std::net::SocketAddr, Consoles) {
         .await
         .expect("bind");
     let addr = listener.local_addr().expect("addr");
-    let cfg = Arc::new(VncConfig {
-        password: Some(PASSWORD.into()),
-        desktop_name: "hostile".into(),
-        limiter: LoginLimiter::new(4, Duration::from_secs(60)),
-    });
+    let mut cfg = VncConfig::new(Some(PASSWORD.into()), "hostile");
+    cfg.limiter = LoginLimiter::new(4, Duration::from_secs(60));
+    let cfg = Arc::new(cfg);
     tokio::spawn(vdi_sidecar::vnc::server::run(
         listener,
         cfg,

@@ -100,6 +100,16 @@ impl InputSink {
             .unwrap_or(0)
     }
 
+    /// Whether the guest pointer is absolute (tablet) or relative; `None` while detached.
+    pub fn mouse_absolute(&self) -> Option<bool> {
+        let target = self.target.borrow().clone();
+        target.and_then(|t| t.mouse.cached_is_absolute().ok().flatten())
+    }
+
+    pub fn is_attached(&self) -> bool {
+        self.target.borrow().is_some()
+    }
+
     /// Asks the guest for a new mode (`Console.SetUIInfo`, as a monitor hot-plug would). The
     /// new size arrives later as a new surface.
     pub async fn set_ui_info(&self, width: u32, height: u32) -> Result<(), UiInfoError> {
@@ -187,6 +197,19 @@ impl ViewerInput {
             None => (0, 0),
         };
         self.last = Some((x, y));
+        if self
+            .sink
+            .tx
+            .try_send(Cmd::Pointer { x, y, dx, dy })
+            .is_err()
+        {
+            trace!("pointer motion dropped: input queue full");
+        }
+    }
+
+    /// Relative motion (a client that grabbed the pointer sends deltas).
+    pub fn relative(&mut self, dx: i32, dy: i32) {
+        let (x, y) = self.last.unwrap_or((0, 0));
         if self
             .sink
             .tx

@@ -3,32 +3,105 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::watch;
 use tracing::{debug, info, trace, warn};
 
 use super::auth::{LoginLimiter, challenge, constant_time_eq, vnc_response};
 use super::encode::{Zrle, raw, rect_header};
 use super::keymap::{QNUM_SHIFT_L, XK_SHIFT_L, XK_SHIFT_R, keysym_to_qnum};
 use super::proto::{ClientMsg, PixelFormat, ProtoError, decode, enc};
+use super::tight::{self, Tight};
+use super::{hextile, pseudo};
 use crate::framebuffer::{Damage, Framebuffer, Rect};
 use crate::qemu::input::{InputSink, UiInfoError, ViewerInput};
+use crate::tls::TlsIdentity;
 
-/// Security types (RFC 6143 §7.2).
+/// Security types (RFC 6143 §7.2, rfbproto "VeNCrypt").
 const SEC_NONE: u8 = 1;
 const SEC_VNC: u8 = 2;
+const SEC_VENCRYPT: u8 = 19;
 
-/// Time a client has to finish the handshake.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
+/// VeNCrypt subtypes. "TLS*" are meant for anonymous TLS, which rustls does not implement: we
+/// answer them with our certificate, which clients that do not verify it accept.
+mod vencrypt {
+    pub const TLS_NONE: u32 = 257;
+    pub const TLS_VNC: u32 = 258;
+    pub const TLS_PLAIN: u32 = 259;
+    pub const X509_NONE: u32 = 260;
+    pub const X509_VNC: u32 = 261;
+    pub const X509_PLAIN: u32 = 262;
+}
+
+/// Longest user name or password accepted by Plain authentication.
+const MAX_PLAIN_FIELD: u32 = 1024;
+
+/// Time a client has to finish the handshake (including typing a password into a dialog).
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What a non-shared (exclusive) ClientInit may do to the viewers already connected.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum SharePolicy {
+    /// Every viewer shares the desktop; the exclusive flag is ignored (the default: a VM desktop
+    /// is often watched by several people).
+    #[default]
+    ForceShared,
+    /// RFC 6143 behaviour: an exclusive client disconnects the others.
+    AllowExclusive,
+}
 
 /// What every connection shares.
 pub struct VncConfig {
     /// `None` only when the operator passed `--insecure-no-auth`.
     pub password: Option<String>,
+    /// When set, VeNCrypt Plain logins must use this user name (else any name is accepted).
+    pub username: Option<String>,
     pub desktop_name: String,
     pub limiter: LoginLimiter,
+    /// Enables VeNCrypt (TLS) when set.
+    pub tls: Option<TlsIdentity>,
+    /// Offer only VeNCrypt: no password or desktop ever crosses the network in clear.
+    pub require_tls: bool,
+    pub share: SharePolicy,
+    /// A client that has not finished the handshake by then is dropped (slow-loris guard).
+    pub handshake_timeout: Duration,
+    sessions: Sessions,
+}
+
+impl VncConfig {
+    pub fn new(password: Option<String>, desktop_name: impl Into<String>) -> Self {
+        Self {
+            password,
+            username: None,
+            desktop_name: desktop_name.into(),
+            limiter: LoginLimiter::default(),
+            tls: None,
+            require_tls: false,
+            share: SharePolicy::default(),
+            handshake_timeout: HANDSHAKE_TIMEOUT,
+            sessions: Sessions::default(),
+        }
+    }
+}
+
+/// Numbers sessions so an exclusive client can end the ones that came before it.
+struct Sessions {
+    next: AtomicU64,
+    /// Every session with an id below this value must end.
+    evict_below: watch::Sender<u64>,
+}
+
+impl Default for Sessions {
+    fn default() -> Self {
+        Self {
+            next: AtomicU64::new(1),
+            evict_below: watch::Sender::new(0),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -40,13 +113,19 @@ pub enum ConnError {
     #[error("bad protocol version {0:?}")]
     BadVersion(String),
     #[error("client chose security type {0}, which was not offered")]
-    BadSecurityType(u8),
+    BadSecurityType(u32),
     #[error("authentication failed")]
     AuthFailed,
     #[error("too many failed logins from this address")]
     RateLimited,
     #[error("handshake timed out")]
     Timeout,
+    #[error("TLS: {0}")]
+    Tls(String),
+    #[error("{0}")]
+    Refused(&'static str),
+    #[error("another viewer connected exclusively")]
+    Evicted,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -80,132 +159,347 @@ fn parse_version(b: &[u8; 12]) -> Result<Version, ConnError> {
     })
 }
 
-async fn send_failure<S: AsyncWrite + Unpin>(s: &mut S, reason: &str) -> std::io::Result<()> {
+async fn send_failure<S: AsyncWrite + Unpin + ?Sized>(
+    s: &mut S,
+    reason: &str,
+) -> std::io::Result<()> {
     let mut out = Vec::with_capacity(4 + reason.len());
     out.extend_from_slice(&u32::try_from(reason.len()).unwrap_or(0).to_be_bytes());
     out.extend_from_slice(reason.as_bytes());
     s.write_all(&out).await
 }
 
-/// Runs the handshake up to and including ClientInit; returns the shared flag.
-async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
-    s: &mut S,
+/// The byte stream after the handshake: plain TCP or TLS.
+pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+/// Inner authentication once the transport is settled.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Inner {
+    None,
+    Vnc,
+    Plain,
+}
+
+/// Runs the handshake up to and including ClientInit; returns the stream to go on with and the
+/// shared flag.
+async fn handshake<S: Io + 'static>(
+    mut s: S,
     cfg: &VncConfig,
     peer: SocketAddr,
-) -> Result<bool, ConnError> {
+) -> Result<(Box<dyn Io>, bool), ConnError> {
     s.write_all(b"RFB 003.008\n").await?;
     let mut v = [0u8; 12];
     s.read_exact(&mut v).await?;
     let version = parse_version(&v)?;
     debug!(?version, "client version");
 
-    let offered = if cfg.password.is_some() {
-        SEC_VNC
-    } else {
-        SEC_NONE
-    };
+    let mut offered = Vec::with_capacity(3);
+    if cfg.tls.is_some() {
+        offered.push(SEC_VENCRYPT);
+    }
+    if !cfg.require_tls {
+        offered.push(if cfg.password.is_some() {
+            SEC_VNC
+        } else {
+            SEC_NONE
+        });
+    }
     let limited = cfg.password.is_some() && !cfg.limiter.allowed(peer.ip());
     let chosen = if version == Version::V3_3 {
-        // 3.3: the server decides; a failure is 0 followed by a reason.
-        if limited {
+        // 3.3: the server decides (no VeNCrypt there); a failure is 0 followed by a reason.
+        let pick = offered.iter().copied().find(|&t| t != SEC_VENCRYPT);
+        let refusal = if limited {
+            Some("too many failed logins; try again later")
+        } else if pick.is_none() {
+            Some("this server requires VeNCrypt (TLS); use an RFB 3.7 or newer client")
+        } else {
+            None
+        };
+        if let Some(reason) = refusal {
             s.write_all(&0u32.to_be_bytes()).await?;
-            send_failure(s, "too many failed logins; try again later").await?;
-            return Err(ConnError::RateLimited);
+            send_failure(&mut s, reason).await?;
+            return Err(if limited {
+                ConnError::RateLimited
+            } else {
+                ConnError::Refused("RFB 3.3 client but TLS is required")
+            });
         }
-        s.write_all(&u32::from(offered).to_be_bytes()).await?;
-        offered
+        let pick = pick.unwrap_or(SEC_NONE);
+        s.write_all(&u32::from(pick).to_be_bytes()).await?;
+        pick
     } else {
         if limited {
             s.write_all(&[0]).await?;
-            send_failure(s, "too many failed logins; try again later").await?;
+            send_failure(&mut s, "too many failed logins; try again later").await?;
             return Err(ConnError::RateLimited);
         }
-        s.write_all(&[1, offered]).await?;
+        let mut list = vec![offered.len() as u8];
+        list.extend_from_slice(&offered);
+        s.write_all(&list).await?;
         let mut c = [0u8; 1];
         s.read_exact(&mut c).await?;
-        if c[0] != offered {
+        if !offered.contains(&c[0]) {
             if version == Version::V3_8 {
                 s.write_all(&1u32.to_be_bytes()).await?;
-                send_failure(s, "security type not offered").await?;
+                send_failure(&mut s, "security type not offered").await?;
             }
-            return Err(ConnError::BadSecurityType(c[0]));
+            return Err(ConnError::BadSecurityType(c[0].into()));
         }
         c[0]
     };
 
-    if chosen == SEC_VNC {
-        let password = cfg.password.as_deref().unwrap_or_default();
-        let ch = challenge();
-        s.write_all(&ch).await?;
-        let mut resp = [0u8; 16];
-        s.read_exact(&mut resp).await?;
-        if !constant_time_eq(&resp, &vnc_response(password, &ch)) {
+    let (mut s, inner): (Box<dyn Io>, Inner) = match chosen {
+        SEC_VENCRYPT => vencrypt_transport(s, cfg).await?,
+        SEC_VNC => (Box::new(s), Inner::Vnc),
+        _ => (Box::new(s), Inner::None),
+    };
+    // A SecurityResult follows every type but None before 3.8.
+    let send_result = version == Version::V3_8 || chosen != SEC_NONE;
+    let outcome = match inner {
+        Inner::None => Ok(()),
+        Inner::Vnc => vnc_auth(&mut s, cfg).await?,
+        Inner::Plain => plain_auth(&mut s, cfg).await?,
+    };
+    match outcome {
+        Ok(()) => {
+            if inner != Inner::None {
+                cfg.limiter.succeeded(peer.ip());
+            }
+            if send_result {
+                s.write_all(&0u32.to_be_bytes()).await?;
+            }
+        }
+        Err(reason) => {
             cfg.limiter.failed(peer.ip());
             s.write_all(&1u32.to_be_bytes()).await?;
             if version == Version::V3_8 {
-                send_failure(s, "authentication failed").await?;
+                send_failure(&mut s, reason).await?;
             }
+            s.flush().await?;
             return Err(ConnError::AuthFailed);
         }
-        cfg.limiter.succeeded(peer.ip());
-        s.write_all(&0u32.to_be_bytes()).await?;
-    } else if version == Version::V3_8 {
-        // SecurityResult follows None only in 3.8.
-        s.write_all(&0u32.to_be_bytes()).await?;
     }
 
     let mut shared = [0u8; 1];
     s.read_exact(&mut shared).await?;
-    Ok(shared[0] != 0)
+    Ok((s, shared[0] != 0))
+}
+
+/// VeNCrypt 0.2 negotiation and the TLS handshake; returns the TLS stream and the inner
+/// authentication the client picked.
+async fn vencrypt_transport<S: Io + 'static>(
+    mut s: S,
+    cfg: &VncConfig,
+) -> Result<(Box<dyn Io>, Inner), ConnError> {
+    let Some(tls) = &cfg.tls else {
+        return Err(ConnError::Refused("VeNCrypt without a TLS identity"));
+    };
+    s.write_all(&[0, 2]).await?;
+    let mut v = [0u8; 2];
+    s.read_exact(&mut v).await?;
+    if v != [0, 2] {
+        s.write_all(&[0xff]).await?;
+        return Err(ConnError::Refused("unsupported VeNCrypt version"));
+    }
+    use vencrypt::*;
+    let subtypes: &[u32] = if cfg.password.is_some() {
+        &[X509_PLAIN, X509_VNC, TLS_PLAIN, TLS_VNC]
+    } else {
+        &[X509_NONE, TLS_NONE]
+    };
+    let mut out = vec![0, subtypes.len() as u8];
+    for t in subtypes {
+        out.extend_from_slice(&t.to_be_bytes());
+    }
+    s.write_all(&out).await?;
+    let mut c = [0u8; 4];
+    s.read_exact(&mut c).await?;
+    let chosen = u32::from_be_bytes(c);
+    if !subtypes.contains(&chosen) {
+        s.write_all(&[0]).await?;
+        return Err(ConnError::BadSecurityType(chosen));
+    }
+    s.write_all(&[1]).await?;
+    let inner = match chosen {
+        X509_VNC | TLS_VNC => Inner::Vnc,
+        X509_PLAIN | TLS_PLAIN => Inner::Plain,
+        _ => Inner::None,
+    };
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::clone(&tls.config_tls12));
+    let tls_stream = acceptor
+        .accept(s)
+        .await
+        .map_err(|e| ConnError::Tls(e.to_string()))?;
+    debug!(subtype = chosen, "VeNCrypt TLS established");
+    Ok((Box::new(tls_stream), inner))
+}
+
+/// VNC authentication (DES challenge-response). The outer error is I/O; the inner one a
+/// failure reason for the client.
+async fn vnc_auth(
+    s: &mut Box<dyn Io>,
+    cfg: &VncConfig,
+) -> Result<Result<(), &'static str>, ConnError> {
+    let password = cfg.password.as_deref().unwrap_or_default();
+    let ch = challenge();
+    s.write_all(&ch).await?;
+    s.flush().await?;
+    let mut resp = [0u8; 16];
+    s.read_exact(&mut resp).await?;
+    Ok(if constant_time_eq(&resp, &vnc_response(password, &ch)) {
+        Ok(())
+    } else {
+        Err("authentication failed")
+    })
+}
+
+/// VeNCrypt Plain: user name and password in clear, which is why it is only offered inside TLS.
+async fn plain_auth(
+    s: &mut Box<dyn Io>,
+    cfg: &VncConfig,
+) -> Result<Result<(), &'static str>, ConnError> {
+    s.flush().await?;
+    let mut lens = [0u8; 8];
+    s.read_exact(&mut lens).await?;
+    let ulen = u32::from_be_bytes([lens[0], lens[1], lens[2], lens[3]]);
+    let plen = u32::from_be_bytes([lens[4], lens[5], lens[6], lens[7]]);
+    if ulen > MAX_PLAIN_FIELD || plen > MAX_PLAIN_FIELD {
+        return Ok(Err("user name or password too long"));
+    }
+    let mut buf = vec![0u8; (ulen + plen) as usize];
+    s.read_exact(&mut buf).await?;
+    let (user, pass) = buf.split_at(ulen as usize);
+    let user_ok = cfg
+        .username
+        .as_deref()
+        .is_none_or(|u| constant_time_eq(u.as_bytes(), user));
+    let pass_ok = constant_time_eq(cfg.password.as_deref().unwrap_or_default().as_bytes(), pass);
+    Ok(if user_ok && pass_ok {
+        Ok(())
+    } else {
+        Err("authentication failed")
+    })
+}
+
+/// The pixel encoding used for updates.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Encoding {
+    #[default]
+    Raw,
+    Hextile,
+    Zrle,
+    Tight,
 }
 
 /// What the client asked for with SetEncodings.
-#[derive(Default)]
+#[derive(Default, Debug)]
 struct ClientCaps {
-    zrle: bool,
+    encoding: Encoding,
     desktop_size: bool,
     ext_desktop_size: bool,
     qemu_ext_key: bool,
     last_rect: bool,
+    cursor: bool,
+    cursor_alpha: bool,
+    pointer_motion: bool,
+    led_state: bool,
+    desktop_name: bool,
+    fence: bool,
+    continuous_updates: bool,
     compress: Option<u32>,
+    /// JPEG quality level 0–9 (Tight only uses JPEG when the client sent one).
+    quality: Option<u8>,
+    /// Fine-grained JPEG quality 0–100 (TurboVNC style); wins over `quality`.
+    fine_quality: Option<u8>,
 }
 
 impl ClientCaps {
     fn from_list(list: &[i32]) -> Self {
         let mut c = Self::default();
-        let mut preferred: Option<i32> = None;
+        let mut preferred: Option<Encoding> = None;
         for &e in list {
+            let encoding = match e {
+                enc::RAW => Some(Encoding::Raw),
+                enc::HEXTILE => Some(Encoding::Hextile),
+                enc::ZRLE => Some(Encoding::Zrle),
+                enc::TIGHT => Some(Encoding::Tight),
+                _ => None,
+            };
+            if preferred.is_none() {
+                preferred = encoding;
+            }
             match e {
-                enc::RAW | enc::ZRLE if preferred.is_none() => preferred = Some(e),
                 enc::DESKTOP_SIZE => c.desktop_size = true,
                 enc::EXTENDED_DESKTOP_SIZE => c.ext_desktop_size = true,
                 enc::QEMU_EXT_KEY => c.qemu_ext_key = true,
                 enc::LAST_RECT => c.last_rect = true,
+                enc::CURSOR => c.cursor = true,
+                enc::CURSOR_WITH_ALPHA => c.cursor_alpha = true,
+                enc::POINTER_MOTION_CHANGE => c.pointer_motion = true,
+                enc::LED_STATE => c.led_state = true,
+                enc::DESKTOP_NAME => c.desktop_name = true,
+                enc::FENCE => c.fence = true,
+                enc::CONTINUOUS_UPDATES => c.continuous_updates = true,
                 enc::COMPRESS_0..=enc::COMPRESS_9 => {
                     c.compress = u32::try_from(e - enc::COMPRESS_0).ok();
+                }
+                enc::QUALITY_0..=enc::QUALITY_9 => {
+                    c.quality = u8::try_from(e - enc::QUALITY_0).ok();
+                }
+                enc::FINE_QUALITY_0..=enc::FINE_QUALITY_100 => {
+                    c.fine_quality = u8::try_from(e - enc::FINE_QUALITY_0).ok();
                 }
                 _ => {}
             }
         }
         // The client's order decides; Raw is always allowed.
-        c.zrle = preferred == Some(enc::ZRLE);
+        c.encoding = preferred.unwrap_or_default();
         c
     }
 }
 
+/// Per-connection encoder state. The zlib streams live as long as the connection: the client's
+/// inflaters follow them, so they are created once and never replaced.
+#[derive(Default)]
+struct Encoders {
+    zrle: Option<Zrle>,
+    tight: Option<Tight>,
+    pixels: Vec<u32>,
+    split: Vec<Rect>,
+}
+
+/// What this client has been told besides pixels, so changes are sent once.
+#[derive(Default)]
+struct Told {
+    cursor: Option<(u64, bool)>,
+    leds: Option<u32>,
+    absolute: Option<bool>,
+    /// ExtendedDesktopSize owed after SetEncodings enabled it (clients learn the layout).
+    layout: bool,
+    /// DesktopName owed after SetEncodings enabled it.
+    name: bool,
+}
+
 /// Serves one accepted connection to the end.
-pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
-    mut s: S,
+pub async fn serve<S: Io + 'static>(
+    s: S,
     peer: SocketAddr,
     cfg: Arc<VncConfig>,
     fb: Framebuffer,
     input: InputSink,
 ) -> Result<(), ConnError> {
-    let shared = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&mut s, &cfg, peer)).await
-    {
-        Ok(r) => r?,
-        Err(_) => return Err(ConnError::Timeout),
-    };
+    let (mut s, shared) =
+        match tokio::time::timeout(cfg.handshake_timeout, handshake(s, &cfg, peer)).await {
+            Ok(r) => r?,
+            Err(_) => return Err(ConnError::Timeout),
+        };
+    let id = cfg.sessions.next.fetch_add(1, Ordering::Relaxed);
+    let mut evict = cfg.sessions.evict_below.subscribe();
+    if !shared && cfg.share == SharePolicy::AllowExclusive {
+        info!("exclusive client: disconnecting the other viewers");
+        cfg.sessions.evict_below.send_replace(id);
+    }
     info!(shared, "VNC client authenticated");
 
     let mut viewer = fb.viewer();
@@ -229,38 +523,71 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
 
     let mut pf = PixelFormat::NATIVE;
     let mut caps = ClientCaps::default();
-    let mut zrle = Zrle::default();
+    let mut encoders = Encoders::default();
+    let mut told = Told::default();
     let mut inbuf = BytesMut::with_capacity(4096);
     // An update request the client is waiting on: (incremental, region).
     let mut pending: Option<(bool, Rect)> = None;
-    let mut pixels = Vec::new();
+    // Continuous updates: the region to keep sending without requests.
+    let mut continuous: Option<Rect> = None;
+    let mut force_full = false;
     let mut shift_held = false;
+    // LED and pointer-mode changes come without damage: look at them now and then, only while
+    // the client wants them and is waiting for an update.
+    let mut poll = tokio::time::interval(Duration::from_millis(250));
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
 
     loop {
-        // Answer a pending request as soon as there is something to send.
-        if let Some((incremental, region)) = pending {
+        // Answer a pending request (or feed continuous updates) once there is something to send.
+        let target = match (pending, continuous) {
+            (Some((inc, r)), _) => Some((inc && !force_full, r)),
+            (None, Some(r)) => Some((!force_full, r)),
+            (None, None) => None,
+        };
+        if let Some((incremental, region)) = target {
+            out.clear();
             let damage = viewer.take_damage();
-            let full = !incremental || damage.new_surface;
-            if full || !damage.rects.is_empty() {
-                out.clear();
-                let resized = damage.width != 0
-                    && damage.height != 0
-                    && (damage.width, damage.height) != (width, height);
-                if resized && (caps.desktop_size || caps.ext_desktop_size) {
-                    (width, height) = (damage.width, damage.height);
-                    write_resize(&mut out, &caps, width, height);
-                    // After a resize the client asks again; its old region is void.
-                    s.write_all(&out).await?;
-                    pending = None;
-                    continue;
+            let resized = damage.width != 0
+                && damage.height != 0
+                && (damage.width, damage.height) != (width, height);
+            if resized && (caps.desktop_size || caps.ext_desktop_size) {
+                (width, height) = (damage.width, damage.height);
+                // The size change goes alone; the client asks again for the new surface.
+                pseudo::update_header(&mut out, 1);
+                if caps.ext_desktop_size {
+                    pseudo::extended_desktop_size(&mut out, 0, 0, width, height);
+                } else {
+                    pseudo::desktop_size(&mut out, width, height);
                 }
-                let rects = update_rects(&damage, full, region, width, height);
-                write_update(&mut out, &rects, &fb, &pf, &caps, &mut zrle, &mut pixels);
+                told.layout = false;
                 s.write_all(&out).await?;
                 pending = None;
+                force_full = true;
+                continue;
+            }
+            let full = !incremental || damage.new_surface;
+            let mut extras = Vec::new();
+            let n_extras = write_extras(
+                &mut extras,
+                &caps,
+                &mut told,
+                &fb,
+                &input,
+                &pf,
+                &cfg,
+                (width, height),
+            );
+            let rects = update_rects(&damage, full, region, width, height);
+            if !rects.is_empty() || n_extras > 0 || (pending.is_some() && !incremental) {
+                let extras = (&extras[..], n_extras);
+                write_update(&mut out, &rects, extras, &fb, &pf, &caps, &mut encoders);
+                s.write_all(&out).await?;
+                pending = None;
+                force_full = false;
             }
         }
 
+        let waiting = pending.is_some() || continuous.is_some();
         tokio::select! {
             n = s.read_buf(&mut inbuf) => {
                 if n? == 0 {
@@ -269,30 +596,46 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                 }
                 while let Some(msg) = decode(&mut inbuf)? {
                     trace!(?msg, "client message");
+                    out.clear();
                     match msg {
-                        ClientMsg::SetPixelFormat(p) => pf = p,
+                        ClientMsg::SetPixelFormat(p) => {
+                            pf = p;
+                            // Cached colour bytes are in the old format: resend everything.
+                            force_full = true;
+                        }
                         ClientMsg::SetEncodings(list) => {
+                            let before = std::mem::take(&mut caps);
                             caps = ClientCaps::from_list(&list);
-                            if let Some(level) = caps.compress {
-                                zrle = Zrle::new(level);
-                            }
-                            debug!(zrle = caps.zrle, desktop_size = caps.desktop_size,
-                                   qemu_ext_key = caps.qemu_ext_key, "encodings set");
-                            if caps.qemu_ext_key {
+                            encoders.configure(&caps);
+                            debug!(?caps, "encodings set");
+                            if caps.qemu_ext_key && !before.qemu_ext_key {
                                 // Clients only send scancodes once the server confirms with
                                 // a pseudo-rectangle (rfbproto "QEMU Extended Key Event").
-                                let mut ack = vec![0, 0, 0, 1];
-                                rect_header(&mut ack, 0, 0, 0, 0, enc::QEMU_EXT_KEY);
-                                s.write_all(&ack).await?;
+                                pseudo::update_header(&mut out, 1);
+                                pseudo::qemu_ext_key_ack(&mut out);
                             }
+                            if caps.fence && !before.fence {
+                                pseudo::server_fence(&mut out, pseudo::FENCE_REQUEST, &[]);
+                            }
+                            if caps.continuous_updates && !before.continuous_updates {
+                                pseudo::end_of_continuous_updates(&mut out);
+                            }
+                            told.layout = caps.ext_desktop_size && !before.ext_desktop_size;
+                            told.name = caps.desktop_name;
+                            told.cursor = None;
+                            told.leds = None;
+                            told.absolute = None;
                         }
                         ClientMsg::UpdateRequest { incremental, x, y, w, h } => {
                             let r = Rect { x: x.into(), y: y.into(), w: w.into(), h: h.into() };
-                            pending = Some(match pending {
-                                // A non-incremental request wins over an incremental one.
-                                Some((inc, _)) => (inc && incremental, r),
-                                None => (incremental, r),
-                            });
+                            // While continuous updates run, incremental requests are redundant.
+                            if continuous.is_none() || !incremental {
+                                pending = Some(match pending {
+                                    // A non-incremental request wins over an incremental one.
+                                    Some((inc, _)) => (inc && incremental, r),
+                                    None => (incremental, r),
+                                });
+                            }
                         }
                         ClientMsg::QemuExtKey { down, keycode, .. } => {
                             keys.key(keycode, down).await;
@@ -300,25 +643,136 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                         ClientMsg::Key { down, keysym } => {
                             keysym_key(&mut keys, &mut shift_held, keysym, down).await;
                         }
-                        ClientMsg::Pointer { mask, x, y } => pointer(&mut keys, mask, x, y).await,
+                        ClientMsg::Pointer { mask, x, y } => {
+                            if caps.pointer_motion && told.absolute == Some(false) {
+                                // Relative mode: coordinates are deltas biased by 0x7FFF.
+                                keys.relative(i32::from(x) - 0x7fff, i32::from(y) - 0x7fff);
+                                buttons(&mut keys, mask).await;
+                            } else {
+                                keys.pointer(x.into(), y.into());
+                                buttons(&mut keys, mask).await;
+                            }
+                        }
                         ClientMsg::SetDesktopSize { width: w, height: h, screens } => {
                             let status = desktop_size_status(&input, w, h, screens.len()).await;
                             info!(w, h, status, "client asked for a new desktop size");
                             if caps.ext_desktop_size {
-                                let mut reply = vec![0, 0, 0, 1];
-                                eds_rect(&mut reply, 1, status, width, height);
-                                s.write_all(&reply).await?;
+                                pseudo::update_header(&mut out, 1);
+                                pseudo::extended_desktop_size(&mut out, 1, status, width, height);
                             }
                         }
-                        ClientMsg::CutText(_) | ClientMsg::Fence { .. }
-                        | ClientMsg::EnableContinuousUpdates { .. }
-                        | ClientMsg::QemuAudio { .. } => {}
+                        ClientMsg::Fence { flags, payload } => {
+                            if flags & pseudo::FENCE_REQUEST != 0 {
+                                // Messages are handled in order and each reply is written
+                                // before the next is read: every ordering flag already holds.
+                                let keep = flags
+                                    & (pseudo::FENCE_BLOCK_BEFORE
+                                        | pseudo::FENCE_BLOCK_AFTER
+                                        | pseudo::FENCE_SYNC_NEXT);
+                                pseudo::server_fence(&mut out, keep, &payload);
+                            }
+                        }
+                        ClientMsg::EnableContinuousUpdates { enable, x, y, w, h } => {
+                            if !caps.continuous_updates {
+                                return Err(ConnError::Refused(
+                                    "EnableContinuousUpdates without the pseudo-encoding",
+                                ));
+                            }
+                            if enable {
+                                continuous =
+                                    Some(Rect { x: x.into(), y: y.into(), w: w.into(), h: h.into() });
+                            } else {
+                                continuous = None;
+                                pseudo::end_of_continuous_updates(&mut out);
+                            }
+                        }
+                        ClientMsg::CutText(_) | ClientMsg::QemuAudio { .. } => {}
+                    }
+                    if !out.is_empty() {
+                        s.write_all(&out).await?;
                     }
                 }
             }
-            () = viewer.changed(), if pending.is_some() => {}
+            () = viewer.changed(), if waiting => {}
+            _ = poll.tick(), if waiting && (caps.led_state || caps.pointer_motion) => {}
+            r = evict.changed() => {
+                if r.is_ok() && *evict.borrow() > id {
+                    return Err(ConnError::Evicted);
+                }
+            }
         }
     }
+}
+
+impl Encoders {
+    fn configure(&mut self, caps: &ClientCaps) {
+        let level = caps.compress.unwrap_or(6);
+        if caps.encoding == Encoding::Zrle && self.zrle.is_none() {
+            self.zrle = Some(Zrle::new(level));
+        }
+        if caps.encoding == Encoding::Tight {
+            let tight = self.tight.get_or_insert_with(|| Tight::new(level, None));
+            // JPEG is allowed only while the client sends a quality level.
+            tight.set_quality(caps.quality, caps.fine_quality);
+        }
+    }
+}
+
+/// Cursor, LED, pointer-mode, layout and name pseudo-rectangles that changed since last told;
+/// returns how many were written.
+#[allow(clippy::too_many_arguments)]
+fn write_extras(
+    out: &mut Vec<u8>,
+    caps: &ClientCaps,
+    told: &mut Told,
+    fb: &Framebuffer,
+    input: &InputSink,
+    pf: &PixelFormat,
+    cfg: &VncConfig,
+    (width, height): (u32, u32),
+) -> usize {
+    let mut n = 0;
+    if caps.cursor || caps.cursor_alpha {
+        let (shape, serial, pointer) = fb.cursor();
+        let now = (serial, pointer.visible || shape.is_none());
+        if shape.is_some() && told.cursor != Some(now) {
+            let shown = shape.as_deref().filter(|_| now.1);
+            if caps.cursor_alpha {
+                pseudo::cursor_with_alpha(out, shown);
+            } else {
+                pseudo::cursor(out, pf, shown);
+            }
+            told.cursor = Some(now);
+            n += 1;
+        }
+    }
+    if caps.led_state {
+        let leds = input.leds();
+        if told.leds != Some(leds) && input.is_attached() {
+            pseudo::led_state(out, leds);
+            told.leds = Some(leds);
+            n += 1;
+        }
+    }
+    if caps.pointer_motion
+        && let Some(absolute) = input.mouse_absolute()
+        && told.absolute != Some(absolute)
+    {
+        pseudo::pointer_motion(out, absolute);
+        told.absolute = Some(absolute);
+        n += 1;
+    }
+    if told.layout {
+        pseudo::extended_desktop_size(out, 0, 0, width, height);
+        told.layout = false;
+        n += 1;
+    }
+    if told.name {
+        pseudo::desktop_name(out, &cfg.desktop_name);
+        told.name = false;
+        n += 1;
+    }
+    n
 }
 
 /// A plain RFB key event (an X11 keysym): mapped through the US layout table. A character that
@@ -341,16 +795,13 @@ async fn keysym_key(keys: &mut ViewerInput, shift_held: &mut bool, keysym: u32, 
 }
 
 /// RFB button mask bits → QEMU buttons: bits 0-2 left/middle/right, 3-6 wheel up/down/left/right.
-async fn pointer(keys: &mut ViewerInput, mask: u8, x: u16, y: u16) {
+async fn buttons(keys: &mut ViewerInput, mask: u8) {
     use crate::qemu::input::button;
-    keys.pointer(x.into(), y.into());
     let mut held = 0u32;
-    for (bit, b) in [(0, button::LEFT), (1, button::MIDDLE), (2, button::RIGHT)] {
-        if mask & (1 << bit) != 0 {
-            held |= 1 << b;
-        }
-    }
     for (bit, b) in [
+        (0, button::LEFT),
+        (1, button::MIDDLE),
+        (2, button::RIGHT),
         (3, button::WHEEL_UP),
         (4, button::WHEEL_DOWN),
         (5, button::WHEEL_LEFT),
@@ -361,28 +812,6 @@ async fn pointer(keys: &mut ViewerInput, mask: u8, x: u16, y: u16) {
         }
     }
     keys.buttons(held).await;
-}
-
-fn write_resize(out: &mut Vec<u8>, caps: &ClientCaps, width: u32, height: u32) {
-    out.extend_from_slice(&[0, 0]);
-    out.extend_from_slice(&1u16.to_be_bytes());
-    if caps.ext_desktop_size {
-        eds_rect(out, 0, 0, width, height); // reason 0: the server changed size
-    } else {
-        rect_header(out, 0, 0, width as u16, height as u16, enc::DESKTOP_SIZE);
-    }
-}
-
-/// An ExtendedDesktopSize rectangle (rfbproto §7.8.2): x = reason, y = status, one screen.
-fn eds_rect(out: &mut Vec<u8>, reason: u16, status: u16, width: u32, height: u32) {
-    let (w, h) = (width as u16, height as u16);
-    rect_header(out, reason, status, w, h, enc::EXTENDED_DESKTOP_SIZE);
-    out.extend_from_slice(&[1, 0, 0, 0]);
-    out.extend_from_slice(&0u32.to_be_bytes());
-    out.extend_from_slice(&[0, 0, 0, 0]);
-    out.extend_from_slice(&w.to_be_bytes());
-    out.extend_from_slice(&h.to_be_bytes());
-    out.extend_from_slice(&0u32.to_be_bytes());
 }
 
 /// SetDesktopSize → `Console.SetUIInfo`; the RFB status: 0 done (the new mode follows as a
@@ -443,24 +872,59 @@ fn update_rects(damage: &Damage, full: bool, region: Rect, width: u32, height: u
 fn write_update(
     out: &mut Vec<u8>,
     rects: &[Rect],
+    (extras, n_extras): (&[u8], usize),
     fb: &Framebuffer,
     pf: &PixelFormat,
     caps: &ClientCaps,
-    zrle: &mut Zrle,
-    pixels: &mut Vec<u32>,
+    enc: &mut Encoders,
 ) {
-    out.extend_from_slice(&[0, 0]);
-    out.extend_from_slice(&u16::try_from(rects.len()).unwrap_or(u16::MAX).to_be_bytes());
-    for r in rects {
+    // Tight splits rectangles; with LastRect the count need not be known in advance.
+    enc.split.clear();
+    if caps.encoding == Encoding::Tight {
+        for r in rects {
+            tight::split(*r, &mut enc.split);
+        }
+    } else {
+        enc.split.extend_from_slice(rects);
+    }
+    let count = enc.split.len() + n_extras;
+    let use_last_rect = caps.last_rect && count >= usize::from(u16::MAX);
+    let header = if use_last_rect {
+        u16::MAX
+    } else {
+        u16::try_from(count).unwrap_or(u16::MAX)
+    };
+    pseudo::update_header(out, header);
+    out.extend_from_slice(extras);
+    let pixels = &mut enc.pixels;
+    for (i, r) in enc.split.iter().enumerate() {
+        if !use_last_rect && i + n_extras >= usize::from(u16::MAX) {
+            break;
+        }
         let got = fb.read_rect(*r, pixels);
         let (x, y, w, h) = (got.x as u16, got.y as u16, got.w as u16, got.h as u16);
-        if caps.zrle {
-            rect_header(out, x, y, w, h, enc::ZRLE);
-            zrle.encode(pf, got.w as usize, got.h as usize, pixels, out);
-        } else {
-            rect_header(out, x, y, w, h, enc::RAW);
-            raw(pf, pixels, out);
+        let (gw, gh) = (got.w as usize, got.h as usize);
+        match (caps.encoding, &mut enc.zrle, &mut enc.tight) {
+            (Encoding::Zrle, Some(z), _) => {
+                rect_header(out, x, y, w, h, super::proto::enc::ZRLE);
+                z.encode(pf, gw, gh, pixels, out);
+            }
+            (Encoding::Tight, _, Some(t)) => {
+                rect_header(out, x, y, w, h, super::proto::enc::TIGHT);
+                t.encode(pf, gw, gh, pixels, out);
+            }
+            (Encoding::Hextile, _, _) => {
+                rect_header(out, x, y, w, h, super::proto::enc::HEXTILE);
+                hextile::encode(pf, gw, gh, pixels, out);
+            }
+            _ => {
+                rect_header(out, x, y, w, h, super::proto::enc::RAW);
+                raw(pf, pixels, out);
+            }
         }
+    }
+    if use_last_rect {
+        pseudo::last_rect(out);
     }
     if out.len() > 64 * 1024 * 1024 {
         warn!(bytes = out.len(), "very large update");

@@ -1,8 +1,12 @@
-//! Our RFB (VNC) server: `proto` decodes client messages (no I/O), `encode` turns pixels into
-//! RFB encodings, `auth` holds credentials, `conn` runs one client, `server` accepts them.
+//! Our RFB (VNC) server: `proto` decodes client messages (no I/O); `encode`, `hextile`, `tight`
+//! and `pseudo` turn pixels and state into RFB bytes; `auth` holds credentials; `conn` runs one
+//! client (handshake, VeNCrypt, update loop); `server` accepts them.
 pub mod auth;
 pub mod conn;
 pub mod encode;
+pub mod hextile;
 pub mod keymap;
 pub mod proto;
+pub mod pseudo;
 pub mod server;
+pub mod tight;

@@ -44,6 +44,9 @@ pub mod enc {
     pub const QUALITY_9: i32 = -23;
     pub const COMPRESS_0: i32 = -256;
     pub const COMPRESS_9: i32 = -247;
+    /// TurboVNC's fine-grained JPEG quality 0..100.
+    pub const FINE_QUALITY_0: i32 = -512;
+    pub const FINE_QUALITY_100: i32 = -412;
 }
 
 /// Largest ClientCutText accepted; longer ones close the connection.

@@ -190,3 +190,4 @@ pub async fn uds_channel(path: &Path) -> Channel {
 }
 pub mod libvirt;
 pub mod qemu;
+pub mod x11;

@@ -265,6 +265,27 @@ impl Rig {
         Vm::start_with(self.dir.path(), bus.address(), video, extra)
     }
 
+    /// A std-VGA guest showing the 800x600 test image (gradients, bars, noise), already in our
+    /// framebuffer exactly as QMP `screendump` shows it.
+    pub async fn vm_with_test_image(&self) -> Vm {
+        let mut vm = self.vm(Video::StdVga);
+        let fb = self.consoles.primary();
+        tokio::task::spawn_blocking(move || {
+            vm.wait_ready();
+            vm.guest("display vbe");
+            vm.guest("mode 800 600");
+            vm.guest("fill 21");
+            assert!(wait_until(Duration::from_secs(20), || {
+                let (w, h, px) = vm.screendump();
+                let s = fb.snapshot();
+                (s.width, s.height) == (w, h) && s.pixels == px
+            }));
+            vm
+        })
+        .await
+        .expect("guest")
+    }
+
     pub async fn stop(mut self) {
         self.stop.cancel();
         let _ = self.task.await;

@@ -1,0 +1,449 @@
+//! Tight (rfbproto "Tight Encoding"): per rectangle a solid Fill, a zlib-compressed palette
+//! (1 bit per pixel for two colours, 1 byte per pixel up to 256), JPEG for photo-like content
+//! when the client asked for a quality level, or zlib-compressed full colour. Four zlib streams
+//! live as long as the connection; the client keeps the matching inflaters.
+
+use flate2::{Compress, Compression, FlushCompress};
+use jpeg_encoder::{ColorType, Encoder, SamplingFactor};
+
+use super::encode::put_pixel;
+use super::proto::PixelFormat;
+use crate::framebuffer::Rect;
+
+const FILL: u8 = 0x80;
+const JPEG: u8 = 0x90;
+const EXPLICIT_FILTER: u8 = 0x40;
+const FILTER_PALETTE: u8 = 1;
+/// Data shorter than this is sent without zlib (and without a length).
+const MIN_TO_COMPRESS: usize = 12;
+/// Decoders refuse rectangles wider than this.
+const MAX_WIDTH: u32 = 2048;
+/// Keep each rectangle's uncompressed data (and the client's buffer) bounded.
+const MAX_PIXELS: u32 = 65536;
+
+/// Streams by content, as other servers do, so each stream's dictionary fits its data.
+const STREAM_FULL: usize = 0;
+const STREAM_MONO: usize = 1;
+const STREAM_INDEXED: usize = 2;
+
+/// TigerVNC's mapping of the 0–9 quality level to libjpeg quality.
+const JPEG_QUALITY: [u8; 10] = [15, 29, 41, 42, 62, 77, 79, 86, 92, 100];
+
+/// Splits a rectangle into pieces a Tight decoder accepts.
+pub fn split(r: Rect, out: &mut Vec<Rect>) {
+    let mut x = r.x;
+    while x < r.x + r.w {
+        let w = MAX_WIDTH.min(r.x + r.w - x);
+        let rows = (MAX_PIXELS / w).max(1);
+        let mut y = r.y;
+        while y < r.y + r.h {
+            let h = rows.min(r.y + r.h - y);
+            out.push(Rect { x, y, w, h });
+            y += h;
+        }
+        x += w;
+    }
+}
+
+pub struct Tight {
+    streams: [Compress; 4],
+    /// JPEG quality (1–100) when the client allows lossy compression.
+    jpeg_quality: Option<u8>,
+    scratch: Vec<u8>,
+    palette: Vec<u32>,
+}
+
+impl Default for Tight {
+    fn default() -> Self {
+        Self::new(6, None)
+    }
+}
+
+impl Tight {
+    /// `level`: zlib level 0–9 (the compress pseudo-encoding); `quality`: 0–9 level, or `None`
+    /// for lossless only.
+    pub fn new(level: u32, quality: Option<u8>) -> Self {
+        let z = || Compress::new(Compression::new(level.min(9)), true);
+        Self {
+            streams: [z(), z(), z(), z()],
+            jpeg_quality: quality.map(|q| JPEG_QUALITY[usize::from(q.min(9))]),
+            scratch: Vec::new(),
+            palette: Vec::with_capacity(257),
+        }
+    }
+
+    /// Sets the JPEG quality from the client's level (0–9) or fine-grained quality (0–100,
+    /// TurboVNC style, which wins); neither means lossless only.
+    pub fn set_quality(&mut self, level: Option<u8>, fine: Option<u8>) {
+        self.jpeg_quality = match (fine, level) {
+            (Some(q), _) => Some(q.clamp(1, 100)),
+            (None, Some(l)) => Some(JPEG_QUALITY[usize::from(l.min(9))]),
+            (None, None) => None,
+        };
+    }
+
+    /// Encodes one rectangle (already `split`) of canonical pixels, without its header.
+    pub fn encode(
+        &mut self,
+        pf: &PixelFormat,
+        w: usize,
+        h: usize,
+        pixels: &[u32],
+        out: &mut Vec<u8>,
+    ) {
+        let jpeg_ok = self.jpeg_quality.is_some()
+            && pf.true_colour
+            && pf.bits_per_pixel >= 16
+            && w >= 8
+            && h >= 8;
+        // With JPEG available, a palette only pays for few colours; without it, up to 256.
+        let max_palette = if jpeg_ok { 24 } else { 256 };
+        self.count_colours(pixels, max_palette);
+        let tpixel = |p: u32, out: &mut Vec<u8>| put_tpixel(pf, p, out);
+        match self.palette.len() {
+            1 => {
+                out.push(FILL);
+                tpixel(self.palette[0], out);
+            }
+            n @ 2..=256 if n <= max_palette => {
+                let mono = n == 2;
+                let stream = if mono { STREAM_MONO } else { STREAM_INDEXED };
+                out.push(((stream as u8) << 4) | EXPLICIT_FILTER);
+                out.push(FILTER_PALETTE);
+                out.push((n - 1) as u8);
+                for &c in &self.palette {
+                    tpixel(c, out);
+                }
+                self.scratch.clear();
+                if mono {
+                    let fg = self.palette[1];
+                    for row in pixels.chunks_exact(w) {
+                        for bits in row.chunks(8) {
+                            let mut b = 0u8;
+                            for (i, &p) in bits.iter().enumerate() {
+                                if p == fg {
+                                    b |= 0x80 >> i;
+                                }
+                            }
+                            self.scratch.push(b);
+                        }
+                    }
+                } else {
+                    // The palette is sorted: binary search maps a pixel to its index.
+                    for &p in pixels {
+                        let idx = self.palette.binary_search(&p).unwrap_or(0);
+                        self.scratch.push(idx as u8);
+                    }
+                }
+                self.compressed(stream, out);
+            }
+            _ if jpeg_ok => {
+                self.scratch.clear();
+                self.scratch.reserve(pixels.len() * 4);
+                for &p in pixels {
+                    self.scratch.extend_from_slice(&p.to_le_bytes());
+                }
+                let quality = self.jpeg_quality.unwrap_or(80);
+                let mut jpeg = Vec::with_capacity(pixels.len() / 4);
+                let mut enc = Encoder::new(&mut jpeg, quality);
+                enc.set_sampling_factor(if quality >= 90 {
+                    SamplingFactor::F_1_1
+                } else {
+                    SamplingFactor::F_2_2
+                });
+                // Canonical pixels in memory are B, G, R, x.
+                let encoded = enc.encode(&self.scratch, w as u16, h as u16, ColorType::Bgra);
+                if encoded.is_ok() {
+                    out.push(JPEG);
+                    compact_len(jpeg.len(), out);
+                    out.extend_from_slice(&jpeg);
+                } else {
+                    self.full_colour(pf, pixels, out);
+                }
+            }
+            _ => self.full_colour(pf, pixels, out),
+        }
+    }
+
+    fn full_colour(&mut self, pf: &PixelFormat, pixels: &[u32], out: &mut Vec<u8>) {
+        out.push((STREAM_FULL as u8) << 4);
+        self.scratch.clear();
+        for &p in pixels {
+            put_tpixel(pf, p, &mut self.scratch);
+        }
+        self.compressed(STREAM_FULL, out);
+    }
+
+    /// The distinct colours, sorted, stopping once there are more than `max`.
+    fn count_colours(&mut self, pixels: &[u32], max: usize) {
+        self.palette.clear();
+        let mut last = None;
+        for &p in pixels {
+            if last == Some(p) {
+                continue;
+            }
+            last = Some(p);
+            if let Err(at) = self.palette.binary_search(&p) {
+                self.palette.insert(at, p);
+                if self.palette.len() > max {
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Appends `scratch` as Tight data: raw when short, else length + zlib (sync flush).
+    fn compressed(&mut self, stream: usize, out: &mut Vec<u8>) {
+        if self.scratch.len() < MIN_TO_COMPRESS {
+            out.extend_from_slice(&self.scratch);
+            return;
+        }
+        let z = &mut self.streams[stream];
+        let mut data = Vec::with_capacity(self.scratch.len() / 2 + 64);
+        let mut input = &self.scratch[..];
+        loop {
+            let before = z.total_in();
+            if data.capacity() - data.len() < 64 {
+                data.reserve(data.len().max(4096));
+            }
+            let status = z.compress_vec(input, &mut data, FlushCompress::Sync);
+            input = &input[(z.total_in() - before) as usize..];
+            if status.is_err() || (input.is_empty() && data.capacity() > data.len()) {
+                break;
+            }
+        }
+        compact_len(data.len(), out);
+        out.extend_from_slice(&data);
+    }
+}
+
+/// A Tight pixel: 3 bytes R, G, B for 24-bit true colour in 32 bpp, else the client's format.
+fn put_tpixel(pf: &PixelFormat, p: u32, out: &mut Vec<u8>) {
+    if pf.bits_per_pixel == 32
+        && pf.depth == 24
+        && pf.true_colour
+        && (pf.red_max, pf.green_max, pf.blue_max) == (255, 255, 255)
+    {
+        // Always red, green, blue, whatever the shifts: decoders rebuild the pixel from RGB.
+        let r = ((p >> 16) & 0xff) as u8;
+        let g = ((p >> 8) & 0xff) as u8;
+        let b = (p & 0xff) as u8;
+        out.extend_from_slice(&[r, g, b]);
+    } else {
+        put_pixel(pf, p, out);
+    }
+}
+
+/// Tight's compact length: 7 bits per byte, low first, up to 3 bytes (22 bits).
+fn compact_len(len: usize, out: &mut Vec<u8>) {
+    let len = len.min((1 << 22) - 1);
+    if len < 0x80 {
+        out.push(len as u8);
+    } else if len < 0x4000 {
+        out.extend_from_slice(&[(len as u8 & 0x7f) | 0x80, (len >> 7) as u8]);
+    } else {
+        out.extend_from_slice(&[
+            (len as u8 & 0x7f) | 0x80,
+            ((len >> 7) as u8 & 0x7f) | 0x80,
+            (len >> 14) as u8,
+        ]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flate2::{Decompress, FlushDecompress};
+
+    /// A Tight decoder for the formats we emit (24-bit TPIXELs), as a client implements it.
+    struct Decoder {
+        z: [Decompress; 4],
+    }
+
+    impl Decoder {
+        fn new() -> Self {
+            Self {
+                z: std::array::from_fn(|_| Decompress::new(true)),
+            }
+        }
+
+        fn decode(&mut self, data: &[u8], w: usize, h: usize) -> (Vec<u32>, usize) {
+            let mut r = data;
+            let ctl = r[0];
+            r = &r[1..];
+            let tp = |r: &mut &[u8]| {
+                let v = (u32::from(r[0]) << 16) | (u32::from(r[1]) << 8) | u32::from(r[2]);
+                *r = &r[3..];
+                v
+            };
+            let len = |r: &mut &[u8]| {
+                let mut n = 0usize;
+                for i in 0..3 {
+                    let b = r[0];
+                    *r = &r[1..];
+                    n |= usize::from(b & if i == 2 { 0xff } else { 0x7f }) << (7 * i);
+                    if b & 0x80 == 0 || i == 2 {
+                        break;
+                    }
+                }
+                n
+            };
+            if ctl == FILL {
+                let c = tp(&mut r);
+                return (vec![c; w * h], data.len() - r.len());
+            }
+            if ctl == JPEG {
+                let n = len(&mut r);
+                let mut d = jpeg_decoder::Decoder::new(&r[..n]);
+                let rgb = d.decode().unwrap();
+                let px = rgb
+                    .chunks_exact(3)
+                    .map(|c| (u32::from(c[0]) << 16) | (u32::from(c[1]) << 8) | u32::from(c[2]))
+                    .collect();
+                return (px, data.len() - r.len() + n);
+            }
+            let stream = usize::from((ctl >> 4) & 3);
+            let mut palette = Vec::new();
+            if ctl & EXPLICIT_FILTER != 0 {
+                assert_eq!(r[0], FILTER_PALETTE);
+                let n = usize::from(r[1]) + 1;
+                r = &r[2..];
+                palette = (0..n).map(|_| tp(&mut r)).collect();
+            }
+            let raw_len = match palette.len() {
+                0 => w * h * 3,
+                2 => w.div_ceil(8) * h,
+                _ => w * h,
+            };
+            let raw = if raw_len < MIN_TO_COMPRESS {
+                let v = r[..raw_len].to_vec();
+                r = &r[raw_len..];
+                v
+            } else {
+                let n = len(&mut r);
+                let mut v = Vec::with_capacity(raw_len);
+                self.z[stream]
+                    .decompress_vec(&r[..n], &mut v, FlushDecompress::Sync)
+                    .unwrap();
+                r = &r[n..];
+                v
+            };
+            assert_eq!(raw.len(), raw_len);
+            let px = match palette.len() {
+                0 => raw
+                    .chunks_exact(3)
+                    .map(|c| (u32::from(c[0]) << 16) | (u32::from(c[1]) << 8) | u32::from(c[2]))
+                    .collect(),
+                2 => (0..w * h)
+                    .map(|i| {
+                        let (x, y) = (i % w, i / w);
+                        let b = raw[y * w.div_ceil(8) + x / 8];
+                        palette[usize::from((b >> (7 - x % 8)) & 1)]
+                    })
+                    .collect(),
+                _ => raw.iter().map(|&i| palette[usize::from(i)]).collect(),
+            };
+            (px, data.len() - r.len())
+        }
+    }
+
+    fn patterns(w: usize, h: usize) -> Vec<Vec<u32>> {
+        vec![
+            vec![0x336699; w * h],
+            (0..w * h)
+                .map(|i| {
+                    if (i * 7 / 3) % 5 == 0 {
+                        0xffffff
+                    } else {
+                        0x000000
+                    }
+                })
+                .collect(),
+            (0..w * h).map(|i| ((i % w) as u32 * 3) & 0xff).collect(),
+            (0..w * h)
+                .map(|i| (i as u32).wrapping_mul(2_654_435_761) & 0xff_ffff)
+                .collect(),
+        ]
+    }
+
+    #[test]
+    fn lossless_round_trips_with_persistent_streams() {
+        let mut enc = Tight::new(6, None);
+        let mut dec = Decoder::new();
+        for (w, h) in [(61, 33), (3, 2), (200, 100)] {
+            for pixels in patterns(w, h) {
+                let mut out = Vec::new();
+                enc.encode(&PixelFormat::NATIVE, w, h, &pixels, &mut out);
+                let (got, used) = dec.decode(&out, w, h);
+                assert_eq!(used, out.len());
+                assert_eq!(got, pixels);
+            }
+        }
+    }
+
+    #[test]
+    fn jpeg_for_many_colours_close_to_the_source() {
+        let (w, h) = (64, 48);
+        let mut enc = Tight::new(6, Some(9));
+        let mut dec = Decoder::new();
+        let smooth: Vec<u32> = (0..w * h)
+            .map(|i| {
+                let (x, y) = ((i % w) as u32, (i / w) as u32);
+                ((x * 4) << 16) | ((y * 5) << 8) | ((x + y) * 2)
+            })
+            .collect();
+        let mut out = Vec::new();
+        enc.encode(&PixelFormat::NATIVE, w, h, &smooth, &mut out);
+        assert_eq!(out[0], JPEG);
+        let (got, used) = dec.decode(&out, w, h);
+        assert_eq!(used, out.len());
+        let worst = got
+            .iter()
+            .zip(&smooth)
+            .flat_map(|(a, b)| {
+                (0..3).map(move |s| ((a >> (s * 8)) & 0xff).abs_diff((b >> (s * 8)) & 0xff))
+            })
+            .max()
+            .unwrap();
+        assert!(worst <= 12, "JPEG error {worst}");
+        // Few colours stay lossless even with JPEG allowed.
+        let text = &patterns(w, h)[1];
+        out.clear();
+        enc.encode(&PixelFormat::NATIVE, w, h, text, &mut out);
+        assert_eq!(dec.decode(&out, w, h).0, *text);
+    }
+
+    #[test]
+    fn split_respects_decoder_limits() {
+        let mut parts = Vec::new();
+        split(
+            Rect {
+                x: 10,
+                y: 5,
+                w: 3000,
+                h: 100,
+            },
+            &mut parts,
+        );
+        assert!(
+            parts
+                .iter()
+                .all(|r| r.w <= MAX_WIDTH && r.w * r.h <= MAX_PIXELS)
+        );
+        assert_eq!(parts.iter().map(|r| r.w * r.h).sum::<u32>(), 300_000);
+        assert_eq!(parts[0].x, 10);
+    }
+
+    #[test]
+    fn compact_lengths() {
+        for (n, bytes) in [
+            (5usize, vec![5u8]),
+            (200, vec![0xc8, 0x01]),
+            (20000, vec![0xa0, 0x9c, 0x01]),
+        ] {
+            let mut out = Vec::new();
+            compact_len(n, &mut out);
+            assert_eq!(out, bytes);
+        }
+    }
+}

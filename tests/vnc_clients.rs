@@ -1,0 +1,134 @@
+//! TigerVNC against the real guest, once per encoding and security type: Hextile over VNC
+//! authentication, Tight (lossless) over VeNCrypt X509Vnc, Tight with JPEG over VeNCrypt
+//! X509Plain. Each window must show QMP `screendump`'s pixels (exactly when lossless, close and
+//! not identical when JPEG is on).
+
+mod common;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use common::qemu::Rig;
+use common::x11::{TigerVnc, Xvfb, compare, metric_value};
+use vdi_sidecar::tls::{TlsIdentity, default_names};
+use vdi_sidecar::vnc::conn::VncConfig;
+
+const PASSWORD: &str = "s3cret!x";
+const USER: &str = "viewer";
+
+fn serve(rig: &Rig, cfg: VncConfig) -> std::net::SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.set_nonblocking(true).expect("nonblocking");
+    let addr = listener.local_addr().expect("addr");
+    let listener = tokio::net::TcpListener::from_std(listener).expect("tokio listener");
+    tokio::spawn(vdi_sidecar::vnc::server::run(
+        listener,
+        Arc::new(cfg),
+        rig.consoles.primary(),
+        rig.consoles.input(),
+        tokio_util::sync::CancellationToken::new(),
+    ));
+    addr
+}
+
+/// A TigerVNC password file (`vncpasswd -f`).
+fn vncpasswd(path: &Path) {
+    use std::io::Write;
+    let mut p = std::process::Command::new("vncpasswd")
+        .arg("-f")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("vncpasswd (install tigervnc-tools)");
+    p.stdin
+        .take()
+        .expect("stdin")
+        .write_all(format!("{PASSWORD}\n").as_bytes())
+        .expect("write");
+    let out = p.wait_with_output().expect("vncpasswd");
+    std::fs::write(path, out.stdout).expect("passwd file");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tigervnc_hextile_tight_and_jpeg_over_vnc_auth_and_vencrypt() {
+    let rig = Rig::start().await;
+    let id = TlsIdentity::generate(&default_names(&[])).expect("certificate");
+    let dir = rig.dir.path().to_owned();
+    let ca = dir.join("vnc-cert.pem");
+    std::fs::write(&ca, &id.trust_pem).expect("cert file");
+    let mut cfg = VncConfig::new(Some(PASSWORD.into()), "vdi-clients");
+    cfg.username = Some(USER.into());
+    cfg.tls = Some(id);
+    let addr = serve(&rig, cfg);
+    let vm = rig.vm_with_test_image().await;
+
+    let vm = tokio::task::spawn_blocking(move || {
+        let mut vm = vm;
+        let x = Xvfb::start();
+        let (oracle, _, _) = vm.screendump_file("oracle.ppm");
+        let pw = dir.join("passwd");
+        vncpasswd(&pw);
+        let common = |enc: &str| -> Vec<String> {
+            vec![
+                "-AutoSelect=0".into(),
+                format!("-PreferredEncoding={enc}"),
+                "-FullColor=1".into(),
+                format!("-X509CA={}", ca.display()),
+            ]
+        };
+
+        // Hextile over classic VNC authentication: exact.
+        let mut args = common("Hextile");
+        args.extend([
+            "-SecurityTypes=VncAuth".into(),
+            format!("-passwd={}", pw.display()),
+        ]);
+        let v = TigerVnc::open(&x, &dir, &args, &[], addr.port(), "vdi-clients");
+        let (same, ae) = v.wait_matches(&x, &dir.join("hextile.png"), &oracle, "AE", |d| d == 0.0);
+        assert!(same, "Hextile window differs from screendump: {ae}");
+        drop(v);
+
+        // Tight without JPEG over VeNCrypt X509Vnc (certificate verified against our CA): exact.
+        let mut args = common("Tight");
+        args.extend([
+            "-SecurityTypes=X509Vnc".into(),
+            format!("-passwd={}", pw.display()),
+            "-NoJPEG=1".into(),
+            "-CompressLevel=6".into(),
+        ]);
+        let v = TigerVnc::open(&x, &dir, &args, &[], addr.port(), "vdi-clients");
+        let (same, ae) = v.wait_matches(&x, &dir.join("tight.png"), &oracle, "AE", |d| d == 0.0);
+        assert!(
+            same,
+            "Tight (lossless) window differs from screendump: {ae}"
+        );
+        drop(v);
+
+        // Tight with JPEG (level 9: quality 100, no chroma subsampling, so even the noise band
+        // stays close) over VeNCrypt X509Plain: within 30 dB, and not exact (JPEG ran).
+        let mut args = common("Tight");
+        args.extend([
+            "-SecurityTypes=X509Plain".into(),
+            "-NoJPEG=0".into(),
+            "-QualityLevel=9".into(),
+        ]);
+        let env = [("VNC_USERNAME", USER), ("VNC_PASSWORD", PASSWORD)];
+        let v = TigerVnc::open(&x, &dir, &args, &env, addr.port(), "vdi-clients");
+        let shot = dir.join("jpeg.png");
+        let (close, psnr) = v.wait_matches(&x, &shot, &oracle, "PSNR", |db| {
+            (30.0..f64::INFINITY).contains(&db)
+        });
+        assert!(
+            close,
+            "Tight+JPEG window not within 30 dB PSNR of screendump: {psnr}"
+        );
+        let ae = metric_value(&compare(&shot, &oracle, "AE")).unwrap_or(0.0);
+        assert!(ae > 0.0, "JPEG was requested but the picture is lossless");
+        drop(v);
+        vm
+    })
+    .await
+    .expect("tigervnc");
+    drop(vm);
+    rig.stop().await;
+}
