@@ -77,12 +77,22 @@ pub struct Cursor {
     pub argb: Vec<u32>,
 }
 
-/// Pointer position and visibility from `MouseSet`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// Pointer position and visibility from `MouseSet` (visible until QEMU says otherwise).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Pointer {
     pub x: i32,
     pub y: i32,
     pub visible: bool,
+}
+
+impl Default for Pointer {
+    fn default() -> Self {
+        Self {
+            x: 0,
+            y: 0,
+            visible: true,
+        }
+    }
 }
 
 #[derive(Debug, Default)]

@@ -66,6 +66,10 @@ struct Client {
     z: Decompress,
     /// (reason, status) of the last ExtendedDesktopSize rectangle.
     last_eds: Option<(u16, u16)>,
+    /// QEMU Pointer Motion Change: the pointer mode last announced.
+    absolute: Option<bool>,
+    /// QEMU LED state last announced.
+    leds: Option<u8>,
 }
 
 impl Client {
@@ -130,6 +134,8 @@ impl Client {
             fb: vec![0; width as usize * height as usize],
             z: Decompress::new(true),
             last_eds: None,
+            absolute: None,
+            leds: None,
         })
     }
 
@@ -181,6 +187,8 @@ impl Client {
                     self.zrle_tiles(&raw, x, y, w, h);
                 }
                 -258 => {} // QEMU extended key events confirmed
+                -257 => self.absolute = Some(x == 1),
+                -261 => self.leds = Some(self.s.read_u8().await.expect("led state")),
                 -223 | -308 => {
                     if enc == -308 {
                         self.last_eds = Some((x as u16, y as u16));
@@ -344,11 +352,14 @@ async fn incremental_updates_resize_and_qemu_extended_keys() {
     let mut c = Client::connect(addr, "003.008", None)
         .await
         .expect("no-auth connect");
-    c.set_encodings(&[16, -223, -308, -258]).await;
+    c.set_encodings(&[16, -223, -308, -258, -257, -261]).await;
     // The server confirms QEMU extended key events with a pseudo-rectangle first.
     c.read_update().await;
     c.request(false).await;
     c.read_update().await;
+    // The first update also tells the pointer mode (PS/2 mouse: relative) and the LEDs.
+    assert_eq!(c.absolute, Some(false), "pointer mode");
+    assert_eq!(c.leds, Some(0), "LED state");
 
     // A partial change arrives as an incremental update.
     let vm = tokio::task::spawn_blocking(move || {
@@ -404,6 +415,31 @@ async fn incremental_updates_resize_and_qemu_extended_keys() {
         "reason 1 (client request), status 1 (prohibited)"
     );
     assert_eq!((c.width, c.height), (1024, 768));
+
+    // Caps Lock typed through the viewer: the guest's console lights the LED, QEMU's keyboard
+    // reports it, and the client is told (LED state bit 2) without asking for pixels.
+    for down in [1u16, 0] {
+        let mut m = vec![255, 0];
+        m.extend(down.to_be_bytes());
+        m.extend(0xffe5u32.to_be_bytes());
+        m.extend(0x3au32.to_be_bytes());
+        c.s.write_all(&m).await.expect("caps lock");
+    }
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while c.leds != Some(4) {
+        assert!(Instant::now() < deadline, "Caps Lock LED never reported: {:?}", c.leds);
+        c.request(true).await;
+        tokio::time::timeout(Duration::from_secs(10), c.read_update())
+            .await
+            .expect("LED update");
+    }
+    vm = tokio::task::spawn_blocking(move || {
+        vm.expect_event(1, 58, 1);
+        vm.expect_event(1, 58, 0);
+        vm
+    })
+    .await
+    .expect("caps lock events");
 
     // QEMU extended key event: Right Ctrl (qnum 0x9d) → KEY_RIGHTCTRL.
     for down in [1u16, 0] {

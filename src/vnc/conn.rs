@@ -734,7 +734,7 @@ fn write_extras(
     let mut n = 0;
     if caps.cursor || caps.cursor_alpha {
         let (shape, serial, pointer) = fb.cursor();
-        let now = (serial, pointer.visible || shape.is_none());
+        let now = (serial, pointer.visible);
         if shape.is_some() && told.cursor != Some(now) {
             let shown = shape.as_deref().filter(|_| now.1);
             if caps.cursor_alpha {
