@@ -38,6 +38,10 @@ pub struct DemoConfig {
     /// Guest resolution (std VGA, set by the guest program).
     pub width: u32,
     pub height: u32,
+    /// More QEMU arguments (e.g. `-vnc` to compare with QEMU's own server).
+    pub extra_qemu_args: Vec<String>,
+    /// Guest program commands sent after the test image is drawn (e.g. `animate 100000`).
+    pub guest_commands: Vec<String>,
 }
 
 /// Runs the demo until `stop`.
@@ -92,6 +96,7 @@ pub async fn run(cfg: DemoConfig, stop: CancellationToken) -> Result<(), Error> 
         .arg(format!("dbus,addr={}", bus.address()))
         .arg("-serial")
         .arg(format!("unix:{},server=on,wait=off", serial.display()))
+        .args(&cfg.extra_qemu_args)
         .stdin(Stdio::null())
         .kill_on_drop(true)
         .spawn()
@@ -110,7 +115,13 @@ pub async fn run(cfg: DemoConfig, stop: CancellationToken) -> Result<(), Error> 
     }
 
     // Draw a known image once the guest is up; then keep the serial open for its output.
-    let drive = drive_guest(serial, cfg.width, cfg.height);
+    let mut commands = vec![
+        "display vbe".to_owned(),
+        format!("mode {} {}", cfg.width, cfg.height),
+        "fill 1".to_owned(),
+    ];
+    commands.extend(cfg.guest_commands.iter().cloned());
+    let drive = drive_guest(serial, commands);
     tokio::select! {
         () = stop.cancelled() => {}
         status = qemu.wait() => warn!(?status, "QEMU exited"),
@@ -125,7 +136,7 @@ pub async fn run(cfg: DemoConfig, stop: CancellationToken) -> Result<(), Error> 
 }
 
 /// Tells the guest program what to show, then echoes what it reports.
-async fn drive_guest(serial: PathBuf, width: u32, height: u32) -> std::io::Result<()> {
+async fn drive_guest(serial: PathBuf, commands: Vec<String>) -> std::io::Result<()> {
     let mut stream = loop {
         match UnixStream::connect(&serial).await {
             Ok(s) => break s,
@@ -136,8 +147,9 @@ async fn drive_guest(serial: PathBuf, width: u32, height: u32) -> std::io::Resul
     let mut lines = BufReader::new(rd).lines();
     while let Some(line) = lines.next_line().await? {
         if line.starts_with("VDI READY") {
-            wr.write_all(format!("display vbe\nmode {width} {height}\nfill 1\n").as_bytes())
-                .await?;
+            for c in &commands {
+                wr.write_all(format!("{c}\n").as_bytes()).await?;
+            }
             info!("guest ready: drawing the test image; keys you type show as events");
         } else if let Some(event) = line.strip_prefix("VDI ") {
             info!(guest = event.trim_end());

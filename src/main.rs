@@ -351,6 +351,8 @@ fn run_demo(args: DemoArgs) -> anyhow::Result<()> {
         qemu: args.qemu,
         width: w,
         height: h,
+        extra_qemu_args: Vec::new(),
+        guest_commands: Vec::new(),
     };
     let rt = tokio::runtime::Runtime::new().context("cannot start the runtime")?;
     rt.block_on(async {

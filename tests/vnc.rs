@@ -427,7 +427,11 @@ async fn incremental_updates_resize_and_qemu_extended_keys() {
     }
     let deadline = Instant::now() + Duration::from_secs(15);
     while c.leds != Some(4) {
-        assert!(Instant::now() < deadline, "Caps Lock LED never reported: {:?}", c.leds);
+        assert!(
+            Instant::now() < deadline,
+            "Caps Lock LED never reported: {:?}",
+            c.leds
+        );
         c.request(true).await;
         tokio::time::timeout(Duration::from_secs(10), c.read_update())
             .await

@@ -82,8 +82,14 @@ async fn read_msg(s: &mut TcpStream) -> Msg {
             let mut i = 0;
             while n == u16::MAX || i < n {
                 i += 1;
-                let (x, y) = (s.read_u16().await.expect("x"), s.read_u16().await.expect("y"));
-                let (w, h) = (s.read_u16().await.expect("w"), s.read_u16().await.expect("h"));
+                let (x, y) = (
+                    s.read_u16().await.expect("x"),
+                    s.read_u16().await.expect("y"),
+                );
+                let (w, h) = (
+                    s.read_u16().await.expect("w"),
+                    s.read_u16().await.expect("h"),
+                );
                 let e = s.read_i32().await.expect("encoding");
                 let (w_, h_) = (usize::from(w), usize::from(h));
                 let len = match e {
@@ -220,7 +226,9 @@ async fn cursor_name_layout_fence_and_continuous_updates() {
     cu.extend_from_slice(&H.to_be_bytes());
     s.write_all(&cu).await.expect("enable CU");
     for round in 0..3u32 {
-        let px: Vec<u8> = (0..8 * 4).flat_map(|_| (0x10 * round).to_ne_bytes()).collect();
+        let px: Vec<u8> = (0..8 * 4)
+            .flat_map(|_| (0x10 * round).to_ne_bytes())
+            .collect();
         fb.update(2, 3, 8, 4, 32, X8R8G8B8, &px, false)
             .expect("update");
         loop {

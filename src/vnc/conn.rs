@@ -852,21 +852,44 @@ fn update_rects(damage: &Damage, full: bool, region: Rect, width: u32, height: u
     let mut rects: Vec<Rect> = damage.rects.iter().filter_map(|r| clip(*r)).collect();
     // Many small rects cost more in headers than one bounding box: merge past a threshold.
     if rects.len() > 32 {
-        let bb = rects.iter().fold(rects[0], |a, r| {
-            let x0 = a.x.min(r.x);
-            let y0 = a.y.min(r.y);
-            let x1 = (a.x + a.w).max(r.x + r.w);
-            let y1 = (a.y + a.h).max(r.y + r.h);
-            Rect {
-                x: x0,
-                y: y0,
-                w: x1 - x0,
-                h: y1 - y0,
-            }
-        });
+        let bb = rects.iter().skip(1).fold(rects[0], |a, r| bounding(&a, r));
         rects = vec![bb];
     }
+    merge_overlaps(&mut rects);
     rects
+}
+
+fn bounding(a: &Rect, b: &Rect) -> Rect {
+    let (x0, y0) = (a.x.min(b.x), a.y.min(b.y));
+    let x1 = (a.x + a.w).max(b.x + b.w);
+    let y1 = (a.y + a.h).max(b.y + b.h);
+    Rect {
+        x: x0,
+        y: y0,
+        w: x1 - x0,
+        h: y1 - y0,
+    }
+}
+
+/// Damage from several guest frames overlaps (often the same full-screen rect many times):
+/// replace overlapping rects by their bounding box until none overlap, so no pixel is sent twice.
+fn merge_overlaps(rects: &mut Vec<Rect>) {
+    let overlaps = |a: &Rect, b: &Rect| {
+        a.x < b.x + b.w && b.x < a.x + a.w && a.y < b.y + b.h && b.y < a.y + a.h
+    };
+    'again: loop {
+        for i in 0..rects.len() {
+            for j in i + 1..rects.len() {
+                if overlaps(&rects[i], &rects[j]) {
+                    let merged = bounding(&rects[i], &rects[j]);
+                    rects.swap_remove(j);
+                    rects[i] = merged;
+                    continue 'again;
+                }
+            }
+        }
+        return;
+    }
 }
 
 fn write_update(
@@ -934,6 +957,35 @@ fn write_update(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn overlapping_damage_is_sent_once() {
+        let r = |x, y, w, h| Rect { x, y, w, h };
+        let damage = Damage {
+            width: 100,
+            height: 100,
+            new_surface: false,
+            attached: true,
+            rects: vec![
+                r(0, 0, 100, 100),
+                r(0, 0, 100, 100),
+                r(10, 10, 5, 5),
+                r(0, 0, 100, 100),
+            ],
+        };
+        assert_eq!(
+            update_rects(&damage, false, r(0, 0, 100, 100), 100, 100),
+            [r(0, 0, 100, 100)]
+        );
+        let mut v = vec![
+            r(0, 0, 10, 10),
+            r(5, 5, 10, 10),
+            r(50, 50, 2, 2),
+            r(14, 14, 2, 2),
+        ];
+        merge_overlaps(&mut v);
+        assert_eq!(v, [r(0, 0, 16, 16), r(50, 50, 2, 2)]);
+    }
 
     #[test]
     fn versions() {

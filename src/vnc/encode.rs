@@ -79,6 +79,22 @@ impl Default for Zrle {
 }
 
 const TILE: usize = 64;
+/// Palette RLE tiles hold up to 127 colours (subencodings 130–255).
+const MAX_RLE_PALETTE: usize = 127;
+
+/// Bytes of a ZRLE run length: (len - 1) as a sum of 255s and a final byte below 255.
+fn rle_len_bytes(len: usize) -> usize {
+    (len - 1) / 255 + 1
+}
+
+fn push_rle_len(out: &mut Vec<u8>, len: usize) {
+    let mut rest = len - 1;
+    while rest >= 255 {
+        out.push(255);
+        rest -= 255;
+    }
+    out.push(rest as u8);
+}
 
 impl Zrle {
     pub fn new(level: u32) -> Self {
@@ -100,66 +116,118 @@ impl Zrle {
         out: &mut Vec<u8>,
     ) {
         let cp = cpixel_range(pf);
+        let csize = cp.len();
         self.tile.clear();
-        let mut palette: Vec<u32> = Vec::with_capacity(17);
+        let mut palette: Vec<u32> = Vec::with_capacity(MAX_RLE_PALETTE + 1);
+        let mut runs: Vec<(u32, usize)> = Vec::with_capacity(TILE * TILE);
+        let cpixel = |p: u32, tile: &mut Vec<u8>, px: &mut Vec<u8>| {
+            px.clear();
+            put_pixel(pf, p, px);
+            tile.extend_from_slice(&px[cp.clone()]);
+        };
         for ty in (0..h).step_by(TILE) {
             let th = TILE.min(h - ty);
             for tx in (0..w).step_by(TILE) {
                 let tw = TILE.min(w - tx);
                 let row = |r: usize| &pixels[(ty + r) * w + tx..(ty + r) * w + tx + tw];
+                // One pass: the runs in scan order and the (sorted) palette, up to 127 colours.
                 palette.clear();
-                'scan: for r in 0..th {
+                runs.clear();
+                for r in 0..th {
                     for &p in row(r) {
-                        if !palette.contains(&p) {
-                            palette.push(p);
-                            if palette.len() > 16 {
-                                break 'scan;
+                        match runs.last_mut() {
+                            Some((c, n)) if *c == p => {
+                                *n += 1;
+                                continue;
                             }
+                            _ => runs.push((p, 1)),
+                        }
+                        if palette.len() <= MAX_RLE_PALETTE
+                            && let Err(at) = palette.binary_search(&p)
+                        {
+                            palette.insert(at, p);
                         }
                     }
                 }
-                let cpixel = |p: u32, tile: &mut Vec<u8>, px: &mut Vec<u8>| {
-                    px.clear();
-                    put_pixel(pf, p, px);
-                    tile.extend_from_slice(&px[cp.clone()]);
+                let npx = tw * th;
+                let colours = palette.len();
+                let index = |p: u32| palette.binary_search(&p).unwrap_or(0) as u8;
+                // Size of each subencoding; the smallest wins (§7.7.5).
+                let raw_size = npx * csize;
+                let rle_size: usize = runs.iter().map(|&(_, n)| csize + rle_len_bytes(n)).sum();
+                let packed_bits = match colours {
+                    2 => 1,
+                    3..=4 => 2,
+                    5..=16 => 4,
+                    _ => 0,
                 };
-                match palette.len() {
-                    1 => {
-                        self.tile.push(1);
-                        cpixel(palette[0], &mut self.tile, &mut self.px);
+                let packed_size = (packed_bits > 0)
+                    .then(|| colours * csize + th * (tw * packed_bits).div_ceil(8));
+                let palette_rle_size = (2..=MAX_RLE_PALETTE).contains(&colours).then(|| {
+                    colours * csize
+                        + runs
+                            .iter()
+                            .map(|&(_, n)| 1 + if n > 1 { rle_len_bytes(n) } else { 0 })
+                            .sum::<usize>()
+                });
+                if colours == 1 {
+                    self.tile.push(1);
+                    cpixel(palette[0], &mut self.tile, &mut self.px);
+                    continue;
+                }
+                let best = [
+                    Some(raw_size),
+                    Some(rle_size),
+                    packed_size,
+                    palette_rle_size,
+                ]
+                .into_iter()
+                .flatten()
+                .min()
+                .unwrap_or(raw_size);
+                if Some(best) == packed_size {
+                    self.tile.push(colours as u8);
+                    for &c in &palette {
+                        cpixel(c, &mut self.tile, &mut self.px);
                     }
-                    n @ 2..=16 => {
-                        self.tile.push(n as u8);
-                        for &c in &palette {
-                            cpixel(c, &mut self.tile, &mut self.px);
+                    for r in 0..th {
+                        let (mut acc, mut used) = (0u8, 0);
+                        for &p in row(r) {
+                            acc = (acc << packed_bits) | index(p);
+                            used += packed_bits;
+                            if used == 8 {
+                                self.tile.push(acc);
+                                (acc, used) = (0, 0);
+                            }
                         }
-                        let bits = match n {
-                            2 => 1,
-                            3..=4 => 2,
-                            _ => 4,
-                        };
-                        for r in 0..th {
-                            let (mut acc, mut used) = (0u8, 0);
-                            for &p in row(r) {
-                                let idx = palette.iter().position(|&c| c == p).unwrap_or(0) as u8;
-                                acc = (acc << bits) | idx;
-                                used += bits;
-                                if used == 8 {
-                                    self.tile.push(acc);
-                                    (acc, used) = (0, 0);
-                                }
-                            }
-                            if used > 0 {
-                                self.tile.push(acc << (8 - used));
-                            }
+                        if used > 0 {
+                            self.tile.push(acc << (8 - used));
                         }
                     }
-                    _ => {
-                        self.tile.push(0);
-                        for r in 0..th {
-                            for &p in row(r) {
-                                cpixel(p, &mut self.tile, &mut self.px);
-                            }
+                } else if Some(best) == palette_rle_size {
+                    self.tile.push(128 + colours as u8);
+                    for &c in &palette {
+                        cpixel(c, &mut self.tile, &mut self.px);
+                    }
+                    for &(p, n) in &runs {
+                        if n == 1 {
+                            self.tile.push(index(p));
+                        } else {
+                            self.tile.push(index(p) | 128);
+                            push_rle_len(&mut self.tile, n);
+                        }
+                    }
+                } else if best == rle_size {
+                    self.tile.push(128);
+                    for &(p, n) in &runs {
+                        cpixel(p, &mut self.tile, &mut self.px);
+                        push_rle_len(&mut self.tile, n);
+                    }
+                } else {
+                    self.tile.push(0);
+                    for r in 0..th {
+                        for &p in row(r) {
+                            cpixel(p, &mut self.tile, &mut self.px);
                         }
                     }
                 }
@@ -234,7 +302,13 @@ mod tests {
     }
 
     /// Decodes our ZRLE output (subencodings 0, 1, 2..16) back to pixels.
-    fn unzrle(data: &[u8], w: usize, h: usize, z: &mut Decompress) -> Vec<u32> {
+    fn unzrle(
+        data: &[u8],
+        w: usize,
+        h: usize,
+        z: &mut Decompress,
+        seen: &mut std::collections::BTreeSet<u8>,
+    ) -> Vec<u32> {
         let len = u32::from_be_bytes(data[0..4].try_into().unwrap()) as usize;
         let mut raw = Vec::with_capacity(1 << 20);
         z.decompress_vec(&data[4..4 + len], &mut raw, FlushDecompress::Sync)
@@ -250,6 +324,7 @@ mod tests {
             for tx in (0..w).step_by(64) {
                 let (tw, th) = (64.min(w - tx), 64.min(h - ty));
                 let sub = r[0];
+                seen.insert(sub);
                 r = &r[1..];
                 match sub {
                     0 => {
@@ -266,6 +341,39 @@ mod tests {
                                 px[(ty + y) * w + tx + x] = c;
                             }
                         }
+                    }
+                    128 | 130..=255 => {
+                        let pal: Vec<u32> = if sub == 128 {
+                            Vec::new()
+                        } else {
+                            (0..sub - 128).map(|_| cp(&mut r)).collect()
+                        };
+                        let mut i = 0;
+                        while i < tw * th {
+                            let (c, long) = if sub == 128 {
+                                (cp(&mut r), true)
+                            } else {
+                                let b = r[0];
+                                r = &r[1..];
+                                (pal[usize::from(b & 127)], b & 128 != 0)
+                            };
+                            let mut len = 1;
+                            if long {
+                                loop {
+                                    let b = r[0];
+                                    r = &r[1..];
+                                    len += usize::from(b);
+                                    if b != 255 {
+                                        break;
+                                    }
+                                }
+                            }
+                            for k in i..i + len {
+                                px[(ty + k / tw) * w + tx + k % tw] = c;
+                            }
+                            i += len;
+                        }
+                        assert_eq!(i, tw * th, "runs overflow the tile");
                     }
                     n => {
                         let pal: Vec<u32> = (0..n).map(|_| cp(&mut r)).collect();
@@ -303,10 +411,35 @@ mod tests {
             .map(|i| [0xff0000, 0x00ff00, 0x0000ff][(i % w) / 50])
             .collect();
         let solid = vec![0x123456; w * h];
-        for pixels in [noise, bars, solid] {
+        // Long runs of many colours (plain RLE) and of a few dozen (palette RLE).
+        let stripes: Vec<u32> = (0..w * h)
+            .map(|i| ((i as u32 / 7) * 0x010305) & 0xff_ffff)
+            .collect();
+        let bands: Vec<u32> = (0..w * h)
+            .map(|i| ((i as u32 / 300) % 40) * 0x030201)
+            .collect();
+        let runs_of_1000: Vec<u32> = (0..w * h).map(|i| (i as u32 / 1000) * 0x0f0f0f).collect();
+        let mut seen = std::collections::BTreeSet::new();
+        let checker: Vec<u32> = (0..w * h)
+            .map(|i| {
+                if (i % w + i / w) % 2 == 0 {
+                    0xffffff
+                } else {
+                    0x0000ff
+                }
+            })
+            .collect();
+        for pixels in [noise, bars, solid, stripes, bands, runs_of_1000, checker] {
             let mut out = Vec::new();
             enc.encode(&PixelFormat::NATIVE, w, h, &pixels, &mut out);
-            assert_eq!(unzrle(&out, w, h, &mut dec), pixels);
+            assert_eq!(unzrle(&out, w, h, &mut dec, &mut seen), pixels);
         }
+        // Raw, solid, packed palette, plain RLE and palette RLE were all exercised.
+        assert!(
+            seen.contains(&0) && seen.contains(&1) && seen.contains(&128),
+            "{seen:?}"
+        );
+        assert!(seen.iter().any(|s| (2..=16).contains(s)), "{seen:?}");
+        assert!(seen.iter().any(|&s| s >= 130), "{seen:?}");
     }
 }
