@@ -70,6 +70,10 @@ struct Client {
     absolute: Option<bool>,
     /// QEMU LED state last announced.
     leds: Option<u8>,
+    /// CopyRect rectangles received.
+    copies: usize,
+    /// Pixel data received (Raw and ZRLE payloads).
+    bytes: usize,
 }
 
 impl Client {
@@ -136,6 +140,8 @@ impl Client {
             last_eds: None,
             absolute: None,
             leds: None,
+            copies: 0,
+            bytes: 0,
         })
     }
 
@@ -178,6 +184,7 @@ impl Client {
                 }
                 16 => {
                     let len = self.s.read_u32().await.expect("len") as usize;
+                    self.bytes += len;
                     let mut data = vec![0u8; len];
                     self.s.read_exact(&mut data).await.expect("zrle");
                     let mut raw = Vec::with_capacity(w * h * 4 + 4096);
@@ -185,6 +192,22 @@ impl Client {
                         .decompress_vec(&data, &mut raw, FlushDecompress::Sync)
                         .expect("inflate");
                     self.zrle_tiles(&raw, x, y, w, h);
+                }
+                1 => {
+                    let sx = self.s.read_u16().await.expect("src x") as usize;
+                    let sy = self.s.read_u16().await.expect("src y") as usize;
+                    let stride = self.width as usize;
+                    let src: Vec<u32> = (0..h)
+                        .flat_map(|r| {
+                            let at = (sy + r) * stride + sx;
+                            self.fb[at..at + w].to_vec()
+                        })
+                        .collect();
+                    for (r, row) in src.chunks_exact(w).enumerate() {
+                        let at = (y + r) * stride + x;
+                        self.fb[at..at + w].copy_from_slice(row);
+                    }
+                    self.copies += 1;
                 }
                 -258 => {} // QEMU extended key events confirmed
                 -257 => self.absolute = Some(x == 1),
@@ -244,7 +267,37 @@ impl Client {
                             r = &r[(tw * bits).div_ceil(8)..];
                         }
                     }
-                    other => panic!("subencoding {other} not expected from our server"),
+                    128 | 130..=255 => {
+                        // Plain RLE (128) or palette RLE (130+: 128 + palette size).
+                        let pal: Vec<u32> =
+                            (0..sub.saturating_sub(128)).map(|_| cp(&mut r)).collect();
+                        let mut i = 0;
+                        while i < tw * th {
+                            let (c, long) = if sub == 128 {
+                                (cp(&mut r), true)
+                            } else {
+                                let b = r[0];
+                                r = &r[1..];
+                                (pal[usize::from(b & 127)], b & 128 != 0)
+                            };
+                            let mut len = 1;
+                            if long {
+                                loop {
+                                    let b = r[0];
+                                    r = &r[1..];
+                                    len += usize::from(b);
+                                    if b != 255 {
+                                        break;
+                                    }
+                                }
+                            }
+                            for k in i..i + len {
+                                set(k % tw, k / tw, c);
+                            }
+                            i += len;
+                        }
+                    }
+                    other => panic!("subencoding {other} is not ZRLE"),
                 }
             }
         }
@@ -287,6 +340,64 @@ async fn converge(c: &mut Client, vm: Vm, what: &str) -> Vm {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scrolling_guest_is_sent_as_copyrect_and_stays_exact() {
+    let _serial = SERIAL.lock().await;
+    let rig = Rig::start().await;
+    let addr = start_vnc(&rig, None).await;
+    let vm = rig.vm_with_test_image().await;
+    let mut c = Client::connect(addr, "003.008", None)
+        .await
+        .expect("connect");
+    c.set_encodings(&[16, 1, -223]).await;
+    let bytes_before = c.bytes;
+    let mut vm = converge(&mut c, vm, "before scrolling").await;
+    let full_frame = c.bytes - bytes_before;
+    let bytes_before = c.bytes;
+    for _ in 0..3 {
+        vm = tokio::task::spawn_blocking(move || {
+            let mut vm = vm;
+            vm.guest("scroll 48");
+            vm
+        })
+        .await
+        .expect("scroll");
+    }
+    // Only incremental requests from here: every pixel the client has is built from CopyRects
+    // and the rows that really are new.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (v, shot) = tokio::task::spawn_blocking(move || {
+            let mut vm = vm;
+            let d = vm.screendump();
+            (vm, d)
+        })
+        .await
+        .expect("screendump");
+        vm = v;
+        if c.fb == shot.2 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the scrolled screen never matched"
+        );
+        c.request(true).await;
+        tokio::time::timeout(Duration::from_secs(10), c.read_update())
+            .await
+            .expect("the screen differs but no update came");
+    }
+    assert!(c.copies > 0, "no CopyRect was sent for a scroll");
+    let sent = c.bytes - bytes_before;
+    // The image moved without being resent: far less than one full ZRLE frame of it.
+    assert!(
+        sent < full_frame / 2,
+        "{sent} bytes for three scrolls, {full_frame} for a frame"
+    );
+    drop(vm);
+    rig.stop().await;
 }
 
 /// Boots the guest and draws a known image at 800x600.

@@ -15,6 +15,7 @@ use super::auth::{LoginLimiter, challenge, constant_time_eq, vnc_response};
 use super::encode::{Zrle, raw, rect_header};
 use super::keymap::{QNUM_SHIFT_L, XK_SHIFT_L, XK_SHIFT_R, keysym_to_qnum};
 use super::proto::{ClientMsg, PixelFormat, ProtoError, decode, enc};
+use super::scroll::{self, RowHash, RowHashes};
 use super::tight::{self, Tight};
 use super::{hextile, pseudo};
 use crate::framebuffer::{Damage, Framebuffer, Rect};
@@ -396,6 +397,7 @@ pub enum Encoding {
 #[derive(Default, Debug)]
 struct ClientCaps {
     encoding: Encoding,
+    copy_rect: bool,
     desktop_size: bool,
     ext_desktop_size: bool,
     qemu_ext_key: bool,
@@ -426,6 +428,9 @@ impl ClientCaps {
                 enc::TIGHT => Some(Encoding::Tight),
                 _ => None,
             };
+            if e == enc::COPY_RECT {
+                c.copy_rect = true;
+            }
             if preferred.is_none() {
                 preferred = encoding;
             }
@@ -466,7 +471,11 @@ struct Encoders {
     zrle: Option<Zrle>,
     tight: Option<Tight>,
     pixels: Vec<u32>,
-    split: Vec<Rect>,
+    parts: Vec<(Rect, Source)>,
+    split: Vec<(Rect, Source)>,
+    band: Band,
+    /// What the viewer's screen shows, row by row (for CopyRect).
+    rows: RowHashes,
 }
 
 /// What this client has been told besides pixels, so changes are sent once.
@@ -524,6 +533,7 @@ pub async fn serve<S: Io + 'static>(
     let mut pf = PixelFormat::NATIVE;
     let mut caps = ClientCaps::default();
     let mut encoders = Encoders::default();
+    encoders.rows.reset(height);
     let mut told = Told::default();
     let mut inbuf = BytesMut::with_capacity(4096);
     // An update request the client is waiting on: (incremental, region).
@@ -560,6 +570,7 @@ pub async fn serve<S: Io + 'static>(
                     pseudo::desktop_size(&mut out, width, height);
                 }
                 told.layout = false;
+                encoders.rows.reset(height);
                 s.write_all(&out).await?;
                 pending = None;
                 force_full = true;
@@ -580,7 +591,19 @@ pub async fn serve<S: Io + 'static>(
             let rects = update_rects(&damage, full, region, width, height);
             if !rects.is_empty() || n_extras > 0 || (pending.is_some() && !incremental) {
                 let extras = (&extras[..], n_extras);
-                write_update(&mut out, &rects, extras, &fb, &pf, &caps, &mut encoders);
+                let mut parts = std::mem::take(&mut encoders.parts);
+                plan_update(
+                    &mut parts,
+                    &rects,
+                    !full,
+                    &caps,
+                    &fb,
+                    &mut encoders.rows,
+                    &mut encoders.band,
+                    width,
+                );
+                write_update(&mut out, &parts, extras, &fb, &pf, &caps, &mut encoders);
+                encoders.parts = parts;
                 s.write_all(&out).await?;
                 pending = None;
                 force_full = false;
@@ -892,25 +915,126 @@ fn merge_overlaps(rects: &mut Vec<Rect>) {
     }
 }
 
+/// Where a rectangle's content comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Source {
+    /// Read from the framebuffer when encoding.
+    Framebuffer,
+    /// From the band snapshot (`Band`), whose rows were hashed.
+    Band,
+    /// CopyRect from row `src_y` of the viewer's own screen.
+    CopyFrom(u32),
+}
+
+/// A full-width band of damage read once, so the rows hashed are exactly the rows sent.
+#[derive(Default)]
+struct Band {
+    rect: Rect,
+    pixels: Vec<u32>,
+    hashes: Vec<RowHash>,
+}
+
+/// Decides what to send for `rects`: scrolled rows as CopyRects (when the client takes them and
+/// asked incrementally), the rest as pixels. Keeps the viewer's row hashes current.
+#[allow(clippy::too_many_arguments)]
+fn plan_update(
+    parts: &mut Vec<(Rect, Source)>,
+    rects: &[Rect],
+    incremental: bool,
+    caps: &ClientCaps,
+    fb: &Framebuffer,
+    rows: &mut RowHashes,
+    band: &mut Band,
+    width: u32,
+) {
+    parts.clear();
+    if !caps.copy_rect {
+        parts.extend(rects.iter().map(|r| (*r, Source::Framebuffer)));
+        return;
+    }
+    if let [r] = rects
+        && r.x == 0
+        && r.w == width
+        && fb.read_rect(*r, &mut band.pixels) == *r
+    {
+        band.rect = *r;
+        band.hashes.clear();
+        band.hashes.extend(
+            band.pixels
+                .chunks_exact(width as usize)
+                .map(scroll::row_hash),
+        );
+        let moves = if incremental {
+            rows.find_moves(r.y, &band.hashes)
+        } else {
+            Vec::new()
+        };
+        let mut copied = vec![false; r.h as usize];
+        for m in &moves {
+            parts.push((
+                Rect {
+                    x: 0,
+                    y: m.dst_y,
+                    w: width,
+                    h: m.rows,
+                },
+                Source::CopyFrom(m.src_y),
+            ));
+            copied[(m.dst_y - r.y) as usize..(m.dst_y - r.y + m.rows) as usize].fill(true);
+        }
+        // The rows not copied, as full-width runs of pixels from the snapshot.
+        let mut y = 0;
+        while y < r.h {
+            if copied[y as usize] {
+                y += 1;
+                continue;
+            }
+            let start = y;
+            while y < r.h && !copied[y as usize] {
+                y += 1;
+            }
+            parts.push((
+                Rect {
+                    x: 0,
+                    y: r.y + start,
+                    w: width,
+                    h: y - start,
+                },
+                Source::Band,
+            ));
+        }
+        rows.record(r.y, &band.hashes);
+        return;
+    }
+    for r in rects {
+        rows.forget(r);
+        parts.push((*r, Source::Framebuffer));
+    }
+}
+
 fn write_update(
     out: &mut Vec<u8>,
-    rects: &[Rect],
+    parts: &[(Rect, Source)],
     (extras, n_extras): (&[u8], usize),
     fb: &Framebuffer,
     pf: &PixelFormat,
     caps: &ClientCaps,
-    enc: &mut Encoders,
+    encoders: &mut Encoders,
 ) {
     // Tight splits rectangles; with LastRect the count need not be known in advance.
-    enc.split.clear();
-    if caps.encoding == Encoding::Tight {
-        for r in rects {
-            tight::split(*r, &mut enc.split);
+    encoders.split.clear();
+    for &(r, source) in parts {
+        if caps.encoding == Encoding::Tight && !matches!(source, Source::CopyFrom(_)) {
+            let mut pieces = Vec::new();
+            tight::split(r, &mut pieces);
+            encoders
+                .split
+                .extend(pieces.into_iter().map(|p| (p, source)));
+        } else {
+            encoders.split.push((r, source));
         }
-    } else {
-        enc.split.extend_from_slice(rects);
     }
-    let count = enc.split.len() + n_extras;
+    let count = encoders.split.len() + n_extras;
     let use_last_rect = caps.last_rect && count >= usize::from(u16::MAX);
     let header = if use_last_rect {
         u16::MAX
@@ -919,29 +1043,54 @@ fn write_update(
     };
     pseudo::update_header(out, header);
     out.extend_from_slice(extras);
-    let pixels = &mut enc.pixels;
-    for (i, r) in enc.split.iter().enumerate() {
+    let Encoders {
+        zrle,
+        tight,
+        pixels,
+        split,
+        band,
+        ..
+    } = encoders;
+    for (i, &(r, source)) in split.iter().enumerate() {
         if !use_last_rect && i + n_extras >= usize::from(u16::MAX) {
             break;
         }
-        let got = fb.read_rect(*r, pixels);
+        let got = match source {
+            Source::CopyFrom(src_y) => {
+                rect_header(out, 0, r.y as u16, r.w as u16, r.h as u16, enc::COPY_RECT);
+                out.extend_from_slice(&0u16.to_be_bytes());
+                out.extend_from_slice(&(src_y as u16).to_be_bytes());
+                continue;
+            }
+            Source::Framebuffer => fb.read_rect(r, pixels),
+            Source::Band => {
+                // A sub-rectangle of the snapshot (Tight splits bands into pieces).
+                pixels.clear();
+                let bw = band.rect.w as usize;
+                for row in r.y..r.y + r.h {
+                    let start = (row - band.rect.y) as usize * bw + (r.x - band.rect.x) as usize;
+                    pixels.extend_from_slice(&band.pixels[start..start + r.w as usize]);
+                }
+                r
+            }
+        };
         let (x, y, w, h) = (got.x as u16, got.y as u16, got.w as u16, got.h as u16);
         let (gw, gh) = (got.w as usize, got.h as usize);
-        match (caps.encoding, &mut enc.zrle, &mut enc.tight) {
+        match (caps.encoding, &mut *zrle, &mut *tight) {
             (Encoding::Zrle, Some(z), _) => {
-                rect_header(out, x, y, w, h, super::proto::enc::ZRLE);
+                rect_header(out, x, y, w, h, enc::ZRLE);
                 z.encode(pf, gw, gh, pixels, out);
             }
             (Encoding::Tight, _, Some(t)) => {
-                rect_header(out, x, y, w, h, super::proto::enc::TIGHT);
+                rect_header(out, x, y, w, h, enc::TIGHT);
                 t.encode(pf, gw, gh, pixels, out);
             }
             (Encoding::Hextile, _, _) => {
-                rect_header(out, x, y, w, h, super::proto::enc::HEXTILE);
+                rect_header(out, x, y, w, h, enc::HEXTILE);
                 hextile::encode(pf, gw, gh, pixels, out);
             }
             _ => {
-                rect_header(out, x, y, w, h, super::proto::enc::RAW);
+                rect_header(out, x, y, w, h, enc::RAW);
                 raw(pf, pixels, out);
             }
         }

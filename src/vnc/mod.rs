@@ -8,5 +8,6 @@ pub mod hextile;
 pub mod keymap;
 pub mod proto;
 pub mod pseudo;
+pub mod scroll;
 pub mod server;
 pub mod tight;

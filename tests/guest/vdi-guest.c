@@ -14,6 +14,7 @@
  *   fill SEED                draw the test image (gradients, bars, noise) from SEED
  *   solid RRGGBB             fill the screen with one colour
  *   rect X Y W H RRGGBB      fill a rectangle
+ *   scroll N                 move the screen up N rows, paint the N new bottom rows
  *   animate N                draw N full-screen frames as fast as possible
  *   keybox on|off            on a key press, fill the top-left 64x64 box with a colour
  *                            derived from the key code (default on)
@@ -229,6 +230,15 @@ static void rect(uint32_t x0, uint32_t y0, uint32_t w, uint32_t h, uint32_t rgb)
     flush();
 }
 
+/* Scrolls the screen up by n rows (as a console does) and paints the new bottom rows. */
+static void scroll(uint32_t n) {
+    if (n >= d.height) n = d.height - 1;
+    memmove(d.pixels, d.pixels + (size_t)n * d.stride, (size_t)(d.height - n) * d.stride);
+    for (uint32_t y = d.height - n; y < d.height; y++)
+        for (uint32_t x = 0; x < d.width; x++) put(x, y, hash(x * 31 + y * 7 + n) & 0xffffff);
+    flush();
+}
+
 static void animate(unsigned n) {
     double t0 = now_ms();
     for (unsigned i = 0; i < n; i++) {
@@ -427,6 +437,9 @@ static void command(char *line) {
     } else if (!strcmp(op, "rect") && sscanf(line, "%*s %u %u %u %u %x", &a, &b, &c, &e, &rgb) == 5) {
         rect(a, b, c, e, rgb);
         say("OK rect");
+    } else if (!strcmp(op, "scroll") && sscanf(line, "%*s %u", &a) == 1) {
+        scroll(a);
+        say("OK scroll %u", a);
     } else if (!strcmp(op, "animate") && sscanf(line, "%*s %u", &a) == 1) {
         animate(a);
     } else if (!strcmp(op, "keybox") && sscanf(line, "%*s %31s", arg) == 1) {
