@@ -691,7 +691,70 @@ async fn vncdotool_captures_the_guest_exactly() {
     rig.stop().await;
 }
 
-/// Differing pixels between two images (ImageMagick `compare -metric AE`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vncdotool_clicks_land_where_they_should() {
+    let _serial = SERIAL.lock().await;
+    let rig = Rig::start().await;
+    let addr = start_vnc(&rig, Some(PASSWORD)).await;
+    let vm = rig
+        .vm_with_test_image_and(&["-device", "qemu-xhci", "-device", "usb-tablet"])
+        .await;
+    let vm = tokio::task::spawn_blocking(move || {
+        let mut vm = vm;
+        let server = format!("127.0.0.1::{}", addr.port());
+        let vncdo = |args: &[&str]| {
+            let out = std::process::Command::new("vncdotool")
+                .args(["-s", &server, "-p", PASSWORD])
+                .args(args)
+                .output()
+                .expect("vncdotool");
+            assert!(out.status.success(), "vncdotool {args:?}: {out:?}");
+        };
+        let next_event = |vm: &mut Vm| {
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                vm.expect_line("EV ", Duration::from_secs(1))
+            }))
+            .ok()
+        };
+        // QEMU switches to the tablet once the guest has opened it: move until it reports.
+        let mut active = false;
+        for attempt in 0..20 {
+            vncdo(&["move", &(100 + attempt).to_string(), "100"]);
+            if next_event(&mut vm).is_some_and(|l| l.contains(" 3 0 ")) {
+                active = true;
+                break;
+            }
+        }
+        assert!(active, "the tablet never reported absolute motion");
+        vncdo(&["move", "600", "150", "pause", "0.2", "click", "1"]);
+        // The last absolute position before the button press is where the click lands.
+        let (mut x, mut y) = (None, None);
+        loop {
+            let line = next_event(&mut vm).expect("no button press reached the guest");
+            let v = || line.rsplit(' ').next().and_then(|v| v.parse::<i64>().ok());
+            if line.contains(" 3 0 ") {
+                x = v();
+            } else if line.contains(" 3 1 ") {
+                y = v();
+            } else if line.ends_with(" 1 272 1") {
+                break;
+            }
+        }
+        // QEMU scales 0..width-1 to its 0..0x7fff tablet axis.
+        let (ex, ey) = (600 * 0x7fff / 799, 150 * 0x7fff / 599);
+        let (x, y) = (x.expect("no ABS_X"), y.expect("no ABS_Y"));
+        assert!(
+            (x - ex).abs() < 0x100 && (y - ey).abs() < 0x100,
+            "click at ({x}, {y}), expected near ({ex}, {ey})"
+        );
+        vm.expect_event(1, 272, 0);
+        vm
+    })
+    .await
+    .expect("vncdotool clicks");
+    drop(vm);
+    rig.stop().await;
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gvnccapture_captures_the_guest_exactly() {

@@ -268,7 +268,12 @@ impl Rig {
     /// A std-VGA guest showing the 800x600 test image (gradients, bars, noise), already in our
     /// framebuffer exactly as QMP `screendump` shows it.
     pub async fn vm_with_test_image(&self) -> Vm {
-        let mut vm = self.vm(Video::StdVga);
+        self.vm_with_test_image_and(&[]).await
+    }
+
+    /// [`Rig::vm_with_test_image`] with more QEMU arguments (e.g. a USB tablet).
+    pub async fn vm_with_test_image_and(&self, extra: &[&str]) -> Vm {
+        let mut vm = self.vm_with(Video::StdVga, extra);
         let fb = self.consoles.primary();
         tokio::task::spawn_blocking(move || {
             vm.wait_ready();
