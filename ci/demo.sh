@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The main job, locally: builds the test guest from Debian packages, then runs
-# `vdi-sidecar demo`: our bus, QEMU with the D-Bus display, and the VNC server on 127.0.0.1:5900.
+# `vdi-sidecar demo`: our bus, QEMU with the D-Bus display, the VNC server on 127.0.0.1:5900 and
+# the web client (noVNC) on https://127.0.0.1:6080/.
 # It prints the address and the generated password (or set VDI_PASSWORD).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -8,5 +9,9 @@ if [ "$(id -u)" = 0 ] && [ "${VDI_SKIP_INSTALL:-0}" != 1 ]; then
   ./ci/install-deps.sh
 fi
 guest=$(tests/guest/build.sh | tail -n1)
+if [ ! -f web/node_modules/@novnc/novnc/core/rfb.js ]; then
+  (cd web && npm ci --no-audit --no-fund) || echo "demo: no noVNC (npm ci in web/ failed): the web page will say so" >&2
+fi
 cargo build --release --locked
-exec ./target/release/vdi-sidecar demo --kernel "$guest/vmlinuz" --initrd "$guest/initrd.gz" "$@"
+exec ./target/release/vdi-sidecar demo --kernel "$guest/vmlinuz" --initrd "$guest/initrd.gz" \
+  --web-root web/node_modules/@novnc/novnc "$@"

@@ -18,7 +18,7 @@ apt-get update -q
 apt-get install -y -q --no-install-recommends \
   dbus-daemon dbus cpio busybox-static xz-utils ca-certificates \
   imagemagick procps gvncviewer tigervnc-viewer tigervnc-tools xvfb xdotool util-linux \
-  x11proto-dev
+  x11proto-dev chromium
 apt-get install -y -q --no-install-recommends -t bookworm-backports \
   qemu-system-x86 qemu-system-data qemu-system-modules-opengl qemu-utils \
   libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients
@@ -31,3 +31,10 @@ fi
 
 # Real VNC client for the tests (RFB 3.3–3.8, VNC auth, Raw).
 python3 -m pip install --quiet --disable-pip-version-check vncdotool
+
+# The browser client: noVNC (served by the sidecar) and playwright-core (drives Debian's
+# Chromium in tests/web.rs), from npm at the versions web/package-lock.json pins.
+if ! command -v npm >/dev/null; then
+  apt-get install -y -q --no-install-recommends nodejs npm
+fi
+(cd "$(dirname "$0")/../web" && npm ci --no-audit --no-fund)

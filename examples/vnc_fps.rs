@@ -71,10 +71,13 @@ async fn main() -> Result<()> {
         kernel: format!("{guest}/vmlinuz").into(),
         initrd: format!("{guest}/initrd.gz").into(),
         qemu: "qemu-system-x86_64".into(),
-        vnc: Some((
-            SocketAddr::from(([127, 0, 0, 1], ours)),
-            Arc::new(VncConfig::new(None, "bench")),
-        )),
+        viewers: vdi_sidecar::viewers::Viewers {
+            vnc: Some((
+                SocketAddr::from(([127, 0, 0, 1], ours)),
+                Arc::new(VncConfig::new(None, "bench")),
+            )),
+            web: None,
+        },
         width: WIDTH,
         height: HEIGHT,
         extra_qemu_args: vec!["-vnc".into(), format!("127.0.0.1:{}", theirs - 5900)],

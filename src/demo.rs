@@ -5,7 +5,6 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::Stdio;
-use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -16,7 +15,7 @@ use tracing::{info, warn};
 
 use crate::bus::{Bus, BusConfig};
 use crate::qemu::source::{self, SourceOptions};
-use crate::vnc::conn::VncConfig;
+use crate::viewers::Viewers;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -34,7 +33,7 @@ pub struct DemoConfig {
     pub kernel: PathBuf,
     pub initrd: PathBuf,
     pub qemu: PathBuf,
-    pub vnc: Option<(SocketAddr, Arc<VncConfig>)>,
+    pub viewers: Viewers,
     /// Guest resolution (std VGA, set by the guest program).
     pub width: u32,
     pub height: u32,
@@ -55,18 +54,11 @@ pub async fn run(cfg: DemoConfig, stop: CancellationToken) -> Result<(), Error> 
         SourceOptions::default(),
         stop.child_token(),
     );
-    if let Some((addr, vnc)) = &cfg.vnc {
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .map_err(|e| Error::Listen(*addr, e))?;
-        tokio::spawn(crate::vnc::server::run(
-            listener,
-            Arc::clone(vnc),
-            consoles.primary(),
-            consoles.input(),
-            stop.child_token(),
-        ));
-    }
+    let at = cfg
+        .viewers
+        .start(&consoles, &stop)
+        .await
+        .map_err(|e| Error::Listen(e.addr, e.source))?;
 
     let serial = dir.join("serial.sock");
     let mut qemu = Command::new(&cfg.qemu)
@@ -103,7 +95,7 @@ pub async fn run(cfg: DemoConfig, stop: CancellationToken) -> Result<(), Error> 
         .map_err(|e| Error::Spawn(cfg.qemu.display().to_string(), e))?;
     info!(pid = qemu.id(), "QEMU started");
 
-    if let Some((addr, vnc)) = &cfg.vnc {
+    if let (Some(addr), Some((_, vnc))) = (at.vnc, &cfg.viewers.vnc) {
         let password = vnc
             .password
             .as_deref()
@@ -111,6 +103,10 @@ pub async fn run(cfg: DemoConfig, stop: CancellationToken) -> Result<(), Error> 
         println!("vdi-sidecar demo: the guest's desktop is served at");
         println!("  VNC   {addr}   password: {password}");
         println!("  e.g.  vncviewer {}::{}", addr.ip(), addr.port());
+        if let (Some(web), Some((_, w))) = (at.web, &cfg.viewers.web) {
+            let scheme = if w.tls.is_some() { "https" } else { "http" };
+            println!("  Web   {scheme}://{web}/   (same password; the certificate is generated)");
+        }
         println!("Ctrl-C stops the demo (QEMU and the bus are stopped too).");
     }
 

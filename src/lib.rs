@@ -12,4 +12,6 @@ pub mod pixman;
 pub mod qemu;
 pub mod serve;
 pub mod tls;
+pub mod viewers;
 pub mod vnc;
+pub mod web;

@@ -95,6 +95,20 @@ struct ViewerArgs {
     /// VNC listen address, or `none`.
     #[arg(long, env = "VDI_VNC")]
     vnc: Option<String>,
+    /// Web client (HTTPS + WebSocket + noVNC page) listen address, or `none`.
+    #[arg(long, env = "VDI_HTTP")]
+    http: Option<String>,
+    /// Serve the web client over plain HTTP (e.g. behind a TLS-terminating ingress).
+    #[arg(long, env = "VDI_HTTP_INSECURE")]
+    http_insecure: bool,
+    /// noVNC's package directory (`@novnc/novnc` from npm; `npm install` in web/ puts it in
+    /// web/node_modules/@novnc/novnc).
+    #[arg(
+        long,
+        env = "VDI_WEB_ROOT",
+        default_value = "/usr/share/vdi-sidecar/novnc"
+    )]
+    web_root: PathBuf,
     /// File holding the viewers' password (first line). Otherwise $VDI_PASSWORD, otherwise a
     /// random password is generated and logged once at start-up.
     #[arg(long, env = "VDI_PASSWORD_FILE")]
@@ -148,27 +162,52 @@ impl ViewerArgs {
         Ok(Some(p))
     }
 
-    /// The VNC address and settings; `default` applies when `--vnc` is not given.
-    fn vnc(
+    /// The VNC and web listeners; the defaults apply when `--vnc`/`--http` are not given.
+    fn viewers(
         &self,
-        default: &str,
+        vnc_default: &str,
+        http_default: &str,
         name: &str,
-    ) -> anyhow::Result<Option<(SocketAddr, Arc<VncConfig>)>> {
-        let addr = self.vnc.as_deref().unwrap_or(default);
-        if addr == "none" {
-            return Ok(None);
+    ) -> anyhow::Result<vdi_sidecar::viewers::Viewers> {
+        let parse = |flag: &str, value: &str| -> anyhow::Result<Option<SocketAddr>> {
+            if value == "none" {
+                return Ok(None);
+            }
+            Ok(Some(value.parse().with_context(|| {
+                format!("bad --{flag} address {value:?}")
+            })?))
+        };
+        let vnc_addr = parse("vnc", self.vnc.as_deref().unwrap_or(vnc_default))?;
+        let http_addr = parse("http", self.http.as_deref().unwrap_or(http_default))?;
+        if vnc_addr.is_none() && http_addr.is_none() {
+            return Ok(Default::default());
         }
-        let addr: SocketAddr = addr
-            .parse()
-            .with_context(|| format!("bad --vnc address {addr:?}"))?;
-        let mut cfg = VncConfig::new(self.password()?, name);
-        cfg.username = self.username.clone();
-        cfg.tls = Some(self.tls()?);
-        cfg.require_tls = self.vnc_require_tls;
-        if self.vnc_allow_exclusive {
-            cfg.share = vnc::conn::SharePolicy::AllowExclusive;
-        }
-        Ok(Some((addr, Arc::new(cfg))))
+        let password = self.password()?;
+        let tls = self.tls()?;
+        let vnc = vnc_addr.map(|addr| {
+            let mut cfg = VncConfig::new(password.clone(), name);
+            cfg.username = self.username.clone();
+            cfg.tls = Some(tls.clone());
+            cfg.require_tls = self.vnc_require_tls;
+            if self.vnc_allow_exclusive {
+                cfg.share = vnc::conn::SharePolicy::AllowExclusive;
+            }
+            (addr, Arc::new(cfg))
+        });
+        let web = http_addr.map(|addr| {
+            // noVNC speaks VNC authentication; the TLS is the page's HTTPS around it.
+            let mut cfg = VncConfig::new(password.clone(), name);
+            if self.vnc_allow_exclusive {
+                cfg.share = vnc::conn::SharePolicy::AllowExclusive;
+            }
+            let web = vdi_sidecar::web::WebConfig {
+                novnc: Some(self.web_root.clone()),
+                tls: (!self.http_insecure).then(|| tls.clone()),
+                vnc: Arc::new(cfg),
+            };
+            (addr, web)
+        });
+        Ok(vdi_sidecar::viewers::Viewers { vnc, web })
     }
 
     /// The TLS identity: the operator's files, or a certificate generated for this run.
@@ -270,9 +309,11 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
     let qemu_bus_address = args
         .qemu_bus_address
         .unwrap_or_else(|| serve::default_qemu_bus_address(container.as_deref()));
-    let vnc = args.viewers.vnc("0.0.0.0:5900", "vdi-sidecar")?;
+    let viewers = args
+        .viewers
+        .viewers("0.0.0.0:5900", "0.0.0.0:6080", "vdi-sidecar")?;
     let cfg = serve::ServeConfig {
-        vnc,
+        viewers,
         bus: BusConfig {
             dir: args
                 .bus_dir
@@ -311,7 +352,9 @@ fn run_rewrite(args: &RewriteDomainArgs) -> anyhow::Result<()> {
 }
 
 fn run_bridge(args: BridgeArgs) -> anyhow::Result<()> {
-    let vnc = args.viewers.vnc("127.0.0.1:5900", "vdi-sidecar")?;
+    let viewers = args
+        .viewers
+        .viewers("127.0.0.1:5900", "127.0.0.1:6080", "vdi-sidecar")?;
     let rt = tokio::runtime::Runtime::new().context("cannot start the runtime")?;
     rt.block_on(async {
         let stop = CancellationToken::new();
@@ -320,18 +363,7 @@ fn run_bridge(args: BridgeArgs) -> anyhow::Result<()> {
             shared_memory: !args.no_shared_memory,
         };
         let (consoles, task) = source::spawn(args.dbus_address, opts, stop.clone());
-        if let Some((addr, cfg)) = vnc {
-            let listener = tokio::net::TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("cannot listen on {addr}"))?;
-            tokio::spawn(vnc::server::run(
-                listener,
-                cfg,
-                consoles.primary(),
-                consoles.input(),
-                stop.clone(),
-            ));
-        }
+        viewers.start(&consoles, &stop).await?;
         stop.cancelled().await;
         let _ = task.await;
         Ok(())
@@ -345,7 +377,9 @@ fn run_demo(args: DemoArgs) -> anyhow::Result<()> {
         .and_then(|(w, h)| Some((w.parse().ok()?, h.parse().ok()?)))
         .context("--size must be WIDTHxHEIGHT")?;
     let cfg = vdi_sidecar::demo::DemoConfig {
-        vnc: args.viewers.vnc("127.0.0.1:5900", "vdi-sidecar demo")?,
+        viewers: args
+            .viewers
+            .viewers("127.0.0.1:5900", "127.0.0.1:6080", "vdi-sidecar demo")?,
         kernel: args.kernel,
         initrd: args.initrd,
         qemu: args.qemu,

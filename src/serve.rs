@@ -4,7 +4,6 @@
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::UnixListener;
@@ -15,7 +14,7 @@ use crate::bus::{Bus, BusConfig};
 use crate::hook::domain::RewriteOptions;
 use crate::hook::grpc::{self, HookService};
 use crate::qemu::source::{self, SourceOptions};
-use crate::vnc::conn::VncConfig;
+use crate::viewers::Viewers;
 
 /// Where KubeVirt mounts the hook sockets directory in every sidecar.
 pub const DEFAULT_HOOKS_DIR: &str = "/var/run/kubevirt-hooks";
@@ -58,8 +57,8 @@ pub fn default_qemu_bus_address(container_name: Option<&str>) -> String {
 /// Everything `serve` needs.
 #[derive(Clone)]
 pub struct ServeConfig {
-    /// The VNC listener address and its settings, unless disabled.
-    pub vnc: Option<(std::net::SocketAddr, Arc<VncConfig>)>,
+    /// The VNC and web listeners, unless disabled.
+    pub viewers: Viewers,
     pub hooks_dir: PathBuf,
     pub socket_name: String,
     pub bus: BusConfig,
@@ -133,24 +132,12 @@ pub async fn run(cfg: ServeConfig, shutdown: CancellationToken) -> Result<(), Er
         SourceOptions::default(),
         shutdown.child_token(),
     );
-    if let Some((addr, vnc_cfg)) = &cfg.vnc {
-        let listener = match tokio::net::TcpListener::bind(addr).await {
-            Ok(l) => l,
-            Err(source) => {
-                bus.stop().await;
-                return Err(Error::Listen {
-                    addr: *addr,
-                    source,
-                });
-            }
-        };
-        tokio::spawn(crate::vnc::server::run(
-            listener,
-            Arc::clone(vnc_cfg),
-            consoles.primary(),
-            consoles.input(),
-            shutdown.child_token(),
-        ));
+    if let Err(e) = cfg.viewers.start(&consoles, &shutdown).await {
+        bus.stop().await;
+        return Err(Error::Listen {
+            addr: e.addr,
+            source: e.source,
+        });
     }
 
     let service = HookService::new(cfg.rewrite.clone(), shutdown.clone());

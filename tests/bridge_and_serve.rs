@@ -44,7 +44,15 @@ async fn bridge_attaches_to_an_existing_bus() {
             .expect("bus");
     let log_path = dir.path().join("bridge.log");
     let child = Command::new(BIN)
-        .args(["bridge", "--vnc", "none", "--dbus-address", bus.address()])
+        .args([
+            "bridge",
+            "--vnc",
+            "none",
+            "--http",
+            "none",
+            "--dbus-address",
+            bus.address(),
+        ])
         .env("VDI_LOG", "info")
         .stdin(Stdio::null())
         .stderr(std::fs::File::create(&log_path).expect("log"))

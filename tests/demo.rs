@@ -21,7 +21,12 @@ fn demo_serves_the_guest_over_vnc_and_stops_cleanly() {
         .arg(guest.join("vmlinuz"))
         .arg("--initrd")
         .arg(guest.join("initrd.gz"))
-        .args(["--vnc", &format!("127.0.0.1:{port}")])
+        .args([
+            "--vnc",
+            &format!("127.0.0.1:{port}"),
+            "--http",
+            "127.0.0.1:0",
+        ])
         .env("VDI_PASSWORD", "demo-pw1")
         .env("VDI_LOG", "info")
         .stdin(Stdio::null())
@@ -42,6 +47,19 @@ fn demo_serves_the_guest_over_vnc_and_stops_cleanly() {
         vnc_line.contains(&format!("127.0.0.1:{port}")) && vnc_line.contains("demo-pw1"),
         "{vnc_line}"
     );
+    // The web client's URL follows, with the port the system chose.
+    let _example = lines.next().expect("example line").expect("read");
+    let web_line = lines.next().expect("web line").expect("read");
+    let url = web_line
+        .split_whitespace()
+        .find(|w| w.starts_with("https://127.0.0.1:"))
+        .unwrap_or_else(|| panic!("no web URL: {web_line}"));
+    let web_port: u16 = url
+        .trim_start_matches("https://127.0.0.1:")
+        .trim_end_matches('/')
+        .parse()
+        .expect("web port");
+    assert_ne!(web_port, 0, "{web_line}");
 
     let dir = tempfile::tempdir().expect("tempdir");
     let png = dir.path().join("demo.png");

@@ -41,6 +41,16 @@ mod vencrypt {
 /// Longest user name or password accepted by Plain authentication.
 const MAX_PLAIN_FIELD: u32 = 1024;
 
+/// How long the screen must stay still before JPEG areas are resent losslessly.
+const LOSSLESS_REFRESH: Duration = Duration::from_millis(150);
+
+async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Time a client has to finish the handshake (including typing a password into a dialog).
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -70,7 +80,18 @@ pub struct VncConfig {
     pub share: SharePolicy,
     /// A client that has not finished the handshake by then is dropped (slow-loris guard).
     pub handshake_timeout: Duration,
+    /// What was sent, across all connections (logs, tests, benchmarks).
+    pub stats: SendStats,
     sessions: Sessions,
+}
+
+/// Rectangles sent by kind, across all connections.
+#[derive(Debug, Default)]
+pub struct SendStats {
+    pub jpeg_rects: AtomicU64,
+    pub lossless_refreshes: AtomicU64,
+    pub copy_rects: AtomicU64,
+    pub updates: AtomicU64,
 }
 
 impl VncConfig {
@@ -84,6 +105,7 @@ impl VncConfig {
             require_tls: false,
             share: SharePolicy::default(),
             handshake_timeout: HANDSHAKE_TIMEOUT,
+            stats: SendStats::default(),
             sessions: Sessions::default(),
         }
     }
@@ -476,6 +498,8 @@ struct Encoders {
     band: Band,
     /// What the viewer's screen shows, row by row (for CopyRect).
     rows: RowHashes,
+    /// Areas last sent as JPEG, resent losslessly once the screen is still.
+    lossy: Vec<Rect>,
 }
 
 /// What this client has been told besides pixels, so changes are sent once.
@@ -541,6 +565,8 @@ pub async fn serve<S: Io + 'static>(
     // Continuous updates: the region to keep sending without requests.
     let mut continuous: Option<Rect> = None;
     let mut force_full = false;
+    // When to resend JPEG areas losslessly (the screen has been still since).
+    let mut refresh_at: Option<tokio::time::Instant> = None;
     let mut shift_held = false;
     // LED and pointer-mode changes come without damage: look at them now and then, only while
     // the client wants them and is waiting for an update.
@@ -588,7 +614,19 @@ pub async fn serve<S: Io + 'static>(
                 &cfg,
                 (width, height),
             );
-            let rects = update_rects(&damage, full, region, width, height);
+            let mut rects = update_rects(&damage, full, region, width, height);
+            // Nothing changed since the JPEG went out: now send those areas losslessly.
+            let refresh =
+                rects.is_empty() && refresh_at.is_some_and(|t| t <= tokio::time::Instant::now());
+            let mut saved_quality = None;
+            if refresh {
+                refresh_at = None;
+                rects = std::mem::take(&mut encoders.lossy);
+                merge_overlaps(&mut rects);
+                saved_quality = encoders.tight.as_mut().map(|t| t.set_jpeg(None));
+            } else if full {
+                encoders.lossy.clear();
+            }
             if !rects.is_empty() || n_extras > 0 || (pending.is_some() && !incremental) {
                 let extras = (&extras[..], n_extras);
                 let mut parts = std::mem::take(&mut encoders.parts);
@@ -602,8 +640,29 @@ pub async fn serve<S: Io + 'static>(
                     &mut encoders.band,
                     width,
                 );
+                let lossy_before = encoders.lossy.len();
                 write_update(&mut out, &parts, extras, &fb, &pf, &caps, &mut encoders);
+                let st = &cfg.stats;
+                st.updates.fetch_add(1, Ordering::Relaxed);
+                st.jpeg_rects.fetch_add(
+                    (encoders.lossy.len() - lossy_before) as u64,
+                    Ordering::Relaxed,
+                );
+                let copies = parts
+                    .iter()
+                    .filter(|p| matches!(p.1, Source::CopyFrom(_)))
+                    .count();
+                st.copy_rects.fetch_add(copies as u64, Ordering::Relaxed);
+                if refresh {
+                    st.lossless_refreshes.fetch_add(1, Ordering::Relaxed);
+                }
                 encoders.parts = parts;
+                if let (Some(t), Some(q)) = (encoders.tight.as_mut(), saved_quality) {
+                    t.set_jpeg(q);
+                }
+                if !refresh && !encoders.lossy.is_empty() {
+                    refresh_at = Some(tokio::time::Instant::now() + LOSSLESS_REFRESH);
+                }
                 s.write_all(&out).await?;
                 pending = None;
                 force_full = false;
@@ -717,6 +776,7 @@ pub async fn serve<S: Io + 'static>(
                 }
             }
             () = viewer.changed(), if waiting => {}
+            () = sleep_until_opt(refresh_at), if waiting && refresh_at.is_some() => {}
             _ = poll.tick(), if waiting && (caps.led_state || caps.pointer_motion) => {}
             r = evict.changed() => {
                 if r.is_ok() && *evict.borrow() > id {
@@ -1049,6 +1109,7 @@ fn write_update(
         pixels,
         split,
         band,
+        lossy,
         ..
     } = encoders;
     for (i, &(r, source)) in split.iter().enumerate() {
@@ -1083,7 +1144,9 @@ fn write_update(
             }
             (Encoding::Tight, _, Some(t)) => {
                 rect_header(out, x, y, w, h, enc::TIGHT);
-                t.encode(pf, gw, gh, pixels, out);
+                if t.encode(pf, gw, gh, pixels, out) {
+                    lossy.push(got);
+                }
             }
             (Encoding::Hextile, _, _) => {
                 rect_header(out, x, y, w, h, enc::HEXTILE);

@@ -72,6 +72,11 @@ impl Tight {
         }
     }
 
+    /// Turns JPEG off (lossless refresh) or back on; returns the previous setting.
+    pub fn set_jpeg(&mut self, quality: Option<u8>) -> Option<u8> {
+        std::mem::replace(&mut self.jpeg_quality, quality)
+    }
+
     /// Sets the JPEG quality from the client's level (0–9) or fine-grained quality (0–100,
     /// TurboVNC style, which wins); neither means lossless only.
     pub fn set_quality(&mut self, level: Option<u8>, fine: Option<u8>) {
@@ -82,7 +87,8 @@ impl Tight {
         };
     }
 
-    /// Encodes one rectangle (already `split`) of canonical pixels, without its header.
+    /// Encodes one rectangle (already `split`) of canonical pixels, without its header; true
+    /// when the rectangle went out as JPEG (lossy, to be refreshed losslessly later).
     pub fn encode(
         &mut self,
         pf: &PixelFormat,
@@ -90,7 +96,7 @@ impl Tight {
         h: usize,
         pixels: &[u32],
         out: &mut Vec<u8>,
-    ) {
+    ) -> bool {
         let jpeg_ok = self.jpeg_quality.is_some()
             && pf.true_colour
             && pf.bits_per_pixel >= 16
@@ -157,12 +163,13 @@ impl Tight {
                     out.push(JPEG);
                     compact_len(jpeg.len(), out);
                     out.extend_from_slice(&jpeg);
-                } else {
-                    self.full_colour(pf, pixels, out);
+                    return true;
                 }
+                self.full_colour(pf, pixels, out);
             }
             _ => self.full_colour(pf, pixels, out),
         }
+        false
     }
 
     fn full_colour(&mut self, pf: &PixelFormat, pixels: &[u32], out: &mut Vec<u8>) {

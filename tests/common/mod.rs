@@ -143,6 +143,7 @@ impl Sidecar {
             .env("VDI_LOG", "debug,h2=info,hyper=info,tower=info")
             // Tests run in parallel: no fixed VNC port unless a test asks for one.
             .env("VDI_VNC", "none")
+            .env("VDI_HTTP", "none")
             .stdin(Stdio::null());
         for (k, v) in env {
             cmd.env(k, v);

@@ -1,0 +1,80 @@
+//! The listeners viewers connect to — VNC and the web client — bound together and run until
+//! `stop`, so `serve`, `bridge` and `demo` start them the same way.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::qemu::source::Consoles;
+use crate::vnc::conn::VncConfig;
+use crate::web::WebConfig;
+
+/// Which listeners to run (`None` disables one).
+#[derive(Clone, Default)]
+pub struct Viewers {
+    pub vnc: Option<(SocketAddr, Arc<VncConfig>)>,
+    pub web: Option<(SocketAddr, WebConfig)>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("cannot listen on {addr}")]
+pub struct ListenError {
+    pub addr: SocketAddr,
+    #[source]
+    pub source: std::io::Error,
+}
+
+/// Where the listeners ended up (ports may have been chosen by the system).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Listening {
+    pub vnc: Option<SocketAddr>,
+    pub web: Option<SocketAddr>,
+}
+
+impl Viewers {
+    /// Binds every listener first (so a bad address fails before anything runs), then serves
+    /// the primary console on each until `stop`.
+    pub async fn start(
+        &self,
+        consoles: &Consoles,
+        stop: &CancellationToken,
+    ) -> Result<Listening, ListenError> {
+        let bind = |addr: SocketAddr| async move {
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| ListenError { addr, source })
+        };
+        let vnc = match &self.vnc {
+            Some((addr, cfg)) => Some((bind(*addr).await?, Arc::clone(cfg))),
+            None => None,
+        };
+        let web = match &self.web {
+            Some((addr, cfg)) => Some((bind(*addr).await?, cfg.clone())),
+            None => None,
+        };
+        let mut at = Listening::default();
+        if let Some((listener, cfg)) = vnc {
+            at.vnc = listener.local_addr().ok();
+            tokio::spawn(crate::vnc::server::run(
+                listener,
+                cfg,
+                consoles.primary(),
+                consoles.input(),
+                stop.child_token(),
+            ));
+        }
+        if let Some((listener, cfg)) = web {
+            at.web = listener.local_addr().ok();
+            tokio::spawn(crate::web::run(
+                listener,
+                cfg,
+                consoles.primary(),
+                consoles.input(),
+                stop.child_token(),
+            ));
+        }
+        Ok(at)
+    }
+}

@@ -1,0 +1,205 @@
+//! Browser access: one HTTP(S) listener serving our page (noVNC's RFB client from npm, never
+//! copied into the repository), the WebSocket that carries RFB into our VNC server, and the
+//! Kubernetes probes `/healthz` and `/readyz`.
+
+pub mod ws;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
+use axum::extract::{Extension, State};
+use axum::http::{StatusCode, header};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::get;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto::Builder;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tower_http::services::ServeDir;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::framebuffer::Framebuffer;
+use crate::qemu::input::InputSink;
+use crate::tls::TlsIdentity;
+use crate::vnc::conn::{Io, VncConfig};
+
+const INDEX: &str = include_str!("../../web/index.html");
+const APP_JS: &str = include_str!("../../web/app.js");
+/// Largest WebSocket message or frame accepted from a browser (RFB client messages are small;
+/// the largest legal one, a cut text, is bounded by the VNC server anyway).
+const MAX_WS_MESSAGE: usize = 1 << 20;
+
+/// What the web listener serves.
+#[derive(Clone)]
+pub struct WebConfig {
+    /// noVNC's package directory (holds `core/rfb.js`); `None` or missing → an explanatory page.
+    pub novnc: Option<PathBuf>,
+    /// HTTPS when set (the browser then uses `wss://`).
+    pub tls: Option<TlsIdentity>,
+    /// VNC settings for connections arriving over WebSocket (no VeNCrypt: TLS is outside).
+    pub vnc: Arc<VncConfig>,
+}
+
+#[derive(Clone)]
+struct AppState {
+    vnc: Arc<VncConfig>,
+    fb: Framebuffer,
+    input: InputSink,
+    novnc_ok: bool,
+}
+
+/// Serves HTTP(S) on `listener` until `stop`.
+pub async fn run(
+    listener: TcpListener,
+    cfg: WebConfig,
+    fb: Framebuffer,
+    input: InputSink,
+    stop: CancellationToken,
+) {
+    let novnc_ok = cfg
+        .novnc
+        .as_ref()
+        .is_some_and(|d| d.join("core/rfb.js").is_file());
+    if !novnc_ok {
+        warn!(dir = ?cfg.novnc, "noVNC assets not found: the page will explain how to get them (see README)");
+    }
+    let state = AppState {
+        vnc: cfg.vnc,
+        fb,
+        input,
+        novnc_ok,
+    };
+    let mut app = Router::new()
+        .route("/", get(index))
+        .route("/app.js", get(app_js))
+        .route("/websockify", get(websocket))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz));
+    if let Some(dir) = cfg.novnc.filter(|_| novnc_ok) {
+        app = app.nest_service("/novnc", ServeDir::new(dir));
+    }
+    let app = app.with_state(state);
+    let acceptor = cfg
+        .tls
+        .map(|t| tokio_rustls::TlsAcceptor::from(Arc::clone(&t.config)));
+    if let Ok(addr) = listener.local_addr() {
+        let scheme = if acceptor.is_some() { "https" } else { "http" };
+        info!(%addr, "web client at {scheme}://{addr}/");
+    }
+    loop {
+        let (tcp, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(a) => a,
+                Err(e) => {
+                    warn!(error = %e, "accept failed");
+                    continue;
+                }
+            },
+            () = stop.cancelled() => return,
+        };
+        let _ = tcp.set_nodelay(true);
+        let app = app.clone().layer(Extension(peer));
+        let acceptor = acceptor.clone();
+        let stop = stop.clone();
+        tokio::spawn(
+            async move {
+                let io: Box<dyn Io> = match acceptor {
+                    Some(a) => match a.accept(tcp).await {
+                        Ok(t) => Box::new(t),
+                        Err(e) => {
+                            debug!(error = %e, "TLS handshake failed");
+                            return;
+                        }
+                    },
+                    None => Box::new(tcp),
+                };
+                let service = TowerToHyperService::new(app);
+                let conn = Builder::new(TokioExecutor::new())
+                    .serve_connection_with_upgrades(TokioIo::new(io), service)
+                    .into_owned();
+                tokio::select! {
+                    r = conn => if let Err(e) = r { debug!(error = %e, "HTTP connection ended") },
+                    () = stop.cancelled() => {}
+                }
+            }
+            .instrument(info_span!("web", %peer)),
+        );
+    }
+}
+
+async fn index(
+    State(st): State<AppState>,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+    peer: Extension<SocketAddr>,
+) -> Response {
+    // Some clients open the WebSocket on `/` itself.
+    if let Ok(ws) = ws {
+        return upgrade(st, ws, peer.0);
+    }
+    if !st.novnc_ok {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Html(
+                "<!doctype html><title>vdi-sidecar</title><h1>The browser client is not installed</h1>\
+                 <p>This server has no noVNC assets. Run <code>npm install</code> in the \
+                 project's <code>web/</code> directory (or use the sidecar image, which carries \
+                 them) and start with <code>--web-root web/node_modules/@novnc/novnc</code>.</p>\
+                 <p>VNC clients can still connect to the VNC port.</p>",
+            ),
+        )
+            .into_response();
+    }
+    Html(INDEX).into_response()
+}
+
+async fn app_js() -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/javascript; charset=utf-8")],
+        APP_JS,
+    )
+        .into_response()
+}
+
+async fn websocket(
+    State(st): State<AppState>,
+    ws: WebSocketUpgrade,
+    peer: Extension<SocketAddr>,
+) -> Response {
+    upgrade(st, ws, peer.0)
+}
+
+fn upgrade(st: AppState, ws: WebSocketUpgrade, peer: SocketAddr) -> Response {
+    ws.protocols(["binary"])
+        .max_message_size(MAX_WS_MESSAGE)
+        .max_frame_size(MAX_WS_MESSAGE)
+        .on_upgrade(move |socket| {
+            async move {
+                info!("browser connected over WebSocket");
+                let stream = ws::into_stream(socket);
+                match crate::vnc::conn::serve(stream, peer, st.vnc, st.fb, st.input).await {
+                    Ok(()) => info!("browser disconnected"),
+                    Err(e) => info!(error = %e, "browser connection ended"),
+                }
+            }
+            .instrument(info_span!("vnc-ws", %peer))
+        })
+}
+
+/// Ready once QEMU is attached and a frame has arrived (a surface exists).
+async fn readyz(State(st): State<AppState>) -> Response {
+    let (w, h) = st.fb.size();
+    if st.fb.is_attached() && w > 0 && h > 0 {
+        (StatusCode::OK, "ready\n").into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "waiting for QEMU's display\n",
+        )
+            .into_response()
+    }
+}

@@ -1,0 +1,311 @@
+//! The web client: probes, the page, WebSocket edge cases byte by byte (no QEMU), and a real
+//! headless Chromium running noVNC against the real guest (exact canvas pixels, a typed key, a
+//! wrong password).
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::qemu::Rig;
+use vdi_sidecar::pixman::X8R8G8B8;
+use vdi_sidecar::qemu::source::Consoles;
+use vdi_sidecar::tls::{TlsIdentity, default_names};
+use vdi_sidecar::vnc::conn::VncConfig;
+use vdi_sidecar::web::WebConfig;
+
+const PASSWORD: &str = "web-pass";
+
+fn web_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("web")
+}
+
+fn novnc() -> PathBuf {
+    web_dir().join("node_modules/@novnc/novnc")
+}
+
+async fn start(consoles: &Consoles, tls: bool) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let cfg = WebConfig {
+        novnc: Some(novnc()),
+        tls: tls.then(|| TlsIdentity::generate(&default_names(&[])).expect("certificate")),
+        vnc: Arc::new(VncConfig::new(Some(PASSWORD.into()), "web-desk")),
+    };
+    tokio::spawn(vdi_sidecar::web::run(
+        listener,
+        cfg,
+        consoles.primary(),
+        consoles.input(),
+        tokio_util::sync::CancellationToken::new(),
+    ));
+    addr
+}
+
+/// A blocking HTTP/1.1 GET; returns (status, headers+body).
+fn get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
+    )
+    .expect("write");
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("read");
+    let status = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (status, out)
+}
+
+/// Opens a WebSocket on `path` by hand; returns the stream and the response head.
+fn ws_open(addr: SocketAddr, path: &str, protocol: Option<&str>) -> (TcpStream, String) {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let proto = protocol
+        .map(|p| format!("Sec-WebSocket-Protocol: {p}\r\n"))
+        .unwrap_or_default();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{proto}\r\n"
+    )
+    .expect("handshake");
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        s.read_exact(&mut b).expect("response head");
+        head.push(b[0]);
+    }
+    (s, String::from_utf8_lossy(&head).into_owned())
+}
+
+/// A masked client frame.
+fn frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
+    let mut f = vec![(u8::from(fin) << 7) | opcode];
+    let mask = [0x11, 0x22, 0x33, 0x44];
+    match payload.len() {
+        n if n < 126 => f.push(0x80 | n as u8),
+        n if n < 65536 => {
+            f.push(0x80 | 126);
+            f.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            f.push(0x80 | 127);
+            f.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    f.extend_from_slice(&mask);
+    f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    f
+}
+
+/// Reads one server frame: (opcode, payload); `None` when the connection closed.
+fn read_frame(s: &mut TcpStream) -> Option<(u8, Vec<u8>)> {
+    let mut h = [0u8; 2];
+    s.read_exact(&mut h).ok()?;
+    let mut len = u64::from(h[1] & 0x7f);
+    if len == 126 {
+        let mut b = [0u8; 2];
+        s.read_exact(&mut b).ok()?;
+        len = u16::from_be_bytes(b).into();
+    } else if len == 127 {
+        let mut b = [0u8; 8];
+        s.read_exact(&mut b).ok()?;
+        len = u64::from_be_bytes(b);
+    }
+    let mut p = vec![0u8; usize::try_from(len).ok()?];
+    s.read_exact(&mut p).ok()?;
+    Some((h[0] & 0x0f, p))
+}
+
+/// Reads binary frames until `n` RFB bytes arrived.
+fn read_rfb(s: &mut TcpStream, n: usize) -> Vec<u8> {
+    let mut got = Vec::new();
+    while got.len() < n {
+        let (op, p) = read_frame(s).expect("frame");
+        assert_eq!(op, 2, "binary frames only");
+        got.extend_from_slice(&p);
+    }
+    got
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probes_page_and_websocket_edge_cases() {
+    let (consoles, input_task) = Consoles::new();
+    tokio::spawn(input_task);
+    let addr = start(&consoles, false).await;
+    let fb = consoles.primary();
+
+    tokio::task::spawn_blocking(move || {
+        assert_eq!(get(addr, "/healthz").0, 200);
+        let (code, body) = get(addr, "/readyz");
+        assert_eq!(code, 503, "ready before QEMU attached: {body}");
+        let px: Vec<u8> = (0..16u32 * 8).flat_map(|i| i.to_ne_bytes()).collect();
+        fb.scanout(16, 8, 64, X8R8G8B8, &px).expect("scanout");
+        assert_eq!(get(addr, "/readyz").0, 200);
+        let (code, page) = get(addr, "/");
+        assert_eq!(code, 200);
+        assert!(page.contains("app.js"), "{page}");
+        assert_eq!(get(addr, "/novnc/core/rfb.js").0, 200);
+
+        // With and without the "binary" subprotocol; the RFB greeting arrives in binary frames.
+        for proto in [Some("binary"), None] {
+            let (mut s, head) = ws_open(addr, "/websockify", proto);
+            assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+            assert_eq!(
+                head.to_ascii_lowercase()
+                    .contains("sec-websocket-protocol: binary"),
+                proto.is_some(),
+                "{head}"
+            );
+            assert_eq!(read_rfb(&mut s, 12), b"RFB 003.008\n");
+        }
+
+        // The version split over a fragmented message (and a ping in between) still works.
+        let (mut s, _) = ws_open(addr, "/", None);
+        assert_eq!(read_rfb(&mut s, 12), b"RFB 003.008\n");
+        s.write_all(&frame(false, 2, b"RFB 003")).expect("fragment");
+        s.write_all(&frame(true, 9, b"hi")).expect("ping");
+        s.write_all(&frame(true, 0, b".008\n"))
+            .expect("continuation");
+        let (op, pong) = read_frame(&mut s).expect("pong");
+        assert_eq!((op, pong.as_slice()), (10, &b"hi"[..]));
+        assert_eq!(
+            read_rfb(&mut s, 2),
+            [1, 2],
+            "security types after the fragments"
+        );
+
+        // A text frame: closed with 1003 (unsupported data).
+        let (mut s, _) = ws_open(addr, "/websockify", None);
+        read_rfb(&mut s, 12);
+        s.write_all(&frame(true, 1, b"RFB 003.008\n"))
+            .expect("text");
+        let close = loop {
+            match read_frame(&mut s) {
+                Some((8, p)) => break p,
+                Some(_) => continue,
+                None => panic!("no close frame for a text frame"),
+            }
+        };
+        assert_eq!(&close[..2], &1003u16.to_be_bytes());
+
+        // An oversized frame (a 1 TiB length): the connection ends, nothing is allocated.
+        let (mut s, _) = ws_open(addr, "/websockify", None);
+        read_rfb(&mut s, 12);
+        let mut huge = vec![0x82, 0x80 | 127];
+        huge.extend_from_slice(&(1u64 << 40).to_be_bytes());
+        huge.extend_from_slice(&[1, 2, 3, 4]);
+        s.write_all(&huge).expect("huge header");
+        let ended = loop {
+            match read_frame(&mut s) {
+                Some((8, _)) | None => break true,
+                Some(_) => continue,
+            }
+        };
+        assert!(ended);
+
+        // Abrupt closes mid-handshake, then a good client is still served.
+        for _ in 0..5 {
+            let (s, _) = ws_open(addr, "/websockify", Some("binary"));
+            drop(s);
+        }
+        let (mut s, _) = ws_open(addr, "/websockify", Some("binary"));
+        assert_eq!(read_rfb(&mut s, 12), b"RFB 003.008\n");
+        assert_eq!(get(addr, "/healthz").0, 200);
+    })
+    .await
+    .expect("edge cases");
+}
+
+#[tokio::test]
+async fn without_novnc_the_page_says_how_to_get_it() {
+    let (consoles, input_task) = Consoles::new();
+    tokio::spawn(input_task);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let missing = tempfile::tempdir().expect("tempdir");
+    tokio::spawn(vdi_sidecar::web::run(
+        listener,
+        WebConfig {
+            novnc: Some(missing.path().to_owned()),
+            tls: None,
+            vnc: Arc::new(VncConfig::new(Some(PASSWORD.into()), "x")),
+        },
+        consoles.primary(),
+        consoles.input(),
+        tokio_util::sync::CancellationToken::new(),
+    ));
+    let (code, body) = tokio::task::spawn_blocking(move || get(addr, "/"))
+        .await
+        .expect("get");
+    assert_eq!(code, 503);
+    assert!(body.contains("npm install"), "{body}");
+}
+
+/// Runs web/browser-check.mjs; returns its JSON line.
+fn browser(url: &str, password: &str, mode: &str, out: &std::path::Path) -> String {
+    let o = std::process::Command::new("node")
+        .current_dir(web_dir())
+        .arg("browser-check.mjs")
+        .args([url, password, mode])
+        .arg(out)
+        .output()
+        .expect("node (install nodejs; npm install in web/)");
+    let stdout = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(
+        o.status.success(),
+        "browser check failed: {stdout}\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    stdout
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chromium_with_novnc_shows_the_guest_exactly_and_types_into_it() {
+    let rig = Rig::start().await;
+    let addr = start(&rig.consoles, true).await;
+    let vm = rig.vm_with_test_image().await;
+    let dir = rig.dir.path().to_owned();
+    let vm = tokio::task::spawn_blocking(move || {
+        let mut vm = vm;
+        let (w, h, px) = vm.screendump();
+        let mut oracle = format!("{w} {h}\n").into_bytes();
+        for p in px {
+            oracle.extend_from_slice(&[(p >> 16) as u8, (p >> 8) as u8, p as u8, 255]);
+        }
+        std::fs::write(dir.join("oracle.rgba"), oracle).expect("oracle");
+        let url = format!("https://127.0.0.1:{}/", addr.port());
+
+        let seen = browser(&url, PASSWORD, "view", &dir);
+        assert!(
+            seen.contains("\"differing_pixels\":0"),
+            "canvas differs: {seen}"
+        );
+        vm.expect_event(1, 30, 1);
+        vm.expect_event(1, 30, 0);
+        // Keep the screenshot where CI keeps artifacts.
+        let artifacts = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/artifacts");
+        let _ = std::fs::create_dir_all(&artifacts);
+        let _ = std::fs::copy(dir.join("web-client.png"), artifacts.join("web-client.png"));
+
+        let refused = browser(&url, "wrong-pw", "badpass", &dir);
+        assert!(refused.contains("Authentication failed"), "{refused}");
+        vm
+    })
+    .await
+    .expect("browser");
+    drop(vm);
+    rig.stop().await;
+}

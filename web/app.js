@@ -1,0 +1,32 @@
+// The page's only code: connect noVNC's RFB client (served from npm's @novnc/novnc under
+// /novnc/) to our WebSocket, with the password typed into the form.
+import RFB from './novnc/core/rfb.js';
+
+const statusEl = document.getElementById('status');
+function status(state, text) {
+  statusEl.dataset.state = state;
+  statusEl.textContent = text;
+}
+
+let rfb = null;
+document.getElementById('login').addEventListener('submit', (e) => {
+  e.preventDefault();
+  if (rfb) rfb.disconnect();
+  const scheme = location.protocol === 'https:' ? 'wss' : 'ws';
+  const password = document.getElementById('password').value;
+  status('connecting', 'Connecting…');
+  rfb = new RFB(document.getElementById('screen'), `${scheme}://${location.host}/websockify`,
+                { credentials: { password } });
+  rfb.scaleViewport = false;
+  rfb.resizeSession = false;
+  rfb.addEventListener('connect', () => { status('connected', 'Connected'); rfb.focus(); });
+  rfb.addEventListener('securityfailure', (ev) =>
+    status('failed', `Authentication failed: ${ev.detail.reason || ev.detail.status}`));
+  rfb.addEventListener('credentialsrequired', () => status('failed', 'Password required'));
+  rfb.addEventListener('disconnect', (ev) => {
+    if (statusEl.dataset.state !== 'failed') {
+      status('disconnected', ev.detail.clean ? 'Disconnected' : 'Connection lost');
+    }
+  });
+  window.vdiRfb = rfb;
+});

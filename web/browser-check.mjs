@@ -1,0 +1,62 @@
+// Real-browser check driven by tests/web.rs: headless Debian Chromium (playwright-core) opens our
+// page, types the password, and reports what it saw as JSON on stdout.
+//   node browser-check.mjs URL PASSWORD MODE OUT_DIR
+// MODE "view": wait until the canvas equals OUT_DIR/oracle.rgba (W H header line + RGBA bytes),
+// then press "a" in the page and screenshot it to OUT_DIR/web-client.png.
+// MODE "badpass": expect noVNC's authentication failure to show on the page.
+import { chromium } from 'playwright-core';
+import { readFileSync } from 'node:fs';
+
+const [url, password, mode, outDir] = process.argv.slice(2);
+const result = { mode };
+const browser = await chromium.launch({
+  executablePath: '/usr/bin/chromium',
+  args: ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
+         '--disable-background-networking', '--disable-component-update', '--disable-sync',
+         '--ignore-certificate-errors'],
+});
+try {
+  const page = await browser.newPage({ ignoreHTTPSErrors: true, viewport: { width: 1024, height: 700 } });
+  page.on('console', (m) => process.stderr.write(`console: ${m.text()}\n`));
+  await page.goto(url);
+  await page.fill('#password', password);
+  await page.click('#connect');
+  if (mode === 'badpass') {
+    await page.waitForFunction(() => document.getElementById('status').dataset.state === 'failed',
+                               null, { timeout: 20000 });
+    result.status = await page.textContent('#status');
+  } else {
+    await page.waitForFunction(() => document.getElementById('status').dataset.state === 'connected',
+                               null, { timeout: 20000 });
+    const raw = readFileSync(`${outDir}/oracle.rgba`);
+    const nl = raw.indexOf(10);
+    const [w, h] = raw.subarray(0, nl).toString().split(' ').map(Number);
+    const oracle = raw.subarray(nl + 1).toString('base64');
+    // Poll the canvas until it shows exactly the oracle (or time runs out): count differences.
+    const deadline = Date.now() + 30000;
+    for (;;) {
+      const diff = await page.evaluate(([w, h, b64]) => {
+        const c = document.querySelector('#screen canvas');
+        if (!c || c.width !== w || c.height !== h) return -1;
+        const got = c.getContext('2d').getImageData(0, 0, w, h).data;
+        const want = Uint8Array.from(atob(b64), (ch) => ch.charCodeAt(0));
+        let n = 0;
+        for (let i = 0; i < got.length; i += 4) {
+          if (got[i] !== want[i] || got[i + 1] !== want[i + 1] || got[i + 2] !== want[i + 2]) n++;
+        }
+        return n;
+      }, [w, h, oracle]);
+      result.differing_pixels = diff;
+      if (diff === 0 || Date.now() > deadline) break;
+      await page.waitForTimeout(250);
+    }
+    await page.evaluate(() => window.vdiRfb.focus());
+    await page.keyboard.press('a');
+    await page.screenshot({ path: `${outDir}/web-client.png` });
+  }
+} catch (e) {
+  result.error = String(e);
+} finally {
+  await browser.close();
+}
+console.log(JSON.stringify(result));
