@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::qemu::{Rig, Vm};
-use common::x11::{TigerVnc, Xvfb, compare};
+use common::x11::{TigerVnc, Xvfb, compare, vncpasswd};
 use flate2::{Decompress, FlushDecompress};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -806,20 +806,7 @@ async fn tigervnc_shows_the_guest_exactly_and_types_into_it() {
         let mut vm = vm;
         let x = Xvfb::start();
         let pwfile = dir.join("passwd");
-        let mut p = std::process::Command::new("vncpasswd")
-            .arg("-f")
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .expect("vncpasswd (install tigervnc-tools)");
-        use std::io::Write;
-        p.stdin
-            .take()
-            .expect("stdin")
-            .write_all(format!("{PASSWORD}\n").as_bytes())
-            .expect("write");
-        let out = p.wait_with_output().expect("vncpasswd");
-        std::fs::write(&pwfile, out.stdout).expect("passwd file");
+        vncpasswd(PASSWORD, &pwfile);
         let args = [
             format!("-passwd={}", pwfile.display()),
             "-AutoSelect=0".into(),

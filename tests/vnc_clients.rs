@@ -5,12 +5,11 @@
 
 mod common;
 
-use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use common::qemu::Rig;
-use common::x11::{TigerVnc, Xvfb};
+use common::x11::{TigerVnc, Xvfb, vncpasswd};
 use vdi_sidecar::tls::{TlsIdentity, default_names};
 use vdi_sidecar::vnc::conn::VncConfig;
 
@@ -30,24 +29,6 @@ fn serve(rig: &Rig, cfg: Arc<VncConfig>) -> std::net::SocketAddr {
         tokio_util::sync::CancellationToken::new(),
     ));
     addr
-}
-
-/// A TigerVNC password file (`vncpasswd -f`).
-fn vncpasswd(path: &Path) {
-    use std::io::Write;
-    let mut p = std::process::Command::new("vncpasswd")
-        .arg("-f")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("vncpasswd (install tigervnc-tools)");
-    p.stdin
-        .take()
-        .expect("stdin")
-        .write_all(format!("{PASSWORD}\n").as_bytes())
-        .expect("write");
-    let out = p.wait_with_output().expect("vncpasswd");
-    std::fs::write(path, out.stdout).expect("passwd file");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -70,7 +51,7 @@ async fn tigervnc_hextile_tight_and_jpeg_over_vnc_auth_and_vencrypt() {
         let x = Xvfb::start();
         let (oracle, _, _) = vm.screendump_file("oracle.ppm");
         let pw = dir.join("passwd");
-        vncpasswd(&pw);
+        vncpasswd(PASSWORD, &pw);
         let common = |enc: &str| -> Vec<String> {
             vec![
                 "-AutoSelect=0".into(),

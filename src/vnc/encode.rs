@@ -40,6 +40,25 @@ pub fn raw(pf: &PixelFormat, pixels: &[u32], out: &mut Vec<u8>) {
     }
 }
 
+/// Appends `input` compressed on the continuing stream `z`, ending with a sync flush so the client
+/// can decode everything sent so far (ZRLE's and Tight's streams live as long as the connection).
+pub fn deflate_sync(z: &mut Compress, mut input: &[u8], out: &mut Vec<u8>) {
+    out.reserve(input.len() / 2 + 64);
+    loop {
+        let before = z.total_in();
+        if out.capacity() - out.len() < 64 {
+            out.reserve(out.len().max(4096));
+        }
+        let status = z.compress_vec(input, out, FlushCompress::Sync);
+        input = &input[(z.total_in() - before) as usize..];
+        // An error cannot happen with in-memory buffers; stop with what we have. A full output
+        // buffer may hold more pending output: go round again.
+        if status.is_err() || (input.is_empty() && out.capacity() > out.len()) {
+            return;
+        }
+    }
+}
+
 /// Which bytes of a pixel make up a ZRLE CPIXEL (§7.7.6): 3 of 4 when the colour fits.
 fn cpixel_range(pf: &PixelFormat) -> std::ops::Range<usize> {
     let bytes = pf.bytes();
@@ -236,24 +255,7 @@ impl Zrle {
         let len_at = out.len();
         out.extend_from_slice(&[0; 4]);
         let start = out.len();
-        out.reserve(self.tile.len() / 2 + 64);
-        let mut input = &self.tile[..];
-        loop {
-            let before_in = self.z.total_in();
-            if out.capacity() - out.len() < 64 {
-                out.reserve(out.len().max(4096));
-            }
-            // Sync flush: the client can decode everything sent so far.
-            let status = self.z.compress_vec(input, out, FlushCompress::Sync);
-            let consumed = (self.z.total_in() - before_in) as usize;
-            input = &input[consumed..];
-            if status.is_err() {
-                break; // cannot happen with in-memory buffers; leave what we have
-            }
-            if input.is_empty() && out.capacity() > out.len() {
-                break;
-            }
-        }
+        deflate_sync(&mut self.z, &self.tile, out);
         let len = u32::try_from(out.len() - start).unwrap_or(u32::MAX);
         out[len_at..len_at + 4].copy_from_slice(&len.to_be_bytes());
     }

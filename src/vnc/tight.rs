@@ -3,10 +3,10 @@
 //! when the client asked for a quality level, or zlib-compressed full colour. Four zlib streams
 //! live as long as the connection; the client keeps the matching inflaters.
 
-use flate2::{Compress, Compression, FlushCompress};
+use flate2::{Compress, Compression};
 use jpeg_encoder::{ColorType, Encoder, SamplingFactor};
 
-use super::encode::put_pixel;
+use super::encode::{deflate_sync, put_pixel};
 use super::proto::PixelFormat;
 use crate::framebuffer::Rect;
 
@@ -50,6 +50,8 @@ pub struct Tight {
     /// JPEG quality (1–100) when the client allows lossy compression.
     jpeg_quality: Option<u8>,
     scratch: Vec<u8>,
+    /// Compressed output, reused from rectangle to rectangle.
+    zbuf: Vec<u8>,
     palette: Vec<u32>,
 }
 
@@ -68,6 +70,7 @@ impl Tight {
             streams: [z(), z(), z(), z()],
             jpeg_quality: quality.map(|q| JPEG_QUALITY[usize::from(q.min(9))]),
             scratch: Vec::new(),
+            zbuf: Vec::new(),
             palette: Vec::with_capacity(257),
         }
     }
@@ -205,22 +208,10 @@ impl Tight {
             out.extend_from_slice(&self.scratch);
             return;
         }
-        let z = &mut self.streams[stream];
-        let mut data = Vec::with_capacity(self.scratch.len() / 2 + 64);
-        let mut input = &self.scratch[..];
-        loop {
-            let before = z.total_in();
-            if data.capacity() - data.len() < 64 {
-                data.reserve(data.len().max(4096));
-            }
-            let status = z.compress_vec(input, &mut data, FlushCompress::Sync);
-            input = &input[(z.total_in() - before) as usize..];
-            if status.is_err() || (input.is_empty() && data.capacity() > data.len()) {
-                break;
-            }
-        }
-        compact_len(data.len(), out);
-        out.extend_from_slice(&data);
+        self.zbuf.clear();
+        deflate_sync(&mut self.streams[stream], &self.scratch, &mut self.zbuf);
+        compact_len(self.zbuf.len(), out);
+        out.extend_from_slice(&self.zbuf);
     }
 }
 

@@ -172,3 +172,21 @@ pub fn metric_value(s: &str) -> Option<f64> {
     }
     first.parse().ok()
 }
+
+/// Writes a TigerVNC password file for `password` (`vncpasswd -f`).
+pub fn vncpasswd(password: &str, path: &Path) {
+    use std::io::Write;
+    let mut p = Command::new("vncpasswd")
+        .arg("-f")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("vncpasswd (install tigervnc-tools)");
+    p.stdin
+        .take()
+        .expect("stdin")
+        .write_all(format!("{password}\n").as_bytes())
+        .expect("write");
+    let out = p.wait_with_output().expect("vncpasswd");
+    std::fs::write(path, out.stdout).expect("passwd file");
+}
