@@ -60,8 +60,7 @@ impl Viewers {
             tokio::spawn(crate::vnc::server::run(
                 listener,
                 cfg,
-                consoles.primary(),
-                consoles.input(),
+                consoles.desktop(),
                 stop.child_token(),
             ));
         }
@@ -70,8 +69,7 @@ impl Viewers {
             tokio::spawn(crate::web::run(
                 listener,
                 cfg,
-                consoles.primary(),
-                consoles.input(),
+                consoles.desktop(),
                 stop.child_token(),
             ));
         }

@@ -50,8 +50,7 @@ fn serve_vnc(
     tokio::spawn(vdi_sidecar::vnc::server::run(
         listener,
         cfg,
-        rig.consoles.primary(),
-        rig.consoles.input(),
+        rig.consoles.desktop(),
         tokio_util::sync::CancellationToken::new(),
     ));
     addr

@@ -24,8 +24,7 @@ fn serve(rig: &Rig, cfg: Arc<VncConfig>) -> std::net::SocketAddr {
     tokio::spawn(vdi_sidecar::vnc::server::run(
         listener,
         cfg,
-        rig.consoles.primary(),
-        rig.consoles.input(),
+        rig.consoles.desktop(),
         tokio_util::sync::CancellationToken::new(),
     ));
     addr

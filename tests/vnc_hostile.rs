@@ -32,8 +32,7 @@ async fn server() -> (std::net::SocketAddr, Consoles) {
     tokio::spawn(vdi_sidecar::vnc::server::run(
         listener,
         cfg,
-        fb,
-        consoles.input(),
+        consoles.desktop(),
         tokio_util::sync::CancellationToken::new(),
     ));
     (addr, consoles)

@@ -32,8 +32,7 @@ async fn server() -> (std::net::SocketAddr, Framebuffer, Consoles) {
     tokio::spawn(vdi_sidecar::vnc::server::run(
         listener,
         Arc::new(VncConfig::new(None, "pseudo-desk")),
-        fb.clone(),
-        consoles.input(),
+        consoles.desktop(),
         tokio_util::sync::CancellationToken::new(),
     ));
     (addr, fb, consoles)

@@ -43,8 +43,7 @@ async fn server(tune: impl FnOnce(&mut VncConfig)) -> Server {
     tokio::spawn(vdi_sidecar::vnc::server::run(
         listener,
         Arc::new(cfg),
-        fb,
-        consoles.input(),
+        consoles.desktop(),
         tokio_util::sync::CancellationToken::new(),
     ));
     Server {

@@ -40,8 +40,7 @@ async fn start(consoles: &Consoles, tls: bool) -> SocketAddr {
     tokio::spawn(vdi_sidecar::web::run(
         listener,
         cfg,
-        consoles.primary(),
-        consoles.input(),
+        consoles.desktop(),
         tokio_util::sync::CancellationToken::new(),
     ));
     addr
@@ -243,8 +242,7 @@ async fn without_novnc_the_page_says_how_to_get_it() {
             tls: None,
             vnc: Arc::new(VncConfig::new(Some(PASSWORD.into()), "x")),
         },
-        consoles.primary(),
-        consoles.input(),
+        consoles.desktop(),
         tokio_util::sync::CancellationToken::new(),
     ));
     let (code, body) = tokio::task::spawn_blocking(move || get(addr, "/"))

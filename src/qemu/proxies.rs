@@ -63,3 +63,12 @@ pub trait Mouse {
     #[zbus(property)]
     fn is_absolute(&self) -> zbus::Result<bool>;
 }
+
+#[proxy(
+    interface = "org.qemu.Display1.Audio",
+    default_service = "org.qemu",
+    default_path = "/org/qemu/Display1/Audio"
+)]
+pub trait Audio {
+    fn register_out_listener(&self, listener: zbus::OwnedFd) -> zbus::Result<()>;
+}

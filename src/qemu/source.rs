@@ -11,10 +11,12 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 use zbus::Connection;
 
+use super::audio::{AudioHub, AudioOutListener, OUT_LISTENER_PATH};
 use super::input::{ConsoleInput, InputSink, input_path};
 use super::listener::listener_pair;
 use super::proxies::{
-    BUS_NAME, ConsoleProxy, KeyboardProxy, LISTENER_PATH, MouseProxy, VmProxy, console_path,
+    AudioProxy, BUS_NAME, ConsoleProxy, KeyboardProxy, LISTENER_PATH, MouseProxy, VmProxy,
+    console_path,
 };
 use crate::framebuffer::Framebuffer;
 
@@ -32,6 +34,14 @@ pub enum Error {
     Socket(#[source] std::io::Error),
 }
 
+/// One viewer connection's handles on the VM.
+#[derive(Clone)]
+pub struct Desktop {
+    pub fb: Framebuffer,
+    pub input: InputSink,
+    pub audio: AudioHub,
+}
+
 /// The consoles of the VM we are attached to, by QEMU console id. A console's framebuffer
 /// outlives QEMU restarts, so consumers keep their handle.
 #[derive(Clone)]
@@ -41,6 +51,7 @@ pub struct Consoles {
     primary: Framebuffer,
     input: InputSink,
     input_target: Arc<watch::Sender<Option<ConsoleInput>>>,
+    audio: AudioHub,
 }
 
 impl Consoles {
@@ -53,9 +64,24 @@ impl Consoles {
                 primary: Framebuffer::new(),
                 input,
                 input_target: Arc::new(input_target),
+                audio: AudioHub::default(),
             },
             task,
         )
+    }
+
+    /// What a viewer works on: the primary console, input, guest sound.
+    pub fn desktop(&self) -> Desktop {
+        Desktop {
+            fb: self.primary(),
+            input: self.input(),
+            audio: self.audio(),
+        }
+    }
+
+    /// Guest sound, for viewers that play it.
+    pub fn audio(&self) -> AudioHub {
+        self.audio.clone()
     }
 
     /// Where viewers send keyboard and pointer input (to the primary console).
@@ -265,10 +291,37 @@ async fn attach(
         ));
         info!(console = id, "listener registered");
     }
+    if let Some(p2p) = attach_audio(conn, consoles.audio()).await? {
+        listeners.push(p2p);
+    }
     Ok(Attachment {
         _listeners: listeners,
         tasks,
     })
+}
+
+/// Registers our audio out-listener when QEMU exports `/Audio` (only when its display names an
+/// audiodev); `None` when the VM has no sound for us.
+async fn attach_audio(conn: &Connection, hub: AudioHub) -> Result<Option<Connection>, Error> {
+    let audio = AudioProxy::builder(conn)
+        .cache_properties(zbus::proxy::CacheProperties::No)
+        .build()
+        .await?;
+    let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(Error::Socket)?;
+    if let Err(e) = audio
+        .register_out_listener(zbus::OwnedFd::from(std::os::fd::OwnedFd::from(theirs)))
+        .await
+    {
+        info!(error = %e, "no guest audio (QEMU's display has no audiodev)");
+        return Ok(None);
+    }
+    let p2p = zbus::connection::Builder::unix_stream(ours)
+        .p2p()
+        .serve_at(OUT_LISTENER_PATH, AudioOutListener::new(hub))
+        .build()
+        .await?;
+    info!("audio listener registered");
+    Ok(Some(p2p))
 }
 
 /// QEMU 10.0 can switch surfaces without a `Scanout`; its Console `Width`/`Height` properties

@@ -11,6 +11,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 use tracing::{debug, info, trace, warn};
 
+use super::audio as vnc_audio;
 use super::auth::{LoginLimiter, challenge, constant_time_eq, vnc_response};
 use super::encode::{Zrle, raw, rect_header};
 use super::keymap::{QNUM_SHIFT_L, XK_SHIFT_L, XK_SHIFT_R, keysym_to_qnum};
@@ -19,7 +20,9 @@ use super::scroll::{self, RowHash, RowHashes};
 use super::tight::{self, Tight};
 use super::{hextile, pseudo};
 use crate::framebuffer::{Damage, Framebuffer, Rect};
+use crate::qemu::audio::AudioEvent;
 use crate::qemu::input::{InputSink, UiInfoError, ViewerInput};
+use crate::qemu::source::Desktop;
 use crate::tls::TlsIdentity;
 
 /// Security types (RFC 6143 §7.2, rfbproto "VeNCrypt").
@@ -43,6 +46,15 @@ const MAX_PLAIN_FIELD: u32 = 1024;
 
 /// How long the screen must stay still before JPEG areas are resent losslessly.
 const LOSSLESS_REFRESH: Duration = Duration::from_millis(150);
+
+async fn next_sound(
+    rx: &mut Option<tokio::sync::broadcast::Receiver<AudioEvent>>,
+) -> Result<AudioEvent, tokio::sync::broadcast::error::RecvError> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
 
 async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
     match at {
@@ -423,6 +435,7 @@ struct ClientCaps {
     desktop_size: bool,
     ext_desktop_size: bool,
     qemu_ext_key: bool,
+    qemu_audio: bool,
     last_rect: bool,
     cursor: bool,
     cursor_alpha: bool,
@@ -460,6 +473,7 @@ impl ClientCaps {
                 enc::DESKTOP_SIZE => c.desktop_size = true,
                 enc::EXTENDED_DESKTOP_SIZE => c.ext_desktop_size = true,
                 enc::QEMU_EXT_KEY => c.qemu_ext_key = true,
+                enc::QEMU_AUDIO => c.qemu_audio = true,
                 enc::LAST_RECT => c.last_rect = true,
                 enc::CURSOR => c.cursor = true,
                 enc::CURSOR_WITH_ALPHA => c.cursor_alpha = true,
@@ -519,9 +533,9 @@ pub async fn serve<S: Io + 'static>(
     s: S,
     peer: SocketAddr,
     cfg: Arc<VncConfig>,
-    fb: Framebuffer,
-    input: InputSink,
+    desktop: Desktop,
 ) -> Result<(), ConnError> {
+    let Desktop { fb, input, audio } = desktop;
     let (mut s, shared) =
         match tokio::time::timeout(cfg.handshake_timeout, handshake(s, &cfg, peer)).await {
             Ok(r) => r?,
@@ -568,6 +582,10 @@ pub async fn serve<S: Io + 'static>(
     // When to resend JPEG areas losslessly (the screen has been still since).
     let mut refresh_at: Option<tokio::time::Instant> = None;
     let mut shift_held = false;
+    // Guest sound, while the client has it enabled.
+    let mut sound: Option<tokio::sync::broadcast::Receiver<AudioEvent>> = None;
+    let mut sound_format = vnc_audio::ClientFormat::default();
+    let mut converter = vnc_audio::Converter::default();
     // LED and pointer-mode changes come without damage: look at them now and then, only while
     // the client wants them and is waiting for an update.
     let mut poll = tokio::time::interval(Duration::from_millis(250));
@@ -696,6 +714,10 @@ pub async fn serve<S: Io + 'static>(
                                 pseudo::update_header(&mut out, 1);
                                 pseudo::qemu_ext_key_ack(&mut out);
                             }
+                            if caps.qemu_audio && !before.qemu_audio {
+                                pseudo::update_header(&mut out, 1);
+                                vnc_audio::ack(&mut out);
+                            }
                             if caps.fence && !before.fence {
                                 pseudo::server_fence(&mut out, pseudo::FENCE_REQUEST, &[]);
                             }
@@ -768,7 +790,35 @@ pub async fn serve<S: Io + 'static>(
                                 pseudo::end_of_continuous_updates(&mut out);
                             }
                         }
-                        ClientMsg::CutText(_) | ClientMsg::QemuAudio { .. } => {}
+                        ClientMsg::QemuAudio { op, format } => {
+                            if !caps.qemu_audio {
+                                return Err(ConnError::Refused(
+                                    "QEMU audio message without the pseudo-encoding",
+                                ));
+                            }
+                            match (op, format) {
+                                (0, _) => {
+                                    if sound.is_none() {
+                                        sound = Some(audio.subscribe());
+                                        converter = vnc_audio::Converter::default();
+                                        vnc_audio::begin(&mut out);
+                                    }
+                                }
+                                (1, _) => {
+                                    if sound.take().is_some() {
+                                        vnc_audio::end(&mut out);
+                                    }
+                                }
+                                (2, Some((sample, channels, freq))) => {
+                                    sound_format = vnc_audio::ClientFormat::new(
+                                        sample, channels, freq,
+                                    )
+                                    .ok_or(ConnError::Refused("unsupported audio format"))?;
+                                }
+                                _ => return Err(ConnError::Refused("unknown QEMU audio operation")),
+                            }
+                        }
+                        ClientMsg::CutText(_) => {}
                     }
                     if !out.is_empty() {
                         s.write_all(&out).await?;
@@ -777,6 +827,20 @@ pub async fn serve<S: Io + 'static>(
             }
             () = viewer.changed(), if waiting => {}
             () = sleep_until_opt(refresh_at), if waiting && refresh_at.is_some() => {}
+            ev = next_sound(&mut sound), if sound.is_some() => {
+                use tokio::sync::broadcast::error::RecvError;
+                match ev {
+                    Ok(AudioEvent::Pcm(format, data)) => {
+                        out.clear();
+                        converter.data(&format, &data, &sound_format, &mut out);
+                        s.write_all(&out).await?;
+                    }
+                    Ok(AudioEvent::Started(_) | AudioEvent::Stopped) => {}
+                    // A viewer that cannot keep up loses audio rather than delaying anyone.
+                    Err(RecvError::Lagged(n)) => debug!(chunks = n, "audio dropped: viewer too slow"),
+                    Err(RecvError::Closed) => sound = None,
+                }
+            }
             _ = poll.tick(), if waiting && (caps.led_state || caps.pointer_motion) => {}
             r = evict.changed() => {
                 if r.is_ok() && *evict.borrow() > id {

@@ -9,8 +9,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::conn::{ConnError, VncConfig, serve};
-use crate::framebuffer::Framebuffer;
-use crate::qemu::input::InputSink;
+use crate::qemu::source::Desktop;
 
 /// Most clients served at once; more wait in the kernel backlog.
 pub const MAX_CLIENTS: usize = 64;
@@ -19,8 +18,7 @@ pub const MAX_CLIENTS: usize = 64;
 pub async fn run(
     listener: TcpListener,
     cfg: Arc<VncConfig>,
-    fb: Framebuffer,
-    input: InputSink,
+    desktop: Desktop,
     stop: CancellationToken,
 ) {
     let slots = Arc::new(Semaphore::new(MAX_CLIENTS));
@@ -46,13 +44,13 @@ pub async fn run(
             () = stop.cancelled() => return,
         };
         let _ = stream.set_nodelay(true);
-        let (cfg, fb, input, stop) = (Arc::clone(&cfg), fb.clone(), input.clone(), stop.clone());
+        let (cfg, desktop, stop) = (Arc::clone(&cfg), desktop.clone(), stop.clone());
         tokio::spawn(
             async move {
                 let _permit = permit;
                 info!("VNC client connected");
                 let result = tokio::select! {
-                    r = serve(stream, peer, cfg, fb, input) => r,
+                    r = serve(stream, peer, cfg, desktop) => r,
                     () = stop.cancelled() => Ok(()),
                 };
                 match result {

@@ -23,8 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tower_http::services::ServeDir;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::framebuffer::Framebuffer;
-use crate::qemu::input::InputSink;
+use crate::qemu::source::Desktop;
 use crate::tls::TlsIdentity;
 use crate::vnc::conn::{Io, VncConfig};
 
@@ -48,19 +47,12 @@ pub struct WebConfig {
 #[derive(Clone)]
 struct AppState {
     vnc: Arc<VncConfig>,
-    fb: Framebuffer,
-    input: InputSink,
+    desktop: Desktop,
     novnc_ok: bool,
 }
 
 /// Serves HTTP(S) on `listener` until `stop`.
-pub async fn run(
-    listener: TcpListener,
-    cfg: WebConfig,
-    fb: Framebuffer,
-    input: InputSink,
-    stop: CancellationToken,
-) {
+pub async fn run(listener: TcpListener, cfg: WebConfig, desktop: Desktop, stop: CancellationToken) {
     let novnc_ok = cfg
         .novnc
         .as_ref()
@@ -70,8 +62,7 @@ pub async fn run(
     }
     let state = AppState {
         vnc: cfg.vnc,
-        fb,
-        input,
+        desktop,
         novnc_ok,
     };
     let mut app = Router::new()
@@ -181,7 +172,7 @@ fn upgrade(st: AppState, ws: WebSocketUpgrade, peer: SocketAddr) -> Response {
             async move {
                 info!("browser connected over WebSocket");
                 let stream = ws::into_stream(socket);
-                match crate::vnc::conn::serve(stream, peer, st.vnc, st.fb, st.input).await {
+                match crate::vnc::conn::serve(stream, peer, st.vnc, st.desktop).await {
                     Ok(()) => info!("browser disconnected"),
                     Err(e) => info!(error = %e, "browser connection ended"),
                 }
@@ -192,8 +183,8 @@ fn upgrade(st: AppState, ws: WebSocketUpgrade, peer: SocketAddr) -> Response {
 
 /// Ready once QEMU is attached and a frame has arrived (a surface exists).
 async fn readyz(State(st): State<AppState>) -> Response {
-    let (w, h) = st.fb.size();
-    if st.fb.is_attached() && w > 0 && h > 0 {
+    let (w, h) = st.desktop.fb.size();
+    if st.desktop.fb.is_attached() && w > 0 && h > 0 {
         (StatusCode::OK, "ready\n").into_response()
     } else {
         (

@@ -80,7 +80,12 @@ impl Vm {
         .arg(g.join("initrd.gz"))
         .args(["-append", "console=ttyS0 quiet"])
         .arg("-display")
-        .arg(format!("dbus,addr={bus_address}"))
+        .arg(if extra.iter().any(|a| a.starts_with("dbus,id=snd0")) {
+            // A D-Bus audiodev is only exported when the display names it.
+            format!("dbus,addr={bus_address},audiodev=snd0")
+        } else {
+            format!("dbus,addr={bus_address}")
+        })
         .arg("-serial")
         .arg(format!("unix:{},server=on,wait=off", serial.display()))
         .arg("-qmp")
