@@ -71,21 +71,25 @@ fn libvirt_validates_and_defines_every_rewritten_domain() {
             let dump = String::from_utf8_lossy(&dump.stdout).into_owned();
             assert!(
                 dump.contains(
-                    "<graphics type='dbus' address='unix:path=/var/run/kubevirt-hooks/hook-sidecar-0/vdi/bus'>"
+                    "<graphics type='dbus' address='unix:path=/var/run/kubevirt-hooks/hook-sidecar-0/vdi/bus'"
                 ),
                 "{name}: dbus graphics lost:\n{dump}"
             );
-            assert!(
-                dump.contains("<audio id='1' type='dbus'/>"),
-                "{name}: audio lost"
+            // Audio (fixed at 48 kHz stereo s16) exactly when there is a sound card.
+            let sound = xml.contains("<sound");
+            assert_eq!(
+                dump.contains("<audio id='1' type='dbus'>")
+                    && dump.contains("<settings frequency='48000' channels='2' format='s16'/>"),
+                sound,
+                "{name}: audio (sound card: {sound}):\n{dump}"
             );
             assert_eq!(
                 dump.matches("<audio id='1'/>").count(),
-                1,
+                usize::from(sound),
                 "{name}: audio link"
             );
             n += 1;
         }
     }
-    assert!(n >= 12, "only {n} domains checked");
+    assert!(n >= 14, "only {n} domains checked");
 }

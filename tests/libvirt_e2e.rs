@@ -114,5 +114,15 @@ async fn libvirt_boots_the_rewritten_domain_and_qemu_joins_our_bus() {
         dump.contains("<graphics type='vnc'"),
         "KubeVirt's VNC was dropped: {dump}"
     );
-    assert!(dump.contains("<audio id='1' type='dbus'/>"), "{dump}");
+    assert!(dump.contains("<audio id='1' type='dbus'>"), "{dump}");
+    assert!(
+        dump.contains("<settings frequency='48000' channels='2' format='s16'/>"),
+        "{dump}"
+    );
+    // libvirt linked the audiodev to the display: QEMU exported /Audio and we listen to it.
+    assert!(
+        sc.log().contains("audio listener registered"),
+        "no guest audio through libvirt:\n{}",
+        sc.log()
+    );
 }

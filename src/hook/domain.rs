@@ -71,6 +71,8 @@ pub struct Summary {
     pub kept_graphics: usize,
     pub added_video: bool,
     pub added_audio: bool,
+    /// Why audio was asked for but left out.
+    pub audio_skipped: Option<&'static str>,
 }
 
 /// A rewritten domain.
@@ -132,7 +134,9 @@ pub fn rewrite(xml: &str, opts: &RewriteOptions) -> Result<Rewritten, Error> {
 
     let mut summary = scan.summary;
     summary.added_video = !scan.has_video;
-    summary.added_audio = opts.audio;
+    summary.added_audio = opts.audio && scan.has_sound;
+    summary.audio_skipped = (opts.audio && !scan.has_sound)
+        .then_some("the VM has no sound device (spec.domain.devices.sound)");
     Ok(Rewritten { xml: out, summary })
 }
 
@@ -143,6 +147,8 @@ struct Scan {
     /// Replaces `<devices/>` (an empty element) when set: the insertion must carry the tags.
     expand_empty_devices: bool,
     has_video: bool,
+    /// A `<sound>` card: without one a D-Bus audio backend would carry nothing.
+    has_sound: bool,
     /// Whitespace before the first child of `<devices>` (e.g. "\n\t\t").
     child_indent: Option<String>,
     /// Whitespace before `</devices>` (e.g. "\n\t").
@@ -192,6 +198,7 @@ fn scan(xml: &str, opts: &RewriteOptions) -> Result<Scan, Error> {
         insert_at: 0,
         expand_empty_devices: false,
         has_video: false,
+        has_sound: false,
         child_indent: None,
         closing_indent: None,
         summary: Summary::default(),
@@ -275,6 +282,10 @@ fn scan(xml: &str, opts: &RewriteOptions) -> Result<Scan, Error> {
                         }
                         "video" => {
                             scan.has_video = true;
+                            false
+                        }
+                        "sound" => {
+                            scan.has_sound = true;
                             false
                         }
                         _ => false,
@@ -379,12 +390,13 @@ fn render_insertion(scan: &Scan, opts: &RewriteOptions) -> String {
         ));
     }
     let address = quick_xml::escape::escape(opts.bus_address.as_str());
-    if opts.audio {
+    if opts.audio && scan.has_sound {
         out.push_str(&format!(
             "{nl}<graphics type=\"dbus\" address=\"{address}\">{inner}<audio id=\"{AUDIO_ID}\"></audio>{nl}</graphics>"
         ));
+        // 48 kHz stereo s16 out of QEMU's mixer: what RDP/Opus and VNC viewers take as is.
         out.push_str(&format!(
-            "{nl}<audio id=\"{AUDIO_ID}\" type=\"dbus\"></audio>"
+            "{nl}<audio id=\"{AUDIO_ID}\" type=\"dbus\">{inner}<output mixingEngine=\"yes\" fixedSettings=\"yes\">{inner}{unit}<settings frequency=\"48000\" channels=\"2\" format=\"s16\"></settings>{inner}</output>{nl}</audio>"
         ));
     } else {
         out.push_str(&format!(
@@ -456,13 +468,32 @@ mod tests {
 
     #[test]
     fn expands_empty_devices() {
+        // No sound card: no audio backend either, and the summary says why.
         let out = rewrite("<domain><devices/></domain>", &opts()).unwrap();
         assert_eq!(
             out.xml,
             "<domain><devices><video><model type=\"virtio\" heads=\"1\"></model></video>\
              <graphics type=\"dbus\" address=\"unix:path=/var/run/kubevirt-hooks/vdi/bus\">\
-             <audio id=\"1\"></audio></graphics><audio id=\"1\" type=\"dbus\"></audio></devices></domain>"
+             </graphics></devices></domain>"
         );
+        assert!(!out.summary.added_audio);
+        assert!(out.summary.audio_skipped.is_some());
+        assert_eq!(rewrite(&out.xml, &opts()).unwrap().xml, out.xml);
+    }
+
+    #[test]
+    fn audio_is_linked_and_fixed_at_48k_stereo_s16_when_there_is_a_sound_card() {
+        let xml = "<domain><devices><video/><sound model=\"ich9\"/></devices></domain>";
+        let out = rewrite(xml, &opts()).unwrap();
+        assert_eq!(
+            out.xml,
+            "<domain><devices><video/><sound model=\"ich9\"/>\
+             <graphics type=\"dbus\" address=\"unix:path=/var/run/kubevirt-hooks/vdi/bus\">\
+             <audio id=\"1\"></audio></graphics><audio id=\"1\" type=\"dbus\">\
+             <output mixingEngine=\"yes\" fixedSettings=\"yes\"><settings frequency=\"48000\" \
+             channels=\"2\" format=\"s16\"></settings></output></audio></devices></domain>"
+        );
+        assert!(out.summary.added_audio && out.summary.audio_skipped.is_none());
         assert_eq!(rewrite(&out.xml, &opts()).unwrap().xml, out.xml);
     }
 

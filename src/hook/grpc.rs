@@ -73,6 +73,7 @@ fn define_blocking(
                 kept_graphics = s.kept_graphics,
                 added_video = s.added_video,
                 audio = s.added_audio,
+                audio_skipped = s.audio_skipped.unwrap_or(""),
                 bus = %opts.bus_address,
                 "OnDefineDomain: domain rewritten"
             );
