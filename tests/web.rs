@@ -226,6 +226,36 @@ async fn probes_page_and_websocket_edge_cases() {
     .expect("edge cases");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn browser_viewers_are_capped_and_slots_come_back() {
+    let (consoles, input_task) = Consoles::new();
+    tokio::spawn(input_task);
+    let addr = start(&consoles, false).await;
+    tokio::task::spawn_blocking(move || {
+        let max = vdi_sidecar::web::MAX_VIEWERS;
+        let mut open = Vec::new();
+        for _ in 0..max {
+            let (mut s, head) = ws_open(addr, "/websockify", Some("binary"));
+            assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+            assert_eq!(read_rfb(&mut s, 12), b"RFB 003.008\n");
+            open.push(s);
+        }
+        // One more is refused with a status, not left hanging; probes still answer.
+        let (_s, head) = ws_open(addr, "/websockify", Some("binary"));
+        assert!(head.starts_with("HTTP/1.1 503"), "{head}");
+        assert_eq!(get(addr, "/healthz").0, 200);
+        // A viewer leaves: its slot is free again.
+        drop(open.pop());
+        let ok = common::wait_until(Duration::from_secs(10), || {
+            let (mut s, head) = ws_open(addr, "/websockify", Some("binary"));
+            head.starts_with("HTTP/1.1 101") && read_rfb(&mut s, 12) == b"RFB 003.008\n"
+        });
+        assert!(ok, "the freed slot was never given back");
+    })
+    .await
+    .expect("cap");
+}
+
 #[tokio::test]
 async fn without_novnc_the_page_says_how_to_get_it() {
     let (consoles, input_task) = Consoles::new();

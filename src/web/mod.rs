@@ -15,10 +15,11 @@ use axum::extract::{Extension, State};
 use axum::http::{StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tower_http::services::ServeDir;
 use tracing::{Instrument, debug, info, info_span, warn};
@@ -32,6 +33,13 @@ const APP_JS: &str = include_str!("../../web/app.js");
 /// Largest WebSocket message or frame accepted from a browser (RFB client messages are small;
 /// the largest legal one, a cut text, is bounded by the VNC server anyway).
 const MAX_WS_MESSAGE: usize = 1 << 20;
+/// Browser viewers served at once; more are answered 503.
+pub const MAX_VIEWERS: usize = 64;
+/// HTTP connections open at once (page loads, probes, WebSocket handshakes); more wait in the
+/// kernel's backlog.
+const MAX_CONNECTIONS: usize = 256;
+/// Time for a TLS handshake and for a request's headers (slow-loris guard).
+const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// What the web listener serves.
 #[derive(Clone)]
@@ -49,6 +57,7 @@ struct AppState {
     vnc: Arc<VncConfig>,
     desktop: Desktop,
     novnc_ok: bool,
+    viewers: Arc<Semaphore>,
 }
 
 /// Serves HTTP(S) on `listener` until `stop`.
@@ -64,7 +73,9 @@ pub async fn run(listener: TcpListener, cfg: WebConfig, desktop: Desktop, stop: 
         vnc: cfg.vnc,
         desktop,
         novnc_ok,
+        viewers: Arc::new(Semaphore::new(MAX_VIEWERS)),
     };
+    let connections = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let mut app = Router::new()
         .route("/", get(index))
         .route("/app.js", get(app_js))
@@ -83,6 +94,13 @@ pub async fn run(listener: TcpListener, cfg: WebConfig, desktop: Desktop, stop: 
         info!(%addr, "web client at {scheme}://{addr}/");
     }
     loop {
+        let permit = tokio::select! {
+            p = Arc::clone(&connections).acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => return,
+            },
+            () = stop.cancelled() => return,
+        };
         let (tcp, peer) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(a) => a,
@@ -99,18 +117,28 @@ pub async fn run(listener: TcpListener, cfg: WebConfig, desktop: Desktop, stop: 
         let stop = stop.clone();
         tokio::spawn(
             async move {
+                let _permit = permit;
                 let io: Box<dyn Io> = match acceptor {
-                    Some(a) => match a.accept(tcp).await {
-                        Ok(t) => Box::new(t),
-                        Err(e) => {
+                    Some(a) => match tokio::time::timeout(HANDSHAKE_TIMEOUT, a.accept(tcp)).await {
+                        Ok(Ok(t)) => Box::new(t),
+                        Ok(Err(e)) => {
                             debug!(error = %e, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            debug!("TLS handshake timed out");
                             return;
                         }
                     },
                     None => Box::new(tcp),
                 };
                 let service = TowerToHyperService::new(app);
-                let conn = Builder::new(TokioExecutor::new())
+                let mut builder = Builder::new(TokioExecutor::new());
+                builder
+                    .http1()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(HANDSHAKE_TIMEOUT);
+                let conn = builder
                     .serve_connection_with_upgrades(TokioIo::new(io), service)
                     .into_owned();
                 tokio::select! {
@@ -165,11 +193,17 @@ async fn websocket(
 }
 
 fn upgrade(st: AppState, ws: WebSocketUpgrade, peer: SocketAddr) -> Response {
+    // The viewer's slot is held for the whole WebSocket session, not just the HTTP exchange.
+    let Ok(slot) = Arc::clone(&st.viewers).try_acquire_owned() else {
+        warn!(%peer, "browser refused: {MAX_VIEWERS} viewers already connected");
+        return (StatusCode::SERVICE_UNAVAILABLE, "too many viewers\n").into_response();
+    };
     ws.protocols(["binary"])
         .max_message_size(MAX_WS_MESSAGE)
         .max_frame_size(MAX_WS_MESSAGE)
         .on_upgrade(move |socket| {
             async move {
+                let _slot = slot;
                 info!("browser connected over WebSocket");
                 let stream = ws::into_stream(socket);
                 match crate::vnc::conn::serve(stream, peer, st.vnc, st.desktop).await {
