@@ -679,6 +679,7 @@ pub async fn serve<S: Io + 'static>(
                     t.set_jpeg(q);
                 }
                 if !refresh && !encoders.lossy.is_empty() {
+                    cap_rects(&mut encoders.lossy);
                     refresh_at = Some(tokio::time::Instant::now() + LOSSLESS_REFRESH);
                 }
                 s.write_all(&out).await?;
@@ -1006,6 +1007,23 @@ fn update_rects(damage: &Damage, full: bool, region: Rect, width: u32, height: u
     rects
 }
 
+/// Most rects remembered for the lossless refresh: under endless animation the list would
+/// otherwise grow with every frame.
+const MAX_LOSSY_RECTS: usize = 64;
+
+/// Keeps a remembered region bounded: merge overlaps, and past the limit keep only the bounding
+/// box (refreshing a bit more than needed beats unbounded memory).
+fn cap_rects(rects: &mut Vec<Rect>) {
+    if rects.len() <= MAX_LOSSY_RECTS {
+        return;
+    }
+    merge_overlaps(rects);
+    if rects.len() > MAX_LOSSY_RECTS {
+        let bb = rects.iter().skip(1).fold(rects[0], |a, r| bounding(&a, r));
+        *rects = vec![bb];
+    }
+}
+
 fn bounding(a: &Rect, b: &Rect) -> Rect {
     let (x0, y0) = (a.x.min(b.x), a.y.min(b.y));
     let x1 = (a.x + a.w).max(b.x + b.w);
@@ -1261,6 +1279,23 @@ mod tests {
         ];
         merge_overlaps(&mut v);
         assert_eq!(v, [r(0, 0, 16, 16), r(50, 50, 2, 2)]);
+    }
+
+    #[test]
+    fn remembered_lossy_areas_stay_bounded() {
+        let r = |x, y, w, h| Rect { x, y, w, h };
+        // Endless animation: the same full-screen rect every frame collapses to one.
+        let mut v = vec![r(0, 0, 800, 600); 10_000];
+        cap_rects(&mut v);
+        assert_eq!(v, [r(0, 0, 800, 600)]);
+        // Many disjoint small rects past the limit become their bounding box.
+        let mut v: Vec<Rect> = (0..100).map(|i| r(i * 10, 0, 5, 5)).collect();
+        cap_rects(&mut v);
+        assert_eq!(v, [r(0, 0, 995, 5)]);
+        // Under the limit nothing changes.
+        let mut v = vec![r(0, 0, 5, 5), r(10, 0, 5, 5)];
+        cap_rects(&mut v);
+        assert_eq!(v.len(), 2);
     }
 
     #[test]
