@@ -4,8 +4,10 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
+use tracing::warn;
 
 use crate::qemu::source::Consoles;
 use crate::vnc::conn::VncConfig;
@@ -74,5 +76,36 @@ impl Viewers {
             ));
         }
         Ok(at)
+    }
+}
+
+/// Waits for a free slot, then for a client (`TCP_NODELAY` set); `None` once `stop` fires. The
+/// permit goes with the connection's task, so at most `slots` connections run at once and the
+/// rest wait in the kernel's backlog.
+pub async fn accept_bounded(
+    listener: &TcpListener,
+    slots: &Arc<Semaphore>,
+    stop: &CancellationToken,
+) -> Option<(OwnedSemaphorePermit, TcpStream, SocketAddr)> {
+    loop {
+        let permit = tokio::select! {
+            p = Arc::clone(slots).acquire_owned() => p.ok()?,
+            () = stop.cancelled() => return None,
+        };
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            () = stop.cancelled() => return None,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                let _ = stream.set_nodelay(true);
+                return Some((permit, stream, peer));
+            }
+            Err(e) => {
+                // Out of file descriptors and the like: do not spin on it.
+                warn!(error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        }
     }
 }

@@ -1198,23 +1198,29 @@ fn write_update(
         if !use_last_rect && i + n_extras >= usize::from(u16::MAX) {
             break;
         }
-        let got = match source {
+        let (got, px): (Rect, &[u32]) = match source {
             Source::CopyFrom(src_y) => {
                 rect_header(out, 0, r.y as u16, r.w as u16, r.h as u16, enc::COPY_RECT);
                 out.extend_from_slice(&0u16.to_be_bytes());
                 out.extend_from_slice(&(src_y as u16).to_be_bytes());
                 continue;
             }
-            Source::Framebuffer => fb.read_rect(r, pixels),
+            Source::Framebuffer => (fb.read_rect(r, pixels), pixels.as_slice()),
             Source::Band => {
-                // A sub-rectangle of the snapshot (Tight splits bands into pieces).
-                pixels.clear();
                 let bw = band.rect.w as usize;
-                for row in r.y..r.y + r.h {
-                    let start = (row - band.rect.y) as usize * bw + (r.x - band.rect.x) as usize;
-                    pixels.extend_from_slice(&band.pixels[start..start + r.w as usize]);
+                let row0 = (r.y - band.rect.y) as usize;
+                if r.x == band.rect.x && r.w == band.rect.w {
+                    // Whole rows of the snapshot: encode them in place, no copy.
+                    (r, &band.pixels[row0 * bw..(row0 + r.h as usize) * bw])
+                } else {
+                    // A piece of the band (Tight splits wide bands): gather its rows.
+                    pixels.clear();
+                    for row in row0..row0 + r.h as usize {
+                        let start = row * bw + (r.x - band.rect.x) as usize;
+                        pixels.extend_from_slice(&band.pixels[start..start + r.w as usize]);
+                    }
+                    (r, pixels.as_slice())
                 }
-                r
             }
         };
         let (x, y, w, h) = (got.x as u16, got.y as u16, got.w as u16, got.h as u16);
@@ -1222,21 +1228,21 @@ fn write_update(
         match (caps.encoding, &mut *zrle, &mut *tight) {
             (Encoding::Zrle, Some(z), _) => {
                 rect_header(out, x, y, w, h, enc::ZRLE);
-                z.encode(pf, gw, gh, pixels, out);
+                z.encode(pf, gw, gh, px, out);
             }
             (Encoding::Tight, _, Some(t)) => {
                 rect_header(out, x, y, w, h, enc::TIGHT);
-                if t.encode(pf, gw, gh, pixels, out) {
+                if t.encode(pf, gw, gh, px, out) {
                     lossy.push(got);
                 }
             }
             (Encoding::Hextile, _, _) => {
                 rect_header(out, x, y, w, h, enc::HEXTILE);
-                hextile::encode(pf, gw, gh, pixels, out);
+                hextile::encode(pf, gw, gh, px, out);
             }
             _ => {
                 rect_header(out, x, y, w, h, enc::RAW);
-                raw(pf, pixels, out);
+                raw(pf, px, out);
             }
         }
     }

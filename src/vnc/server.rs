@@ -10,6 +10,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::conn::{ConnError, VncConfig, serve};
 use crate::qemu::source::Desktop;
+use crate::viewers::accept_bounded;
 
 /// Most clients served at once; more wait in the kernel backlog.
 pub const MAX_CLIENTS: usize = 64;
@@ -25,25 +26,7 @@ pub async fn run(
     if let Ok(addr) = listener.local_addr() {
         info!(%addr, auth = if cfg.password.is_some() { "vnc" } else { "none" }, "VNC server listening");
     }
-    loop {
-        let permit = tokio::select! {
-            p = Arc::clone(&slots).acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => return,
-            },
-            () = stop.cancelled() => return,
-        };
-        let (stream, peer) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(a) => a,
-                Err(e) => {
-                    warn!(error = %e, "accept failed");
-                    continue;
-                }
-            },
-            () = stop.cancelled() => return,
-        };
-        let _ = stream.set_nodelay(true);
+    while let Some((permit, stream, peer)) = accept_bounded(&listener, &slots, &stop).await {
         let (cfg, desktop, stop) = (Arc::clone(&cfg), desktop.clone(), stop.clone());
         tokio::spawn(
             async move {

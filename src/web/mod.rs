@@ -26,6 +26,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::qemu::source::Desktop;
 use crate::tls::TlsIdentity;
+use crate::viewers::accept_bounded;
 use crate::vnc::conn::{Io, VncConfig};
 
 const INDEX: &str = include_str!("../../web/index.html");
@@ -93,25 +94,7 @@ pub async fn run(listener: TcpListener, cfg: WebConfig, desktop: Desktop, stop: 
         let scheme = if acceptor.is_some() { "https" } else { "http" };
         info!(%addr, "web client at {scheme}://{addr}/");
     }
-    loop {
-        let permit = tokio::select! {
-            p = Arc::clone(&connections).acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => return,
-            },
-            () = stop.cancelled() => return,
-        };
-        let (tcp, peer) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(a) => a,
-                Err(e) => {
-                    warn!(error = %e, "accept failed");
-                    continue;
-                }
-            },
-            () = stop.cancelled() => return,
-        };
-        let _ = tcp.set_nodelay(true);
+    while let Some((permit, tcp, peer)) = accept_bounded(&listener, &connections, &stop).await {
         let app = app.clone().layer(Extension(peer));
         let acceptor = acceptor.clone();
         let stop = stop.clone();
