@@ -21,7 +21,8 @@ apt-get install -y -q --no-install-recommends \
   x11proto-dev chromium
 apt-get install -y -q --no-install-recommends -t bookworm-backports \
   qemu-system-x86 qemu-system-data qemu-system-modules-opengl qemu-utils \
-  libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients
+  libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients \
+  freerdp3-x11
 
 # QEMU runs as uid 107 in virt-launcher; the sidecar image names it `qemu` so the bus policy can
 # admit it by name (dbus-daemon takes names, not numbers). Mirror that here for the tests.

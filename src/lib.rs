@@ -10,6 +10,7 @@ pub mod framebuffer;
 pub mod hook;
 pub mod pixman;
 pub mod qemu;
+pub mod rdp;
 pub mod serve;
 pub mod tls;
 pub mod viewers;

@@ -13,14 +13,18 @@ use vdi_sidecar::bus::BusConfig;
 use vdi_sidecar::hook::domain::{RewriteOptions, rewrite_bytes};
 use vdi_sidecar::hook::vmi::VmiInfo;
 use vdi_sidecar::qemu::source::{self, SourceOptions};
+use vdi_sidecar::rdp::{Policy, RdpConfig, Security};
 use vdi_sidecar::vnc::conn::VncConfig;
 use vdi_sidecar::{hook, serve, vnc};
 
 #[derive(Parser)]
 #[command(name = "vdi-sidecar", version, about)]
 struct Cli {
+    /// Print what this program offers as libvirt's RDP helper (JSON) and exit.
+    #[arg(long)]
+    print_capabilities: bool,
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
 }
 
 #[derive(Subcommand)]
@@ -95,6 +99,17 @@ struct ViewerArgs {
     /// VNC listen address, or `none`.
     #[arg(long, env = "VDI_VNC")]
     vnc: Option<String>,
+    /// RDP listen address, or `none`.
+    #[arg(long, env = "VDI_RDP")]
+    rdp: Option<String>,
+    /// What a second RDP client that logs in does to the first: both share the desktop, the
+    /// newcomer takes over (preempt), or the newcomer is refused (reject).
+    #[arg(long, env = "VDI_RDP_POLICY", value_enum, default_value_t = Policy::Share)]
+    rdp_policy: Policy,
+    /// RDP security: NLA (CredSSP inside TLS), or TLS with the password in the Client Info PDU
+    /// for clients without NLA. Plain RDP security is never offered.
+    #[arg(long, env = "VDI_RDP_SECURITY", value_enum, default_value_t = Security::Nla)]
+    rdp_security: Security,
     /// Web client (HTTPS + WebSocket + noVNC page) listen address, or `none`.
     #[arg(long, env = "VDI_HTTP")]
     http: Option<String>,
@@ -116,7 +131,8 @@ struct ViewerArgs {
     /// Let anyone reach the desktop without a password.
     #[arg(long, env = "VDI_INSECURE_NO_AUTH")]
     insecure_no_auth: bool,
-    /// User name VeNCrypt Plain logins must give (any name is accepted when unset).
+    /// User name for RDP logins (default `vdi`) and VeNCrypt Plain logins (any name is accepted
+    /// there when unset).
     #[arg(long, env = "VDI_USERNAME")]
     username: Option<String>,
     /// TLS certificate chain (PEM) for VeNCrypt; a self-signed one is generated when unset.
@@ -162,11 +178,11 @@ impl ViewerArgs {
         Ok(Some(p))
     }
 
-    /// The VNC and web listeners; the defaults apply when `--vnc`/`--http` are not given.
+    /// The VNC, RDP and web listeners; the defaults apply when `--vnc`/`--rdp`/`--http` are not
+    /// given.
     fn viewers(
         &self,
-        vnc_default: &str,
-        http_default: &str,
+        [vnc_default, rdp_default, http_default]: [&str; 3],
         name: &str,
     ) -> anyhow::Result<vdi_sidecar::viewers::Viewers> {
         let parse = |flag: &str, value: &str| -> anyhow::Result<Option<SocketAddr>> {
@@ -178,8 +194,9 @@ impl ViewerArgs {
             })?))
         };
         let vnc_addr = parse("vnc", self.vnc.as_deref().unwrap_or(vnc_default))?;
+        let rdp_addr = parse("rdp", self.rdp.as_deref().unwrap_or(rdp_default))?;
         let http_addr = parse("http", self.http.as_deref().unwrap_or(http_default))?;
-        if vnc_addr.is_none() && http_addr.is_none() {
+        if vnc_addr.is_none() && rdp_addr.is_none() && http_addr.is_none() {
             return Ok(Default::default());
         }
         let password = self.password()?;
@@ -207,7 +224,21 @@ impl ViewerArgs {
             };
             (addr, web)
         });
-        Ok(vdi_sidecar::viewers::Viewers { vnc, web })
+        let rdp = match rdp_addr {
+            Some(addr) => {
+                let user = self.username.clone().unwrap_or_else(|| "vdi".to_owned());
+                let mut cfg = RdpConfig::new(tls.clone(), password.clone().map(|p| (user, p)));
+                cfg.policy = self.rdp_policy;
+                if cfg.credentials.is_some() {
+                    cfg.security = self.rdp_security;
+                } else if self.rdp_security == Security::Nla {
+                    tracing::warn!("--insecure-no-auth: RDP offers TLS without NLA");
+                }
+                Some((addr, Arc::new(cfg)))
+            }
+            None => None,
+        };
+        Ok(vdi_sidecar::viewers::Viewers { vnc, rdp, web })
     }
 
     /// The TLS identity: the operator's files, or a certificate generated for this run.
@@ -288,12 +319,20 @@ fn init_tracing() {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if cli.print_capabilities {
+        println!("{}", vdi_sidecar::rdp::capabilities_json());
+        return ExitCode::SUCCESS;
+    }
     init_tracing();
     let result = match cli.command {
-        Command::Serve(args) => run_serve(args),
-        Command::RewriteDomain(args) => run_rewrite(&args),
-        Command::Bridge(args) => run_bridge(args),
-        Command::Demo(args) => run_demo(args),
+        Some(Command::Serve(args)) => run_serve(args),
+        Some(Command::RewriteDomain(args)) => run_rewrite(&args),
+        Some(Command::Bridge(args)) => run_bridge(args),
+        Some(Command::Demo(args)) => run_demo(args),
+        None => {
+            let _ = <Cli as clap::CommandFactory>::command().print_help();
+            return ExitCode::from(2);
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -309,9 +348,10 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
     let qemu_bus_address = args
         .qemu_bus_address
         .unwrap_or_else(|| serve::default_qemu_bus_address(container.as_deref()));
-    let viewers = args
-        .viewers
-        .viewers("0.0.0.0:5900", "0.0.0.0:6080", "vdi-sidecar")?;
+    let viewers = args.viewers.viewers(
+        ["0.0.0.0:5900", "0.0.0.0:3389", "0.0.0.0:6080"],
+        "vdi-sidecar",
+    )?;
     let cfg = serve::ServeConfig {
         viewers,
         bus: BusConfig {
@@ -352,9 +392,10 @@ fn run_rewrite(args: &RewriteDomainArgs) -> anyhow::Result<()> {
 }
 
 fn run_bridge(args: BridgeArgs) -> anyhow::Result<()> {
-    let viewers = args
-        .viewers
-        .viewers("127.0.0.1:5900", "127.0.0.1:6080", "vdi-sidecar")?;
+    let viewers = args.viewers.viewers(
+        ["127.0.0.1:5900", "127.0.0.1:3389", "127.0.0.1:6080"],
+        "vdi-sidecar",
+    )?;
     let rt = tokio::runtime::Runtime::new().context("cannot start the runtime")?;
     rt.block_on(async {
         let stop = CancellationToken::new();
@@ -377,9 +418,10 @@ fn run_demo(args: DemoArgs) -> anyhow::Result<()> {
         .and_then(|(w, h)| Some((w.parse().ok()?, h.parse().ok()?)))
         .context("--size must be WIDTHxHEIGHT")?;
     let cfg = vdi_sidecar::demo::DemoConfig {
-        viewers: args
-            .viewers
-            .viewers("127.0.0.1:5900", "127.0.0.1:6080", "vdi-sidecar demo")?,
+        viewers: args.viewers.viewers(
+            ["127.0.0.1:5900", "127.0.0.1:3389", "127.0.0.1:6080"],
+            "vdi-sidecar demo",
+        )?,
         kernel: args.kernel,
         initrd: args.initrd,
         qemu: args.qemu,

@@ -23,6 +23,8 @@ pub struct TlsIdentity {
     pub trust_pem: String,
     /// SHA-256 of the leaf certificate, `AA:BB:…`, for logs.
     pub fingerprint: String,
+    /// The leaf's SubjectPublicKey bits: CredSSP (RDP's NLA) binds the session to them.
+    pub public_key: Vec<u8>,
 }
 
 impl std::fmt::Debug for TlsIdentity {
@@ -95,6 +97,16 @@ impl TlsIdentity {
             .map(|b| format!("{b:02X}"))
             .collect::<Vec<_>>()
             .join(":");
+        let public_key = {
+            use x509_cert::der::Decode as _;
+            let leaf = x509_cert::Certificate::from_der(chain[0].as_ref())
+                .context("parsing the server certificate")?;
+            leaf.tbs_certificate
+                .subject_public_key_info
+                .subject_public_key
+                .raw_bytes()
+                .to_vec()
+        };
         let config = |versions: &[&'static rustls::SupportedProtocolVersion]| {
             ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
                 .with_protocol_versions(versions)
@@ -108,6 +120,7 @@ impl TlsIdentity {
             config_tls12: Arc::new(config(&[&rustls::version::TLS12])?),
             trust_pem,
             fingerprint,
+            public_key,
         })
     }
 }
@@ -139,6 +152,8 @@ mod tests {
         let id = TlsIdentity::generate(&default_names(&[])).unwrap();
         assert!(id.trust_pem.starts_with("-----BEGIN CERTIFICATE-----"));
         assert_eq!(id.fingerprint.len(), 32 * 3 - 1);
+        // An uncompressed P-256 point.
+        assert_eq!((id.public_key.len(), id.public_key[0]), (65, 4));
         let dir = tempfile::tempdir().unwrap();
         let ck = rcgen::generate_simple_self_signed(vec!["vm.example".to_owned()]).unwrap();
         std::fs::write(dir.path().join("c.pem"), ck.cert.pem()).unwrap();

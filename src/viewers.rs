@@ -1,4 +1,4 @@
-//! The listeners viewers connect to — VNC and the web client — bound together and run until
+//! The listeners viewers connect to — VNC, RDP and the web client — bound together and run until
 //! `stop`, so `serve`, `bridge` and `demo` start them the same way.
 
 use std::net::SocketAddr;
@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
 use crate::qemu::source::Consoles;
+use crate::rdp::RdpConfig;
 use crate::vnc::conn::VncConfig;
 use crate::web::WebConfig;
 
@@ -17,6 +18,7 @@ use crate::web::WebConfig;
 #[derive(Clone, Default)]
 pub struct Viewers {
     pub vnc: Option<(SocketAddr, Arc<VncConfig>)>,
+    pub rdp: Option<(SocketAddr, Arc<RdpConfig>)>,
     pub web: Option<(SocketAddr, WebConfig)>,
 }
 
@@ -32,6 +34,7 @@ pub struct ListenError {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Listening {
     pub vnc: Option<SocketAddr>,
+    pub rdp: Option<SocketAddr>,
     pub web: Option<SocketAddr>,
 }
 
@@ -52,6 +55,10 @@ impl Viewers {
             Some((addr, cfg)) => Some((bind(*addr).await?, Arc::clone(cfg))),
             None => None,
         };
+        let rdp = match &self.rdp {
+            Some((addr, cfg)) => Some((bind(*addr).await?, Arc::clone(cfg))),
+            None => None,
+        };
         let web = match &self.web {
             Some((addr, cfg)) => Some((bind(*addr).await?, cfg.clone())),
             None => None,
@@ -65,6 +72,16 @@ impl Viewers {
                 consoles.desktop(),
                 stop.child_token(),
             ));
+        }
+        if let Some((listener, cfg)) = rdp {
+            let addr = listener.local_addr().ok();
+            crate::rdp::spawn(listener, cfg, consoles.desktop(), stop.child_token()).map_err(
+                |e| ListenError {
+                    addr: addr.unwrap_or(([0, 0, 0, 0], 0).into()),
+                    source: std::io::Error::other(format!("{e:#}")),
+                },
+            )?;
+            at.rdp = addr;
         }
         if let Some((listener, cfg)) = web {
             at.web = listener.local_addr().ok();

@@ -191,4 +191,15 @@ pub async fn uds_channel(path: &Path) -> Channel {
 }
 pub mod libvirt;
 pub mod qemu;
+pub mod rdp;
 pub mod x11;
+
+/// Logs of the code under test on stderr, filtered by `VDI_TEST_LOG` (off when unset).
+pub fn init_test_log() {
+    if let Ok(filter) = std::env::var("VDI_TEST_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_writer(std::io::stderr)
+            .try_init();
+    }
+}

@@ -19,6 +19,7 @@
  *   keybox on|off            on a key press, fill the top-left 64x64 box with a colour
  *                            derived from the key code (default on)
  *   info                     print the current mode
+ *   drmmode                  print the preferred mode of the first DRM connector
  *   tone HZ MS [RATE]        play a sine of HZ for MS milliseconds on /dev/snd/pcmC0D0p
  *                            (S16_LE stereo at RATE, default 48000)
  *   record MS [RATE]         record MS milliseconds from /dev/snd/pcmC0D0c and print its
@@ -60,6 +61,8 @@ static struct {
 } d;
 
 static int keybox = 1;
+
+static const char *drm_preferred_mode(void);
 
 static void say(const char *fmt, ...) {
     va_list ap;
@@ -447,9 +450,41 @@ static void command(char *line) {
         say("OK keybox %d", keybox);
     } else if (!strcmp(op, "info")) {
         say("OK info %ux%u bpp %u stride %u", d.width, d.height, d.bpp, d.stride);
+    } else if (!strcmp(op, "drmmode")) {
+        say("OK drmmode %s", drm_preferred_mode());
     } else {
         say("ERR unknown command: %s", line);
     }
+}
+
+/* The preferred mode of the first connected DRM connector (what a monitor hot-plug, e.g.
+ * QEMU's SetUIInfo on virtio-gpu, offers the guest), or "none". */
+static const char *drm_preferred_mode(void) {
+    static char mode[64];
+    strcpy(mode, "none");
+    DIR *dir = opendir("/sys/class/drm");
+    if (!dir)
+        return mode;
+    struct dirent *e;
+    while ((e = readdir(dir))) {
+        if (strncmp(e->d_name, "card", 4) || !strchr(e->d_name, '-'))
+            continue;
+        char p[300];
+        snprintf(p, sizeof p, "/sys/class/drm/%s/modes", e->d_name);
+        FILE *f = fopen(p, "r");
+        if (!f)
+            continue;
+        char line[64];
+        if (fgets(line, sizeof line, f)) {
+            line[strcspn(line, "\n")] = 0;
+            snprintf(mode, sizeof mode, "%s", line);
+        }
+        fclose(f);
+        if (strcmp(mode, "none"))
+            break;
+    }
+    closedir(dir);
+    return mode;
 }
 
 int main(void) {

@@ -1,0 +1,360 @@
+//! The shared framebuffer as ironrdp-server's display: damage becomes `Bitmap` updates (the
+//! server diffs and encodes them with the codec the client negotiated), size changes become
+//! `Resize`, the cursor image and visibility follow QEMU, and the client's monitor layout asks
+//! the guest for a new mode.
+
+use std::collections::VecDeque;
+use std::num::{NonZeroU16, NonZeroUsize};
+
+use anyhow::Result;
+use bytes::Bytes;
+use ironrdp::displaycontrol::pdu::DisplayControlMonitorLayout;
+use ironrdp::server::{
+    BitmapUpdate, DesktopSize, DisplayUpdate, PixelFormat, RGBAPointer, RdpServerDisplay,
+    RdpServerDisplayUpdates,
+};
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+
+use crate::framebuffer::{Cursor, Framebuffer, Rect, Viewer};
+use crate::qemu::input::InputSink;
+
+/// Desktop size announced while no display is attached yet.
+const DETACHED_SIZE: DesktopSize = DesktopSize {
+    width: 640,
+    height: 480,
+};
+/// RDP desktops are limited to 16-bit sizes and clients cap them further.
+const MAX_SIDE: u32 = 8192;
+/// More damage rectangles than this are sent as their bounding box.
+const MAX_RECTS: usize = 16;
+/// Largest pointer a client without the large-pointer capability accepts.
+const MAX_POINTER: u32 = 96;
+
+/// The display handler of one RDP session.
+pub struct Display {
+    fb: Framebuffer,
+    input: InputSink,
+    /// Set when the session is activated (the server asks for updates only after the client
+    /// authenticated and finished the connection sequence).
+    activated: watch::Sender<bool>,
+}
+
+impl Display {
+    pub fn new(fb: Framebuffer, input: InputSink, activated: watch::Sender<bool>) -> Self {
+        Self {
+            fb,
+            input,
+            activated,
+        }
+    }
+}
+
+fn desktop_size(fb: &Framebuffer) -> DesktopSize {
+    let (w, h) = fb.size();
+    match (
+        u16::try_from(w.min(MAX_SIDE)),
+        u16::try_from(h.min(MAX_SIDE)),
+    ) {
+        (Ok(width), Ok(height)) if width > 0 && height > 0 => DesktopSize { width, height },
+        _ => DETACHED_SIZE,
+    }
+}
+
+#[async_trait::async_trait]
+impl RdpServerDisplay for Display {
+    async fn size(&mut self) -> DesktopSize {
+        desktop_size(&self.fb)
+    }
+
+    async fn updates(&mut self) -> Result<Box<dyn RdpServerDisplayUpdates>> {
+        self.activated.send_replace(true);
+        let size = desktop_size(&self.fb);
+        debug!(
+            width = size.width,
+            height = size.height,
+            "RDP display activated"
+        );
+        Ok(Box::new(Updates {
+            viewer: self.fb.viewer(),
+            size,
+            pending: VecDeque::new(),
+            cursor_serial: 0,
+            pointer_visible: true,
+            scratch: Vec::new(),
+        }))
+    }
+
+    fn request_layout(&mut self, layout: DisplayControlMonitorLayout) {
+        let Some(m) = layout
+            .monitors()
+            .iter()
+            .find(|m| m.is_primary())
+            .or_else(|| layout.monitors().first())
+        else {
+            return;
+        };
+        let (w, h) = m.dimensions();
+        let input = self.input.clone();
+        info!(width = w, height = h, "client asks for a new desktop size");
+        // Called from a blocking thread of the session's runtime: hand the D-Bus call to a task.
+        tokio::spawn(async move {
+            if let Err(e) = input.set_ui_info(w, h).await {
+                warn!(error = %e, width = w, height = h, "guest resize not passed on");
+            }
+        });
+    }
+}
+
+struct Updates {
+    viewer: Viewer,
+    /// The size the client was last told.
+    size: DesktopSize,
+    pending: VecDeque<DisplayUpdate>,
+    cursor_serial: u64,
+    pointer_visible: bool,
+    scratch: Vec<u32>,
+}
+
+impl Updates {
+    /// Turns what changed since the last call into updates.
+    fn collect(&mut self) {
+        let damage = self.viewer.take_damage();
+        let fb = self.viewer.framebuffer().clone();
+        let (cursor, serial, pointer) = fb.cursor();
+        if serial != self.cursor_serial {
+            self.cursor_serial = serial;
+            if let Some(c) = cursor.as_deref() {
+                self.pending.push_back(pointer_update(c));
+            }
+        }
+        if pointer.visible != self.pointer_visible {
+            self.pointer_visible = pointer.visible;
+            self.pending
+                .push_back(match (pointer.visible, cursor.as_deref()) {
+                    (false, _) => DisplayUpdate::HidePointer,
+                    (true, Some(c)) => pointer_update(c),
+                    (true, None) => DisplayUpdate::DefaultPointer,
+                });
+        }
+        if !damage.attached && damage.width == 0 {
+            return;
+        }
+        let now = desktop_size(&fb);
+        if now != self.size {
+            // The server deactivates, reactivates with `size()` and asks for a new update
+            // stream, which starts with a full frame.
+            self.size = now;
+            self.pending.push_back(DisplayUpdate::Resize(now));
+            return;
+        }
+        let mut rects = damage.rects;
+        if rects.len() > MAX_RECTS {
+            rects = vec![bounding_box(&rects)];
+        }
+        for r in rects {
+            if let Some(b) = self.bitmap(&fb, r) {
+                self.pending.push_back(DisplayUpdate::Bitmap(b));
+            }
+        }
+    }
+
+    fn bitmap(&mut self, fb: &Framebuffer, r: Rect) -> Option<BitmapUpdate> {
+        let r = fb.read_rect(r, &mut self.scratch);
+        let (x, y) = (u16::try_from(r.x).ok()?, u16::try_from(r.y).ok()?);
+        let width = NonZeroU16::new(u16::try_from(r.w).ok()?)?;
+        let height = NonZeroU16::new(u16::try_from(r.h).ok()?)?;
+        if u32::from(x) + r.w > u32::from(self.size.width)
+            || u32::from(y) + r.h > u32::from(self.size.height)
+        {
+            return None;
+        }
+        // Canonical pixels are 0x00RRGGBB words: little-endian bytes B, G, R, X.
+        let mut data = Vec::with_capacity(self.scratch.len() * 4);
+        for px in &self.scratch {
+            data.extend_from_slice(&px.to_le_bytes());
+        }
+        Some(BitmapUpdate {
+            x,
+            y,
+            width,
+            height,
+            format: PixelFormat::BgrX32,
+            data: Bytes::from(data),
+            stride: NonZeroUsize::new(r.w as usize * 4)?,
+        })
+    }
+}
+
+#[async_trait::async_trait]
+impl RdpServerDisplayUpdates for Updates {
+    async fn next_update(&mut self) -> Result<Option<DisplayUpdate>> {
+        // Cancel safe: `changed` consumes nothing; everything after it is synchronous.
+        loop {
+            if let Some(u) = self.pending.pop_front() {
+                return Ok(Some(u));
+            }
+            self.viewer.changed().await;
+            self.collect();
+        }
+    }
+}
+
+fn bounding_box(rects: &[Rect]) -> Rect {
+    let x0 = rects.iter().map(|r| r.x).min().unwrap_or(0);
+    let y0 = rects.iter().map(|r| r.y).min().unwrap_or(0);
+    let x1 = rects.iter().map(|r| r.x + r.w).max().unwrap_or(0);
+    let y1 = rects.iter().map(|r| r.y + r.h).max().unwrap_or(0);
+    Rect {
+        x: x0,
+        y: y0,
+        w: x1 - x0,
+        h: y1 - y0,
+    }
+}
+
+/// A 32-bit pointer: BGRA rows, bottom-up as in a DIB. Cursors larger than every client accepts
+/// fall back to the default arrow.
+fn pointer_update(c: &Cursor) -> DisplayUpdate {
+    let fits = c.width > 0 && c.height > 0 && c.width <= MAX_POINTER && c.height <= MAX_POINTER;
+    if !fits || c.argb.len() < (c.width * c.height) as usize {
+        return DisplayUpdate::DefaultPointer;
+    }
+    let w = c.width as usize;
+    let mut data = Vec::with_capacity(c.argb.len() * 4);
+    for row in c.argb.chunks_exact(w).take(c.height as usize).rev() {
+        for px in row {
+            data.extend_from_slice(&px.to_le_bytes());
+        }
+    }
+    DisplayUpdate::RGBAPointer(RGBAPointer {
+        cache_index: 0,
+        width: c.width as u16,
+        height: c.height as u16,
+        hot_x: c.hot_x.min(c.width - 1) as u16,
+        hot_y: c.hot_y.min(c.height - 1) as u16,
+        data,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pixman::X8R8G8B8;
+
+    fn frame(w: u32, h: u32, px: u32) -> Vec<u8> {
+        std::iter::repeat_n(px.to_ne_bytes(), (w * h) as usize)
+            .flatten()
+            .collect()
+    }
+
+    fn updates(fb: &Framebuffer) -> Updates {
+        Updates {
+            viewer: fb.viewer(),
+            size: desktop_size(fb),
+            pending: VecDeque::new(),
+            cursor_serial: 0,
+            pointer_visible: true,
+            scratch: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn full_frame_first_then_damage_as_bgrx() {
+        let fb = Framebuffer::new();
+        fb.scanout(8, 4, 32, X8R8G8B8, &frame(8, 4, 0x00112233))
+            .expect("scanout");
+        let mut u = updates(&fb);
+        u.collect();
+        let Some(DisplayUpdate::Bitmap(b)) = u.pending.pop_front() else {
+            panic!("no full frame");
+        };
+        assert_eq!((b.x, b.y, b.width.get(), b.height.get()), (0, 0, 8, 4));
+        assert_eq!(b.format, PixelFormat::BgrX32);
+        assert_eq!(&b.data[..4], &[0x33, 0x22, 0x11, 0x00]);
+        fb.update(2, 1, 3, 2, 12, X8R8G8B8, &frame(3, 2, 0x00abcdef), false)
+            .expect("update");
+        u.collect();
+        let Some(DisplayUpdate::Bitmap(b)) = u.pending.pop_front() else {
+            panic!("no damage");
+        };
+        assert_eq!((b.x, b.y, b.width.get(), b.height.get()), (2, 1, 3, 2));
+        assert_eq!(b.stride.get(), 12);
+        assert_eq!(&b.data[..4], &[0xef, 0xcd, 0xab, 0x00]);
+    }
+
+    #[test]
+    fn mode_switch_is_a_resize() {
+        let fb = Framebuffer::new();
+        fb.scanout(8, 4, 32, X8R8G8B8, &frame(8, 4, 1))
+            .expect("scanout");
+        let mut u = updates(&fb);
+        u.collect();
+        u.pending.clear();
+        fb.scanout(16, 8, 64, X8R8G8B8, &frame(16, 8, 2))
+            .expect("scanout");
+        u.collect();
+        assert!(matches!(
+            u.pending.pop_front(),
+            Some(DisplayUpdate::Resize(DesktopSize {
+                width: 16,
+                height: 8
+            }))
+        ));
+        assert!(u.pending.is_empty());
+    }
+
+    #[test]
+    fn cursor_rows_are_bottom_up_and_hiding_works() {
+        let fb = Framebuffer::new();
+        fb.scanout(8, 4, 32, X8R8G8B8, &frame(8, 4, 1))
+            .expect("scanout");
+        let mut u = updates(&fb);
+        u.collect();
+        u.pending.clear();
+        fb.set_cursor(Cursor {
+            width: 2,
+            height: 2,
+            hot_x: 1,
+            hot_y: 0,
+            argb: vec![0xff00_0001, 0xff00_0002, 0xff00_0003, 0xff00_0004],
+        });
+        u.collect();
+        let Some(DisplayUpdate::RGBAPointer(p)) = u.pending.pop_front() else {
+            panic!("no pointer");
+        };
+        assert_eq!((p.width, p.height, p.hot_x, p.hot_y), (2, 2, 1, 0));
+        assert_eq!(&p.data[..4], &[3, 0, 0, 0xff]);
+        fb.set_pointer(crate::framebuffer::Pointer {
+            x: 0,
+            y: 0,
+            visible: false,
+        });
+        u.collect();
+        assert!(matches!(
+            u.pending.pop_front(),
+            Some(DisplayUpdate::HidePointer)
+        ));
+    }
+
+    #[test]
+    fn many_rects_become_one() {
+        let rects: Vec<Rect> = (0..40)
+            .map(|i| Rect {
+                x: i,
+                y: 2 * i,
+                w: 1,
+                h: 1,
+            })
+            .collect();
+        assert_eq!(
+            bounding_box(&rects),
+            Rect {
+                x: 0,
+                y: 0,
+                w: 40,
+                h: 79
+            }
+        );
+    }
+}

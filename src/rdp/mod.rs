@@ -1,0 +1,155 @@
+//! The RDP server: ironrdp-server sessions fed from the shared framebuffer, behind our own
+//! accept loop so several clients can be connected at once.
+//!
+//! `RdpServer` is not `Send`, so every session lives on one dedicated thread running a
+//! current-thread runtime with a `LocalSet`; encoding happens on that runtime's blocking pool.
+//! Each session gets its own `RdpServer` (its own encoder state and diff copy of the screen).
+
+pub mod display;
+pub mod input;
+pub mod session;
+pub mod transport;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, error, info, info_span};
+
+use crate::qemu::source::Desktop;
+use crate::tls::TlsIdentity;
+
+/// Clients connected (or connecting) at once; more wait in the kernel's backlog.
+pub const MAX_SESSIONS: usize = 16;
+
+/// What happens when a second client finishes logging in while another is connected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Policy {
+    /// Both see and control the desktop.
+    #[default]
+    Share,
+    /// The newcomer takes over; the others are disconnected.
+    Preempt,
+    /// The newcomer is disconnected.
+    Reject,
+}
+
+/// How clients prove who they are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Security {
+    /// Network Level Authentication (CredSSP, HYBRID and HYBRID_EX) inside TLS.
+    #[default]
+    Nla,
+    /// TLS, then the user name and password in the Client Info PDU (older clients).
+    Tls,
+}
+
+#[derive(Debug, Clone)]
+pub struct RdpConfig {
+    pub tls: TlsIdentity,
+    pub security: Security,
+    /// `None` only when the operator opted out of authentication (then `security` is TLS).
+    pub credentials: Option<(String, String)>,
+    pub policy: Policy,
+    /// Time from TCP accept to an activated desktop (including typing a password).
+    pub handshake_timeout: Duration,
+}
+
+impl RdpConfig {
+    pub fn new(tls: TlsIdentity, credentials: Option<(String, String)>) -> Self {
+        Self {
+            tls,
+            security: if credentials.is_some() {
+                Security::Nla
+            } else {
+                Security::Tls
+            },
+            credentials,
+            policy: Policy::Share,
+            handshake_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// The JSON libvirt reads from an RDP helper's `--print-capabilities`.
+pub fn capabilities_json() -> String {
+    serde_json::json!({
+        "type": "qemu-rdp",
+        "features": ["dbus-address", "remotefx"],
+    })
+    .to_string()
+}
+
+/// Serves RDP on `listener` until `stop`, on a thread of its own. Returns once the thread runs.
+pub fn spawn(
+    listener: TcpListener,
+    cfg: Arc<RdpConfig>,
+    desktop: Desktop,
+    stop: CancellationToken,
+) -> Result<()> {
+    if cfg.security == Security::Nla && cfg.credentials.is_none() {
+        anyhow::bail!("NLA needs credentials: set a password or choose --rdp-security tls");
+    }
+    let listener = listener.into_std().context("RDP listener")?;
+    std::thread::Builder::new()
+        .name("rdp".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    error!(error = %e, "RDP runtime did not start");
+                    return;
+                }
+            };
+            let local = tokio::task::LocalSet::new();
+            local.block_on(&rt, async move {
+                match TcpListener::from_std(listener) {
+                    Ok(listener) => accept_loop(listener, cfg, desktop, stop).await,
+                    Err(e) => error!(error = %e, "RDP listener unusable"),
+                }
+            });
+        })
+        .context("RDP thread")?;
+    Ok(())
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    cfg: Arc<RdpConfig>,
+    desktop: Desktop,
+    stop: CancellationToken,
+) {
+    let slots = Arc::new(Semaphore::new(MAX_SESSIONS));
+    let registry = session::Registry::default();
+    info!(
+        addr = ?listener.local_addr().ok(),
+        security = ?cfg.security,
+        policy = ?cfg.policy,
+        "RDP listening"
+    );
+    while let Some((permit, stream, peer)) =
+        crate::viewers::accept_bounded(&listener, &slots, &stop).await
+    {
+        let span = info_span!("rdp", client = %peer);
+        let session = session::Session {
+            cfg: Arc::clone(&cfg),
+            desktop: desktop.clone(),
+            registry: registry.clone(),
+            stop: stop.child_token(),
+        };
+        tokio::task::spawn_local(
+            async move {
+                session.run(stream).await;
+                drop(permit);
+            }
+            .instrument(span),
+        );
+    }
+    registry.close_all();
+}

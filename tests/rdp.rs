@@ -1,0 +1,330 @@
+//! The RDP server against FreeRDP 3 and the real guest: NLA (right and wrong password, TLS-only
+//! refused unless chosen), the desktop exactly as QMP `screendump` shows it before and after a
+//! guest mode switch in each client mode, keys and every mouse button reaching the guest with the
+//! right codes, two clients at once, a client's resize reaching the guest, and hostile bytes.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use common::qemu::{Rig, Video};
+use common::rdp::{FreeRdp, PASSWORD, USER, auth_only, config, serve};
+use common::x11::Xvfb;
+use vdi_sidecar::qemu::source::Consoles;
+use vdi_sidecar::rdp::Security;
+
+// One GUI test at a time: each runs QEMU under TCG plus FreeRDP on the 2 cores.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+const EV_KEY: u32 = 1;
+const EV_REL: u32 = 2;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nla_accepts_the_password_and_refuses_others() {
+    let (consoles, task) = Consoles::new();
+    tokio::spawn(task);
+    let (port, stop) = serve(config(), consoles.desktop());
+    tokio::task::spawn_blocking(move || {
+        let (ok, log) = auth_only(port, USER, PASSWORD, &[]);
+        assert!(ok, "right password refused:\n{log}");
+        let (ok, log) = auth_only(port, USER, "wrong-pass", &[]);
+        assert!(!ok, "wrong password accepted:\n{log}");
+        assert!(log.contains("exit status 0"), "{log}");
+        let (ok, log) = auth_only(port, "someone", PASSWORD, &[]);
+        assert!(!ok, "wrong user accepted:\n{log}");
+        // A client that offers only TLS security is turned away: NLA is required.
+        let (ok, log) = auth_only(port, USER, PASSWORD, &["/sec:tls"]);
+        assert!(!ok, "TLS-only client accepted by an NLA server:\n{log}");
+    })
+    .await
+    .expect("auth");
+    stop.cancel();
+
+    // TLS security only when the operator chooses it; the password is still checked.
+    let mut cfg = config();
+    cfg.security = Security::Tls;
+    let (port, stop) = serve(cfg, consoles.desktop());
+    tokio::task::spawn_blocking(move || {
+        let (ok, log) = auth_only(port, USER, PASSWORD, &["/sec:tls"]);
+        assert!(ok, "TLS security with the right password refused:\n{log}");
+        let (ok, log) = auth_only(port, USER, PASSWORD, &["/sec:nla"]);
+        assert!(!ok, "NLA offered by a TLS-only server:\n{log}");
+    })
+    .await
+    .expect("tls");
+    stop.cancel();
+}
+
+/// Checks the window against screendump: exactly, or for RemoteFX (lossy; the test image's noise
+/// band is its worst case, measured 28.9 dB) PSNR ≥ 25 dB.
+
+fn assert_window_matches(
+    x: &Xvfb,
+    client: &FreeRdp,
+    vm: &mut common::qemu::Vm,
+    name: &str,
+    exact: bool,
+) {
+    let dir = vm.dir.clone();
+    let (oracle, _, _) = vm.screendump_file(&format!("{name}.ppm"));
+    let shot = dir.join(format!("{name}.png"));
+    let (ok, result) = if exact {
+        client.wait_matches(x, &shot, &oracle, "AE", |d| d == 0.0)
+    } else {
+        client.wait_matches(x, &shot, &oracle, "PSNR", |d| d >= 25.0)
+    };
+    if !ok {
+        let keep = std::env::temp_dir().join(format!("vdi-rdp-{name}.png"));
+        let _ = std::fs::copy(&shot, &keep);
+        let _ = std::fs::copy(&oracle, keep.with_extension("ppm"));
+        eprintln!("kept {}", keep.display());
+    }
+    assert!(
+        ok,
+        "{name}: FreeRDP window differs from screendump ({result}); log:\n{}",
+        client.log_text()
+    );
+    eprintln!("{name}: {result}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn freerdp_shows_the_guest_in_each_mode_and_follows_mode_switches() {
+    let _serial = SERIAL.lock().await;
+    let rig = Rig::start().await;
+    let (port, stop) = serve(config(), rig.consoles.desktop());
+    let vm = rig.vm_with_test_image().await;
+    let dir = rig.dir.path().to_owned();
+    let vm = tokio::task::spawn_blocking(move || {
+        let mut vm = vm;
+        let x = Xvfb::start();
+        // (client flags, name, lossless?)
+        let modes: [(&[&str], &str, bool); 3] = [
+            (&["-gfx"], "default", true),
+            (&["/gfx"], "gfx", true),
+            (&["-gfx", "+rfx"], "rfx", false),
+        ];
+        let mut size = 800;
+        for (flags, name, exact) in modes {
+            let client = FreeRdp::open(&x, &dir, port, flags, &[]);
+            assert_window_matches(&x, &client, &mut vm, name, exact);
+            // A guest mode switch: the client is resized and sees the new screen.
+            size = if size == 800 { 1024 } else { 800 };
+            let h = size * 3 / 4;
+            vm.guest(&format!("mode {size} {h}"));
+            vm.guest("fill 33");
+            assert_window_matches(&x, &client, &mut vm, &format!("{name}-{size}"), exact);
+            eprintln!("{name}: {}", negotiated(&client.log_text()));
+        }
+        vm
+    })
+    .await
+    .expect("modes");
+    drop(vm);
+    stop.cancel();
+    rig.stop().await;
+}
+
+/// The codec lines FreeRDP logged, for the record.
+fn negotiated(log: &str) -> String {
+    log.lines()
+        .filter(|l| {
+            let l = l.to_ascii_lowercase();
+            l.contains("codec") || l.contains("remotefx") || l.contains("gfx")
+        })
+        .take(5)
+        .collect::<Vec<_>>()
+        .join(" | ")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_and_every_mouse_button_reach_the_guest() {
+    let _serial = SERIAL.lock().await;
+    let rig = Rig::start().await;
+    let (port, stop) = serve(config(), rig.consoles.desktop());
+    let vm = rig.vm_with_test_image().await;
+    let dir = rig.dir.path().to_owned();
+    let vm = tokio::task::spawn_blocking(move || {
+        let mut vm = vm;
+        let x = Xvfb::start();
+        let client = FreeRdp::open(&x, &dir, port, &[], &[]);
+        assert_window_matches(&x, &client, &mut vm, "input", true);
+        let w = client.window.clone();
+        let out = x.xdotool(&["windowfocus", "--sync", &w]);
+        assert!(out.status.success(), "focus: {out:?}");
+        // Extended keys keep their E0 prefix (arrows are not keypad keys), Pause and
+        // PrintScreen arrive as themselves.
+        let keys = [
+            ("Up", 103),
+            ("Left", 105),
+            ("Control_R", 97),
+            ("Insert", 110),
+            ("Delete", 111),
+            ("Home", 102),
+            ("End", 107),
+            ("KP_8", 72),
+            ("Pause", 119),
+            ("Print", 99),
+            ("a", 30),
+        ];
+        for (key, code) in keys {
+            let out = x.xdotool(&["key", "--window", &w, key]);
+            assert!(out.status.success(), "xdotool key {key}: {out:?}");
+            vm.expect_event(EV_KEY, code, 1);
+            vm.expect_event(EV_KEY, code, 0);
+        }
+        // Buttons: left, middle, right (BTN_LEFT/MIDDLE/RIGHT), then both wheels.
+        let out = x.xdotool(&["mousemove", "--window", &w, "200", "150"]);
+        assert!(out.status.success(), "mousemove: {out:?}");
+        for (button, code) in [("1", 272), ("2", 274), ("3", 273)] {
+            let out = x.xdotool(&["click", "--window", &w, button]);
+            assert!(out.status.success(), "click {button}: {out:?}");
+            vm.expect_event(EV_KEY, code, 1);
+            vm.expect_event(EV_KEY, code, 0);
+        }
+        // X buttons 4/5 scroll vertically, 6/7 horizontally (REL_WHEEL 8, REL_HWHEEL 6).
+        for (button, code, value) in [("4", 8, 1), ("5", 8, -1), ("6", 6, -1), ("7", 6, 1)] {
+            let out = x.xdotool(&["click", "--window", &w, button]);
+            assert!(out.status.success(), "click {button}: {out:?}");
+            vm.expect_event(EV_REL, code, value);
+        }
+        vm
+    })
+    .await
+    .expect("input");
+    drop(vm);
+    stop.cancel();
+    rig.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_clients_at_once_both_get_updates() {
+    let _serial = SERIAL.lock().await;
+    let rig = Rig::start().await;
+    let (port, stop) = serve(config(), rig.consoles.desktop());
+    let vm = rig.vm_with_test_image().await;
+    let dir = rig.dir.path().to_owned();
+    let vm = tokio::task::spawn_blocking(move || {
+        let mut vm = vm;
+        let x = Xvfb::start();
+        let first = FreeRdp::open(&x, &dir, port, &[], &[]);
+        let second = FreeRdp::open(&x, &dir, port, &[], &[&first.window]);
+        assert_window_matches(&x, &first, &mut vm, "first", true);
+        assert_window_matches(&x, &second, &mut vm, "second", true);
+        vm.guest("fill 77");
+        assert_window_matches(&x, &first, &mut vm, "first-after", true);
+        assert_window_matches(&x, &second, &mut vm, "second-after", true);
+        vm
+    })
+    .await
+    .expect("two clients");
+    drop(vm);
+    stop.cancel();
+    rig.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_resize_asks_the_guest_for_a_new_mode() {
+    let _serial = SERIAL.lock().await;
+    let rig = Rig::start().await;
+    let (port, stop) = serve(config(), rig.consoles.desktop());
+    let mut vm = rig.vm(Video::VirtioGpu);
+    let dir = rig.dir.path().to_owned();
+    let vm = tokio::task::spawn_blocking(move || {
+        vm.wait_ready();
+        vm.guest("display fb");
+        let x = Xvfb::start();
+        let client = FreeRdp::open(&x, &dir, port, &["/dynamic-resolution"], &[]);
+        let w = client.window.clone();
+        // The window is resized as a user would: Display Control sends the new layout, we
+        // pass it to Console.SetUIInfo, and virtio-gpu offers the guest that mode.
+        let deadline = Instant::now() + Duration::from_secs(40);
+        let mut mode = String::new();
+        while !mode.contains("1000x700") {
+            assert!(
+                Instant::now() < deadline,
+                "guest never offered 1000x700 (last {mode:?}); log:\n{}",
+                client.log_text()
+            );
+            let _ = x.xdotool(&["windowsize", &w, "1000", "700"]);
+            std::thread::sleep(Duration::from_secs(2));
+            mode = vm.guest("drmmode");
+        }
+        vm
+    })
+    .await
+    .expect("resize");
+    drop(vm);
+    stop.cancel();
+    rig.stop().await;
+}
+
+/// Sends `bytes` on a fresh connection and returns how long the server took to close it.
+fn hostile(port: u16, bytes: &[u8]) -> Duration {
+    let start = Instant::now();
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let _ = s.write_all(bytes);
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return start.elapsed(),
+            Ok(_) => continue,
+            // Closed with our bytes unread.
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return start.elapsed(),
+            Err(e) => panic!("server kept a hostile connection open: {e}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_bytes_are_closed_quickly_and_disturb_no_one() {
+    let (consoles, task) = Consoles::new();
+    tokio::spawn(task);
+    let mut cfg = config();
+    cfg.handshake_timeout = Duration::from_secs(3);
+    let (port, stop) = serve(cfg, consoles.desktop());
+    let dir = tempfile::tempdir().expect("tempdir");
+    tokio::task::spawn_blocking(move || {
+        // A connected client, which must stay connected throughout.
+        let x = Xvfb::start();
+        let client = FreeRdp::open(&x, dir.path(), port, &[], &[]);
+        // Garbage instead of a Connection Request, a truncated and a lying TPKT, a Connection
+        // Request asking for plain RDP security only, then nothing at all (the deadline).
+        let cr_rdp_only = [3, 0, 0, 19, 14, 0xe0, 0, 0, 0, 0, 0, 1, 0, 8, 0, 0, 0, 0, 0];
+        let mut rng = 0x9e37_79b9_u32;
+        let mut random = vec![0u8; 4096];
+        for b in &mut random {
+            rng ^= rng << 13;
+            rng ^= rng >> 17;
+            rng ^= rng << 5;
+            *b = rng as u8;
+        }
+        let cases: [(&str, &[u8]); 6] = [
+            ("random", &random),
+            ("truncated", &[3, 0, 0]),
+            ("short tpkt", &[3, 0, 0, 2, 0, 0, 0]),
+            ("huge tpkt", &[3, 0, 0xff, 0xff, 0xe0, 0, 0]),
+            ("plain rdp only", &cr_rdp_only),
+            ("silent", &[]),
+        ];
+        for (name, bytes) in cases {
+            let took = hostile(port, bytes);
+            eprintln!("{name}: closed after {took:?}");
+            assert!(took < Duration::from_secs(8), "{name}: {took:?}");
+        }
+        let out = x.xdotool(&["getwindowname", &client.window]);
+        assert!(
+            out.status.success(),
+            "the connected client went away; log:\n{}",
+            client.log_text()
+        );
+        let (ok, log) = auth_only(port, USER, PASSWORD, &[]);
+        assert!(ok, "a good client after the hostile ones:\n{log}");
+    })
+    .await
+    .expect("hostile");
+    stop.cancel();
+}
