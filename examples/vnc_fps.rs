@@ -76,6 +76,7 @@ async fn main() -> Result<()> {
                 SocketAddr::from(([127, 0, 0, 1], ours)),
                 Arc::new(VncConfig::new(None, "bench")),
             )),
+            rdp: None,
             web: None,
         },
         width: WIDTH,

@@ -107,6 +107,11 @@ pub async fn run(cfg: DemoConfig, stop: CancellationToken) -> Result<(), Error> 
             let scheme = if w.tls.is_some() { "https" } else { "http" };
             println!("  Web   {scheme}://{web}/   (same password; the certificate is generated)");
         }
+        if let (Some(rdp), Some((_, r))) = (at.rdp, &cfg.viewers.rdp) {
+            let user = r.credentials.as_ref().map_or("(any)", |c| c.0.as_str());
+            println!("  RDP   {rdp}   user: {user}, same password");
+            println!("  e.g.  xfreerdp3 /v:{rdp} /u:{user} /cert:ignore");
+        }
         println!("Ctrl-C stops the demo (QEMU and the bus are stopped too).");
     }
 

@@ -50,6 +50,8 @@ async fn bridge_attaches_to_an_existing_bus() {
             "none",
             "--http",
             "none",
+            "--rdp",
+            "none",
             "--dbus-address",
             bus.address(),
         ])

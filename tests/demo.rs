@@ -26,6 +26,8 @@ fn demo_serves_the_guest_over_vnc_and_stops_cleanly() {
             &format!("127.0.0.1:{port}"),
             "--http",
             "127.0.0.1:0",
+            "--rdp",
+            "127.0.0.1:0",
         ])
         .env("VDI_PASSWORD", "demo-pw1")
         .env("VDI_LOG", "info")
@@ -60,6 +62,21 @@ fn demo_serves_the_guest_over_vnc_and_stops_cleanly() {
         .parse()
         .expect("web port");
     assert_ne!(web_port, 0, "{web_line}");
+    // RDP follows, with its user name; FreeRDP logs in with NLA.
+    let rdp_line = lines.next().expect("rdp line").expect("read");
+    let rdp = rdp_line
+        .split_whitespace()
+        .nth(1)
+        .unwrap_or_else(|| panic!("no RDP address: {rdp_line}"))
+        .to_owned();
+    assert!(rdp_line.contains("user: vdi"), "{rdp_line}");
+    let rdp_port: u16 = rdp
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("rdp port");
+    let (ok, log) = common::rdp::auth_only(rdp_port, "vdi", "demo-pw1", &[]);
+    assert!(ok, "FreeRDP could not log in to the demo:\n{log}");
 
     let dir = tempfile::tempdir().expect("tempdir");
     let png = dir.path().join("demo.png");

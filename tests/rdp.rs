@@ -13,7 +13,7 @@ use common::qemu::{Rig, Video};
 use common::rdp::{FreeRdp, PASSWORD, USER, auth_only, config, serve};
 use common::x11::Xvfb;
 use vdi_sidecar::qemu::source::Consoles;
-use vdi_sidecar::rdp::Security;
+use vdi_sidecar::rdp::{Policy, Security};
 
 // One GUI test at a time: each runs QEMU under TCG plus FreeRDP on the 2 cores.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -59,7 +59,6 @@ async fn nla_accepts_the_password_and_refuses_others() {
 
 /// Checks the window against screendump: exactly, or for RemoteFX (lossy; the test image's noise
 /// band is its worst case, measured 28.9 dB) PSNR ≥ 25 dB.
-
 fn assert_window_matches(
     x: &Xvfb,
     client: &FreeRdp,
@@ -100,8 +99,9 @@ async fn freerdp_shows_the_guest_in_each_mode_and_follows_mode_switches() {
         let mut vm = vm;
         let x = Xvfb::start();
         // (client flags, name, lossless?)
-        let modes: [(&[&str], &str, bool); 3] = [
-            (&["-gfx"], "default", true),
+        let modes: [(&[&str], &str, bool); 4] = [
+            (&[], "default", false),
+            (&["-gfx"], "nogfx", true),
             (&["/gfx"], "gfx", true),
             (&["-gfx", "+rfx"], "rfx", false),
         ];
@@ -148,7 +148,7 @@ async fn keys_and_every_mouse_button_reach_the_guest() {
     let vm = tokio::task::spawn_blocking(move || {
         let mut vm = vm;
         let x = Xvfb::start();
-        let client = FreeRdp::open(&x, &dir, port, &[], &[]);
+        let client = FreeRdp::open(&x, &dir, port, &["-gfx"], &[]);
         assert_window_matches(&x, &client, &mut vm, "input", true);
         let w = client.window.clone();
         let out = x.xdotool(&["windowfocus", "--sync", &w]);
@@ -208,12 +208,13 @@ async fn two_clients_at_once_both_get_updates() {
     let vm = tokio::task::spawn_blocking(move || {
         let mut vm = vm;
         let x = Xvfb::start();
+        // FreeRDP's defaults (RemoteFX) next to a lossless client: two encoders at once.
         let first = FreeRdp::open(&x, &dir, port, &[], &[]);
-        let second = FreeRdp::open(&x, &dir, port, &[], &[&first.window]);
-        assert_window_matches(&x, &first, &mut vm, "first", true);
+        let second = FreeRdp::open(&x, &dir, port, &["-gfx"], &[&first.window]);
+        assert_window_matches(&x, &first, &mut vm, "first", false);
         assert_window_matches(&x, &second, &mut vm, "second", true);
         vm.guest("fill 77");
-        assert_window_matches(&x, &first, &mut vm, "first-after", true);
+        assert_window_matches(&x, &first, &mut vm, "first-after", false);
         assert_window_matches(&x, &second, &mut vm, "second-after", true);
         vm
     })
@@ -327,4 +328,74 @@ async fn hostile_bytes_are_closed_quickly_and_disturb_no_one() {
     .await
     .expect("hostile");
     stop.cancel();
+}
+
+#[test]
+fn prints_capabilities_for_libvirt() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_vdi-sidecar"))
+        .arg("--print-capabilities")
+        .output()
+        .expect("run");
+    assert!(out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(v["type"], "qemu-rdp");
+    let features = v["features"].as_array().expect("features");
+    assert!(features.iter().any(|f| f == "dbus-address"), "{v}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn preempt_and_reject_policies_with_real_clients() {
+    let (consoles, task) = Consoles::new();
+    tokio::spawn(task);
+    let dir = tempfile::tempdir().expect("tempdir");
+    for policy in [Policy::Preempt, Policy::Reject] {
+        let mut cfg = config();
+        cfg.policy = policy;
+        let (port, stop) = serve(cfg, consoles.desktop());
+        let path = dir.path().to_owned();
+        tokio::task::spawn_blocking(move || {
+            let x = Xvfb::start();
+            let first = FreeRdp::open(&x, &path, port, &["-gfx"], &[]);
+            if policy == Policy::Preempt {
+                // The newcomer takes over; the first client loses its session.
+                let second = FreeRdp::open(&x, &path, port, &["-gfx"], &[&first.window]);
+                let closed = common::wait_until(Duration::from_secs(20), || {
+                    !x.xdotool(&["getwindowname", &first.window])
+                        .status
+                        .success()
+                });
+                assert!(closed, "preempt: the first client is still connected");
+                std::thread::sleep(Duration::from_secs(2));
+                assert!(
+                    x.xdotool(&["getwindowname", &second.window])
+                        .status
+                        .success(),
+                    "preempt: the newcomer was disconnected too; log:\n{}",
+                    second.log_text()
+                );
+            } else {
+                // The newcomer logs in and is disconnected at once; the first stays.
+                let out = std::process::Command::new("timeout")
+                    .args(["30", "xfreerdp3"])
+                    .arg(format!("/v:127.0.0.1:{port}"))
+                    .arg(format!("/u:{USER}"))
+                    .arg(format!("/p:{PASSWORD}"))
+                    .args(["/cert:ignore", "-gfx"])
+                    .env("DISPLAY", &x.display)
+                    .output()
+                    .expect("xfreerdp3");
+                assert_ne!(out.status.code(), Some(124), "reject: the newcomer stayed");
+                assert!(
+                    x.xdotool(&["getwindowname", &first.window])
+                        .status
+                        .success(),
+                    "reject: the first client was disconnected; log:\n{}",
+                    first.log_text()
+                );
+            }
+        })
+        .await
+        .expect("policy");
+        stop.cancel();
+    }
 }

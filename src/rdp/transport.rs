@@ -39,7 +39,7 @@ pub enum Pdu {
 }
 
 impl Pdu {
-    pub fn len(self) -> usize {
+    pub fn size(self) -> usize {
         match self {
             Pdu::Tpkt(n) | Pdu::Der(n) | Pdu::FastPathInput(n) => n,
         }
@@ -142,7 +142,7 @@ pub struct Traffic {
 
 enum Link<S> {
     Plain(S),
-    Accepting(tokio_rustls::Accept<S>),
+    Accepting(Box<tokio_rustls::Accept<S>>),
     Tls(Box<tokio_rustls::server::TlsStream<S>>),
     Closed,
 }
@@ -203,10 +203,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> RdpStream<S> {
                     let Link::Plain(s) = std::mem::replace(&mut self.link, Link::Closed) else {
                         return Poll::Ready(Err(invalid("bad transport state")));
                     };
-                    self.link = Link::Accepting(self.acceptor.accept(s));
+                    self.link = Link::Accepting(Box::new(self.acceptor.accept(s)));
                 }
                 Link::Accepting(accept) => {
-                    let tls = ready!(Pin::new(accept).poll(cx)).inspect_err(|e| {
+                    let tls = ready!(Pin::new(&mut **accept).poll(cx)).inspect_err(|e| {
                         debug!(error = %e, "TLS handshake failed");
                     })?;
                     self.link = Link::Tls(Box::new(tls));
@@ -220,10 +220,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> RdpStream<S> {
     /// Frames what has been read: forwards slow-path and CredSSP PDUs, consumes fast-path input.
     fn split(&mut self) -> io::Result<()> {
         while let Some(pdu) = next_pdu(&self.raw, self.mcs_started).map_err(invalid)? {
-            if self.raw.len() < pdu.len() {
+            if self.raw.len() < pdu.size() {
                 break;
             }
-            let bytes = self.raw.split_to(pdu.len());
+            let bytes = self.raw.split_to(pdu.size());
             match pdu {
                 Pdu::Tpkt(_) => {
                     self.mcs_started = true;
@@ -416,7 +416,7 @@ mod tests {
             }
             for mcs in [false, true] {
                 if let Ok(Some(p)) = next_pdu(&buf, mcs) {
-                    assert!(p.len() >= 2 && p.len() <= MAX_DER);
+                    assert!(p.size() >= 2 && p.size() <= MAX_DER);
                 }
             }
         }

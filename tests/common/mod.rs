@@ -144,6 +144,7 @@ impl Sidecar {
             // Tests run in parallel: no fixed VNC port unless a test asks for one.
             .env("VDI_VNC", "none")
             .env("VDI_HTTP", "none")
+            .env("VDI_RDP", "none")
             .stdin(Stdio::null());
         for (k, v) in env {
             cmd.env(k, v);
