@@ -64,6 +64,6 @@ labels = tmpl["metadata"]["labels"]
 assert all(labels.get(k) == v for k, v in svc["spec"]["selector"].items()), \
     "the Service does not select the VM's pod"
 ports = {p["port"] for p in svc["spec"]["ports"]}
-assert {5900, 6080} <= ports, ports
+assert {5900, 3389, 6080} <= ports, ports
 print("packaging: manifests, annotation, Containerfiles and workflow check out")
 PY
