@@ -5,6 +5,8 @@
 
 use std::collections::VecDeque;
 use std::num::{NonZeroU16, NonZeroUsize};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use anyhow::Result;
 use bytes::Bytes;
@@ -16,6 +18,7 @@ use ironrdp::server::{
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
+use super::RdpStats;
 use crate::framebuffer::{Cursor, Framebuffer, Rect, Viewer};
 use crate::qemu::input::InputSink;
 
@@ -38,14 +41,21 @@ pub struct Display {
     /// Set when the session is activated (the server asks for updates only after the client
     /// authenticated and finished the connection sequence).
     activated: watch::Sender<bool>,
+    stats: Arc<RdpStats>,
 }
 
 impl Display {
-    pub fn new(fb: Framebuffer, input: InputSink, activated: watch::Sender<bool>) -> Self {
+    pub fn new(
+        fb: Framebuffer,
+        input: InputSink,
+        activated: watch::Sender<bool>,
+        stats: Arc<RdpStats>,
+    ) -> Self {
         Self {
             fb,
             input,
             activated,
+            stats,
         }
     }
 }
@@ -82,6 +92,7 @@ impl RdpServerDisplay for Display {
             cursor_serial: 0,
             pointer_visible: true,
             scratch: Vec::new(),
+            stats: Arc::clone(&self.stats),
         }))
     }
 
@@ -114,6 +125,7 @@ struct Updates {
     cursor_serial: u64,
     pointer_visible: bool,
     scratch: Vec<u32>,
+    stats: Arc<RdpStats>,
 }
 
 impl Updates {
@@ -152,10 +164,16 @@ impl Updates {
         if rects.len() > MAX_RECTS {
             rects = vec![bounding_box(&rects)];
         }
+        let mut sent = 0;
         for r in rects {
             if let Some(b) = self.bitmap(&fb, r) {
                 self.pending.push_back(DisplayUpdate::Bitmap(b));
+                sent += 1;
             }
+        }
+        if sent > 0 {
+            self.stats.frames.fetch_add(1, Ordering::Relaxed);
+            self.stats.bitmaps.fetch_add(sent, Ordering::Relaxed);
         }
     }
 
@@ -256,6 +274,7 @@ mod tests {
             cursor_serial: 0,
             pointer_visible: true,
             scratch: Vec::new(),
+            stats: Arc::default(),
         }
     }
 

@@ -56,6 +56,18 @@ pub struct RdpConfig {
     pub policy: Policy,
     /// Time from TCP accept to an activated desktop (including typing a password).
     pub handshake_timeout: Duration,
+    /// Counters over every session (logs, tests, benchmarks).
+    pub stats: Arc<RdpStats>,
+}
+
+/// What the RDP server has sent, summed over sessions.
+#[derive(Debug, Default)]
+pub struct RdpStats {
+    /// Batches of damage sent (each one or more bitmaps): the frame rate clients see.
+    pub frames: std::sync::atomic::AtomicU64,
+    pub bitmaps: std::sync::atomic::AtomicU64,
+    /// Bytes written to clients after TLS.
+    pub bytes_out: std::sync::atomic::AtomicU64,
 }
 
 impl RdpConfig {
@@ -70,6 +82,7 @@ impl RdpConfig {
             credentials,
             policy: Policy::Share,
             handshake_timeout: Duration::from_secs(30),
+            stats: Arc::default(),
         }
     }
 }

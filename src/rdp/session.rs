@@ -90,6 +90,7 @@ impl Session {
             self.desktop.fb.clone(),
             self.desktop.input.clone(),
             activated_tx,
+            Arc::clone(&self.cfg.stats),
         );
         let acceptor = TlsAcceptor::from(Arc::clone(&self.cfg.tls.config));
         let builder = RdpServer::builder().with_addr(([127, 0, 0, 1], 0));
@@ -109,7 +110,10 @@ impl Session {
             password: p.clone(),
             domain: None,
         }));
-        let traffic = Arc::new(Traffic::default());
+        let traffic = Arc::new(Traffic {
+            total: Some(Arc::clone(&self.cfg.stats)),
+            ..Traffic::default()
+        });
         let stream = RdpStream::new(stream, acceptor, events_tx, Arc::clone(&traffic));
 
         let token = self.stop.clone();

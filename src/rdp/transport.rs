@@ -138,6 +138,8 @@ pub struct Traffic {
     pub bytes_in: AtomicU64,
     pub bytes_out: AtomicU64,
     pub input_events: AtomicU64,
+    /// Server-wide counters to add `bytes_out` to as well.
+    pub total: Option<Arc<super::RdpStats>>,
 }
 
 enum Link<S> {
@@ -325,6 +327,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for RdpStream<S> {
                 this.traffic
                     .bytes_out
                     .fetch_add(n as u64, Ordering::Relaxed);
+                if let Some(total) = &this.traffic.total {
+                    total.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
+                }
                 Poll::Ready(Ok(n))
             }
             Link::Accepting(_) | Link::Closed => {
