@@ -8,6 +8,7 @@
 pub mod display;
 pub mod input;
 pub mod session;
+pub mod sound;
 pub mod transport;
 
 use std::sync::Arc;
@@ -68,6 +69,8 @@ pub struct RdpStats {
     pub bitmaps: std::sync::atomic::AtomicU64,
     /// Bytes written to clients after TLS.
     pub bytes_out: std::sync::atomic::AtomicU64,
+    /// PCM bytes handed to rdpsnd (waves), over all sessions.
+    pub audio_bytes: std::sync::atomic::AtomicU64,
 }
 
 impl RdpConfig {

@@ -20,6 +20,7 @@ use tracing::{debug, info, warn};
 
 use super::display::Display;
 use super::input::{self, Event};
+use super::sound::SoundFactory;
 use super::transport::{RdpStream, Traffic};
 use super::{Policy, RdpConfig, Security};
 use crate::qemu::source::Desktop;
@@ -104,6 +105,10 @@ impl Session {
                 last: (0, 0),
             })
             .with_display_handler(display)
+            .with_sound_factory(Some(Box::new(SoundFactory::new(
+                self.desktop.audio.clone(),
+                Arc::clone(&self.cfg.stats),
+            ))))
             .build();
         server.set_credentials(self.cfg.credentials.as_ref().map(|(u, p)| Credentials {
             username: u.clone(),

@@ -74,6 +74,16 @@ pub struct Converter {
 impl Converter {
     /// Appends one audio data message carrying `data` (in `src`) converted to `dst`.
     pub fn data(&mut self, src: &PcmFormat, data: &[u8], dst: &ClientFormat, out: &mut Vec<u8>) {
+        self.convert(src, data, dst);
+        out.extend_from_slice(&[QEMU_MSG, AUDIO]);
+        out.extend_from_slice(&OP_DATA.to_be_bytes());
+        out.extend_from_slice(&u32::try_from(self.pcm.len()).unwrap_or(0).to_be_bytes());
+        out.extend_from_slice(&self.pcm);
+    }
+
+    /// `data` (in `src`) converted to `dst`, little-endian interleaved PCM (also what RDP's
+    /// WAVE_FORMAT_PCM carries).
+    pub fn convert(&mut self, src: &PcmFormat, data: &[u8], dst: &ClientFormat) -> &[u8] {
         self.pcm.clear();
         let frame = src.bytes_per_frame();
         let frames = data.len().checked_div(frame).unwrap_or(0);
@@ -92,10 +102,7 @@ impl Converter {
             self.pos += step;
         }
         self.pos -= frames as f64;
-        out.extend_from_slice(&[QEMU_MSG, AUDIO]);
-        out.extend_from_slice(&OP_DATA.to_be_bytes());
-        out.extend_from_slice(&u32::try_from(self.pcm.len()).unwrap_or(0).to_be_bytes());
-        out.extend_from_slice(&self.pcm);
+        &self.pcm
     }
 }
 
