@@ -10,18 +10,9 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use common::Proc;
-use common::qemu::{Rig, Video};
+use common::qemu::{AUDIO_ARGS, Rig, Video};
 use common::rdp::{PASSWORD, USER, config, serve};
 use common::x11::Xvfb;
-
-const AUDIO_ARGS: &[&str] = &[
-    "-audiodev",
-    "dbus,id=snd0,out.frequency=48000",
-    "-device",
-    "intel-hda",
-    "-device",
-    "hda-duplex,audiodev=snd0",
-];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn freerdp_negotiates_sound_and_gets_the_guest_tone() {

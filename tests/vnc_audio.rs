@@ -7,19 +7,10 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::qemu::Rig;
+use common::qemu::{AUDIO_ARGS, Rig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use vdi_sidecar::vnc::conn::VncConfig;
-
-const AUDIO_ARGS: &[&str] = &[
-    "-audiodev",
-    "dbus,id=snd0,out.frequency=48000",
-    "-device",
-    "intel-hda",
-    "-device",
-    "hda-duplex,audiodev=snd0",
-];
 
 /// Connects (no password), enables QEMU audio in `sample` format 0..5, `channels`, `freq`.
 async fn audio_client(

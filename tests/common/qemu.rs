@@ -34,6 +34,17 @@ pub fn guest() -> PathBuf {
     )
 }
 
+/// QEMU arguments for a sound card whose audio goes to the D-Bus display (48 kHz, as the domain
+/// rewrite asks libvirt for).
+pub const AUDIO_ARGS: &[&str] = &[
+    "-audiodev",
+    "dbus,id=snd0,out.frequency=48000",
+    "-device",
+    "intel-hda",
+    "-device",
+    "hda-duplex,audiodev=snd0",
+];
+
 /// Which display device the VM gets.
 #[derive(Clone, Copy, Debug)]
 pub enum Video {

@@ -120,15 +120,7 @@ impl FreeRdp {
         metric: &str,
         accept: impl Fn(f64) -> bool,
     ) -> (bool, String) {
-        let mut last = String::new();
-        let ok = wait_until(Duration::from_secs(30), || {
-            last = if x.screenshot(&self.window, shot) {
-                super::x11::compare(shot, oracle, metric)
-            } else {
-                "no screenshot".into()
-            };
-            super::x11::metric_value(&last).is_some_and(&accept)
-        });
-        (ok, last)
+        let timeout = Duration::from_secs(30);
+        super::x11::window_matches(x, &self.window, shot, oracle, metric, timeout, accept)
     }
 }

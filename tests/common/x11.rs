@@ -139,17 +139,39 @@ impl TigerVnc {
         metric: &str,
         accept: impl Fn(f64) -> bool,
     ) -> (bool, String) {
-        let mut last = String::new();
-        let ok = wait_until(Duration::from_secs(20), || {
-            last = if x.screenshot(&self.window, shot) {
-                compare(shot, oracle, metric)
-            } else {
-                "no screenshot".into()
-            };
-            metric_value(&last).is_some_and(&accept)
-        });
-        (ok, last)
+        window_matches(
+            x,
+            &self.window,
+            shot,
+            oracle,
+            metric,
+            Duration::from_secs(20),
+            accept,
+        )
     }
+}
+
+/// Waits up to `timeout` until a screenshot of `window` compared with `oracle` by `metric` is
+/// accepted; returns whether it was and the last comparison result.
+pub fn window_matches(
+    x: &Xvfb,
+    window: &str,
+    shot: &Path,
+    oracle: &Path,
+    metric: &str,
+    timeout: Duration,
+    accept: impl Fn(f64) -> bool,
+) -> (bool, String) {
+    let mut last = String::new();
+    let ok = wait_until(timeout, || {
+        last = if x.screenshot(window, shot) {
+            compare(shot, oracle, metric)
+        } else {
+            "no screenshot".into()
+        };
+        metric_value(&last).is_some_and(&accept)
+    });
+    (ok, last)
 }
 
 /// ImageMagick `compare -metric M a b`: what it prints (AE: differing pixels; PSNR: dB).
