@@ -189,6 +189,12 @@ async fn keys_and_every_mouse_button_reach_the_guest() {
             assert!(out.status.success(), "click {button}: {out:?}");
             vm.expect_event(EV_REL, code, value);
         }
+        // A key held when the client goes away is released in the guest.
+        let out = x.xdotool(&["keydown", "--window", &w, "Shift_L"]);
+        assert!(out.status.success(), "keydown: {out:?}");
+        vm.expect_event(EV_KEY, 42, 1);
+        drop(client);
+        vm.expect_event(EV_KEY, 42, 0);
         vm
     })
     .await

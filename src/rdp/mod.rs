@@ -109,6 +109,9 @@ pub fn spawn(
     if cfg.security == Security::Nla && cfg.credentials.is_none() {
         anyhow::bail!("NLA needs credentials: set a password or choose --rdp-security tls");
     }
+    // rustls is built with two crypto providers in this graph (ironrdp's and ours); anything
+    // that asks for the process default must not panic on the ambiguity.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let listener = listener.into_std().context("RDP listener")?;
     std::thread::Builder::new()
         .name("rdp".into())
