@@ -81,6 +81,12 @@ pub enum AudioEvent {
     Started(PcmFormat),
     Stopped,
     Pcm(PcmFormat, Bytes),
+    /// The guest's mixer: mute, and left/right volume 0..=255 (QEMU's per-channel bytes).
+    Volume {
+        mute: bool,
+        left: u8,
+        right: u8,
+    },
 }
 
 /// The fan-out point; cheap to clone.
@@ -173,6 +179,13 @@ impl AudioOutListener {
 
     fn set_volume(&mut self, id: u64, mute: bool, volume: ByteBuf) {
         debug!(id, mute, volume = ?volume.as_ref(), "audio volume");
+        if !self.streams.contains_key(&id) {
+            return;
+        }
+        // One byte per channel; a mono stream's one byte is both sides.
+        let left = volume.first().copied().unwrap_or(255);
+        let right = volume.get(1).copied().unwrap_or(left);
+        self.hub.send(AudioEvent::Volume { mute, left, right });
     }
 
     fn write(&mut self, id: u64, data: ByteBuf) {

@@ -178,6 +178,10 @@ async fn pump(
                 }
             }
             AudioEvent::Started(_) => continue,
+            // Not passed on: ironrdp-rdpsnd 0.9 errors on SetVolume to a client without the
+            // VOLUME flag, the server then ends the whole session, and the handler never learns
+            // the client's flags. Waiting for a way to read them (issue 6).
+            AudioEvent::Volume { .. } => continue,
         }
         // The wave's timestamp is in milliseconds and wraps, as MS-RDPEA says.
         let ts = start.elapsed().as_millis() as u32;
@@ -188,5 +192,20 @@ async fn pump(
         if events.send(ServerEvent::Rdpsnd(msg)).is_err() {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn offers_pcm_48k_first() {
+        let f = SoundFactory::new(AudioHub::default(), Arc::default()).build_backend();
+        let formats = f.get_formats();
+        assert_eq!(formats[0].n_samples_per_sec, 48_000);
+        assert_eq!(formats[0].format, WaveFormat::PCM);
+        assert_eq!((formats[0].n_channels, formats[0].bits_per_sample), (2, 16));
+        assert_eq!(formats[0].n_avg_bytes_per_sec, 192_000);
     }
 }

@@ -836,7 +836,9 @@ pub async fn serve<S: Io + 'static>(
                         converter.data(&format, &data, &sound_format, &mut out);
                         s.write_all(&out).await?;
                     }
-                    Ok(AudioEvent::Started(_) | AudioEvent::Stopped) => {}
+                    Ok(
+                        AudioEvent::Started(_) | AudioEvent::Stopped | AudioEvent::Volume { .. },
+                    ) => {}
                     // A viewer that cannot keep up loses audio rather than delaying anyone.
                     Err(RecvError::Lagged(n)) => debug!(chunks = n, "audio dropped: viewer too slow"),
                     Err(RecvError::Closed) => sound = None,
