@@ -106,6 +106,14 @@ impl RdpServerDisplay for Display {
             return;
         };
         let (w, h) = m.dimensions();
+        let Some((w, h)) = requested_size(w, h) else {
+            warn!(
+                width = w,
+                height = h,
+                "monitor layout outside 200..=8192 ignored"
+            );
+            return;
+        };
         let input = self.input.clone();
         info!(width = w, height = h, "client asks for a new desktop size");
         // Called from a blocking thread of the session's runtime: hand the D-Bus call to a task.
@@ -216,6 +224,13 @@ impl RdpServerDisplayUpdates for Updates {
             self.collect();
         }
     }
+}
+
+/// A client's monitor size, if MS-RDPEDISP allows it (200..=8192 each way); the width is made
+/// even as the spec requires. Anything else never reaches the guest.
+fn requested_size(w: u32, h: u32) -> Option<(u32, u32)> {
+    let ok = |v: u32| (200..=MAX_SIDE).contains(&v);
+    (ok(w) && ok(h)).then_some((w & !1, h))
 }
 
 fn bounding_box(rects: &[Rect]) -> Rect {
@@ -354,6 +369,15 @@ mod tests {
             u.pending.pop_front(),
             Some(DisplayUpdate::HidePointer)
         ));
+    }
+
+    #[test]
+    fn monitor_layouts_are_bounded() {
+        assert_eq!(requested_size(1000, 700), Some((1000, 700)));
+        assert_eq!(requested_size(1001, 700), Some((1000, 700)));
+        assert_eq!(requested_size(100_000, 700), None);
+        assert_eq!(requested_size(0, 0), None);
+        assert_eq!(requested_size(8192, 8192), Some((8192, 8192)));
     }
 
     #[test]
