@@ -7,6 +7,7 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use common::qemu::{Rig, Video};
@@ -267,6 +268,22 @@ async fn client_resize_asks_the_guest_for_a_new_mode() {
     rig.stop().await;
 }
 
+/// Counts panics on the RDP server's thread (tokio would swallow them into the task's result).
+fn watch_rdp_panics() -> &'static AtomicUsize {
+    static PANICS: AtomicUsize = AtomicUsize::new(0);
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if std::thread::current().name() == Some("rdp") {
+                PANICS.fetch_add(1, Ordering::Relaxed);
+            }
+            previous(info);
+        }));
+    });
+    &PANICS
+}
+
 /// Sends `bytes` on a fresh connection and returns how long the server took to close it.
 fn hostile(port: u16, bytes: &[u8]) -> Duration {
     let start = Instant::now();
@@ -288,6 +305,7 @@ fn hostile(port: u16, bytes: &[u8]) -> Duration {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_bytes_are_closed_quickly_and_disturb_no_one() {
+    let panics = watch_rdp_panics();
     let (consoles, task) = Consoles::new();
     tokio::spawn(task);
     let mut cfg = config();
@@ -309,7 +327,12 @@ async fn hostile_bytes_are_closed_quickly_and_disturb_no_one() {
             rng ^= rng << 5;
             *b = rng as u8;
         }
-        let cases: [(&str, &[u8]); 6] = [
+        // A Connection Request for TLS + NLA followed at once by bytes that are not a TLS hello.
+        let mut cr_then_garbage = cr_rdp_only.to_vec();
+        cr_then_garbage[15] = 3;
+        cr_then_garbage.extend_from_slice(&random[..512]);
+        let cases: [(&str, &[u8]); 7] = [
+            ("connection request, then not TLS", &cr_then_garbage),
             ("random", &random),
             ("truncated", &[3, 0, 0]),
             ("short tpkt", &[3, 0, 0, 2, 0, 0, 0]),
@@ -330,6 +353,7 @@ async fn hostile_bytes_are_closed_quickly_and_disturb_no_one() {
         );
         let (ok, log) = auth_only(port, USER, PASSWORD, &[]);
         assert!(ok, "a good client after the hostile ones:\n{log}");
+        assert_eq!(panics.load(Ordering::Relaxed), 0, "the RDP thread panicked");
     })
     .await
     .expect("hostile");
@@ -404,4 +428,129 @@ async fn preempt_and_reject_policies_with_real_clients() {
         .expect("policy");
         stop.cancel();
     }
+}
+
+/// Accepts any server certificate: the hostile client only needs a TLS channel.
+#[derive(Debug)]
+struct AnyCert;
+
+impl rustls::client::danger::ServerCertVerifier for AnyCert {
+    fn verify_server_cert(
+        &self,
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &[rustls::pki_types::CertificateDer<'_>],
+        _: &rustls::pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        _: &[u8],
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        rustls::crypto::ring::default_provider()
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// A real X.224 negotiation (asking for `protocols`) and TLS handshake, then `garbage` where
+/// CredSSP or MCS should be; returns how long the server took to close.
+async fn garbage_after_tls(port: u16, protocols: u8, garbage: &[u8]) -> Duration {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    let cr = [
+        3, 0, 0, 19, 14, 0xe0, 0, 0, 0, 0, 0, 1, 0, 8, 0, protocols, 0, 0, 0,
+    ];
+    tcp.write_all(&cr).await.expect("connection request");
+    let mut head = [0u8; 4];
+    tcp.read_exact(&mut head).await.expect("connection confirm");
+    let mut rest = vec![0u8; usize::from(u16::from_be_bytes([head[2], head[3]])) - 4];
+    tcp.read_exact(&mut rest).await.expect("connection confirm");
+    assert_eq!(rest.get(7), Some(&2), "not an RDP_NEG_RSP: {rest:?}");
+    let cfg = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .dangerous()
+    .with_custom_certificate_verifier(std::sync::Arc::new(AnyCert))
+    .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+    let mut tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
+        .connect(name, tcp)
+        .await
+        .expect("TLS handshake");
+    let start = Instant::now();
+    let _ = tls.write_all(garbage).await;
+    let _ = tls.flush().await;
+    let mut buf = [0u8; 4096];
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), tls.read(&mut buf)).await {
+            Ok(Ok(0) | Err(_)) => return start.elapsed(),
+            Ok(Ok(_)) => continue,
+            Err(_) => panic!("server kept a connection with garbage after TLS open"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_bytes_after_tls_are_closed() {
+    let panics = watch_rdp_panics();
+    let (consoles, task) = Consoles::new();
+    tokio::spawn(task);
+    let mut random = vec![0u8; 4096];
+    let mut rng = 0x1234_5677_u32;
+    for b in &mut random {
+        rng ^= rng << 13;
+        rng ^= rng >> 17;
+        rng ^= rng << 5;
+        *b = rng as u8;
+    }
+    // NLA: garbage instead of CredSSP; a DER header claiming 16 MiB; TLS security: garbage
+    // instead of MCS Connect Initial.
+    let (port, stop) = serve(config(), consoles.desktop());
+    for (name, bytes) in [
+        ("random", &random[..]),
+        ("huge DER", &[0x30, 0x84, 1, 0, 0, 0][..]),
+    ] {
+        let took = garbage_after_tls(port, 0x0b, bytes).await;
+        eprintln!("NLA, {name}: closed after {took:?}");
+        assert!(took < Duration::from_secs(5), "{name}: {took:?}");
+    }
+    stop.cancel();
+    let mut cfg = config();
+    cfg.security = Security::Tls;
+    let (port, stop) = serve(cfg, consoles.desktop());
+    let took = garbage_after_tls(port, 0x01, &random).await;
+    eprintln!("TLS, random: closed after {took:?}");
+    assert!(took < Duration::from_secs(5), "{took:?}");
+    // And the server still serves.
+    tokio::task::spawn_blocking(move || {
+        let (ok, log) = auth_only(port, USER, PASSWORD, &["/sec:tls"]);
+        assert!(ok, "{log}");
+    })
+    .await
+    .expect("auth");
+    assert_eq!(panics.load(Ordering::Relaxed), 0, "the RDP thread panicked");
+    stop.cancel();
 }

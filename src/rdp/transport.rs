@@ -156,6 +156,9 @@ pub struct RdpStream<S> {
     /// Bytes of the Connection Confirm written so far, and its length once known.
     confirm: (usize, Option<usize>),
     confirm_header: [u8; 4],
+    /// The same for the client's Connection Request, read before TLS.
+    request: (usize, Option<usize>),
+    request_header: [u8; 4],
     raw: BytesMut,
     ready: BytesMut,
     mcs_started: bool,
@@ -176,6 +179,8 @@ impl<S> RdpStream<S> {
             acceptor,
             confirm: (0, None),
             confirm_header: [0; 4],
+            request: (0, None),
+            request_header: [0; 4],
             raw: BytesMut::new(),
             ready: BytesMut::new(),
             mcs_started: false,
@@ -208,10 +213,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> RdpStream<S> {
                     self.link = Link::Accepting(Box::new(self.acceptor.accept(s)));
                 }
                 Link::Accepting(accept) => {
-                    let tls = ready!(Pin::new(&mut **accept).poll(cx)).inspect_err(|e| {
-                        debug!(error = %e, "TLS handshake failed");
-                    })?;
-                    self.link = Link::Tls(Box::new(tls));
+                    // A finished handshake must never be polled again (tokio-rustls panics):
+                    // leave `Accepting` whichever way it ended.
+                    match ready!(Pin::new(&mut **accept).poll(cx)) {
+                        Ok(tls) => self.link = Link::Tls(Box::new(tls)),
+                        Err(e) => {
+                            debug!(error = %e, "TLS handshake failed");
+                            self.link = Link::Closed;
+                            return Poll::Ready(Err(e));
+                        }
+                    }
                 }
                 Link::Closed => return Poll::Ready(Err(io::ErrorKind::NotConnected.into())),
                 Link::Plain(_) | Link::Tls(_) => return Poll::Ready(Ok(())),
@@ -260,8 +271,34 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for RdpStream<S> {
         let this = self.get_mut();
         ready!(this.poll_upgrade(cx))?;
         if let Link::Plain(s) = &mut this.link {
-            // Before TLS (the X.224 Connection Request) bytes pass untouched.
-            return Pin::new(s).poll_read(cx, buf);
+            // Before TLS only the X.224 Connection Request passes, byte for byte, and nothing
+            // after it: ironrdp asserts that no bytes are left over when it starts TLS, so a
+            // client that pipelines more would otherwise panic it.
+            let (done, len) = &mut this.request;
+            let limit = match *len {
+                None => 4 - *done,
+                Some(len) => len.saturating_sub(*done),
+            };
+            if limit == 0 {
+                return Poll::Ready(Ok(()));
+            }
+            let mut chunk = [0u8; 1024];
+            let mut rb = ReadBuf::new(&mut chunk[..limit.min(1024)]);
+            ready!(Pin::new(s).poll_read(cx, &mut rb))?;
+            let got = rb.filled();
+            for (i, b) in got.iter().enumerate() {
+                if *done + i < 4 {
+                    this.request_header[*done + i] = *b;
+                }
+            }
+            *done += got.len();
+            if len.is_none() && *done >= 4 {
+                let h = this.request_header;
+                *len = Some(usize::from(u16::from_be_bytes([h[2], h[3]])).max(4));
+            }
+            let n = got.len().min(buf.remaining());
+            buf.put_slice(&got[..n]);
+            return Poll::Ready(Ok(()));
         }
         loop {
             if !this.ready.is_empty() {
