@@ -374,13 +374,26 @@ impl Framebuffer {
 
     /// Copies `rect` (clipped to the surface) into `out`, row by row, tightly packed.
     pub fn read_rect(&self, rect: Rect, out: &mut Vec<u32>) -> Rect {
+        out.clear();
+        self.read_rows(rect, |row| out.extend_from_slice(row))
+    }
+
+    /// [`Framebuffer::read_rect`] as little-endian bytes (B, G, R, X per pixel), appended to
+    /// `out`: the layout RDP's `BgrX32` bitmaps want, in one copy.
+    pub fn read_rect_le(&self, rect: Rect, out: &mut Vec<u8>) -> Rect {
+        self.read_rows(rect, |row| {
+            for px in row {
+                out.extend_from_slice(&px.to_le_bytes());
+            }
+        })
+    }
+
+    fn read_rows(&self, rect: Rect, mut row_out: impl FnMut(&[u32])) -> Rect {
         let st = self.lock();
         let r = clip(rect, st.width, st.height);
-        out.clear();
-        out.reserve(r.w as usize * r.h as usize);
         for row in r.y..r.y + r.h {
             let start = row as usize * st.width as usize + r.x as usize;
-            out.extend_from_slice(&st.pixels[start..start + r.w as usize]);
+            row_out(&st.pixels[start..start + r.w as usize]);
         }
         r
     }

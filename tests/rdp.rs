@@ -58,6 +58,30 @@ async fn nla_accepts_the_password_and_refuses_others() {
     stop.cancel();
 }
 
+/// The test-image guest served over RDP, one GUI test at a time: `body` gets an X display, the
+/// VM, a scratch directory and the RDP port; clients it opens close before the display does.
+async fn with_test_guest(
+    what: &str,
+    body: impl FnOnce(&Xvfb, &mut common::qemu::Vm, &std::path::Path, u16) + Send + 'static,
+) {
+    let _serial = SERIAL.lock().await;
+    let rig = Rig::start().await;
+    let (port, stop) = serve(config(), rig.consoles.desktop());
+    let vm = rig.vm_with_test_image().await;
+    let dir = rig.dir.path().to_owned();
+    let vm = tokio::task::spawn_blocking(move || {
+        let mut vm = vm;
+        let x = Xvfb::start();
+        body(&x, &mut vm, &dir, port);
+        vm
+    })
+    .await
+    .expect(what);
+    drop(vm);
+    stop.cancel();
+    rig.stop().await;
+}
+
 /// Checks the window against screendump: exactly, or for RemoteFX (lossy; the test image's noise
 /// band is its worst case, measured 28.9 dB) PSNR ≥ 25 dB.
 fn assert_window_matches(
@@ -91,14 +115,7 @@ fn assert_window_matches(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn freerdp_shows_the_guest_in_each_mode_and_follows_mode_switches() {
-    let _serial = SERIAL.lock().await;
-    let rig = Rig::start().await;
-    let (port, stop) = serve(config(), rig.consoles.desktop());
-    let vm = rig.vm_with_test_image().await;
-    let dir = rig.dir.path().to_owned();
-    let vm = tokio::task::spawn_blocking(move || {
-        let mut vm = vm;
-        let x = Xvfb::start();
+    with_test_guest("modes", |x, vm, dir, port| {
         // (client flags, name, lossless?)
         let modes: [(&[&str], &str, bool); 4] = [
             (&[], "default", false),
@@ -108,23 +125,18 @@ async fn freerdp_shows_the_guest_in_each_mode_and_follows_mode_switches() {
         ];
         let mut size = 800;
         for (flags, name, exact) in modes {
-            let client = FreeRdp::open(&x, &dir, port, flags, &[]);
-            assert_window_matches(&x, &client, &mut vm, name, exact);
+            let client = FreeRdp::open(x, dir, port, flags, &[]);
+            assert_window_matches(x, &client, vm, name, exact);
             // A guest mode switch: the client is resized and sees the new screen.
             size = if size == 800 { 1024 } else { 800 };
             let h = size * 3 / 4;
             vm.guest(&format!("mode {size} {h}"));
             vm.guest("fill 33");
-            assert_window_matches(&x, &client, &mut vm, &format!("{name}-{size}"), exact);
+            assert_window_matches(x, &client, vm, &format!("{name}-{size}"), exact);
             eprintln!("{name}: {}", negotiated(&client.log_text()));
         }
-        vm
     })
-    .await
-    .expect("modes");
-    drop(vm);
-    stop.cancel();
-    rig.stop().await;
+    .await;
 }
 
 /// The codec lines FreeRDP logged, for the record.
@@ -141,16 +153,9 @@ fn negotiated(log: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keys_and_every_mouse_button_reach_the_guest() {
-    let _serial = SERIAL.lock().await;
-    let rig = Rig::start().await;
-    let (port, stop) = serve(config(), rig.consoles.desktop());
-    let vm = rig.vm_with_test_image().await;
-    let dir = rig.dir.path().to_owned();
-    let vm = tokio::task::spawn_blocking(move || {
-        let mut vm = vm;
-        let x = Xvfb::start();
-        let client = FreeRdp::open(&x, &dir, port, &["-gfx"], &[]);
-        assert_window_matches(&x, &client, &mut vm, "input", true);
+    with_test_guest("input", |x, vm, dir, port| {
+        let client = FreeRdp::open(x, dir, port, &["-gfx"], &[]);
+        assert_window_matches(x, &client, vm, "input", true);
         let w = client.window.clone();
         let out = x.xdotool(&["windowfocus", "--sync", &w]);
         assert!(out.status.success(), "focus: {out:?}");
@@ -196,40 +201,23 @@ async fn keys_and_every_mouse_button_reach_the_guest() {
         vm.expect_event(EV_KEY, 42, 1);
         drop(client);
         vm.expect_event(EV_KEY, 42, 0);
-        vm
     })
-    .await
-    .expect("input");
-    drop(vm);
-    stop.cancel();
-    rig.stop().await;
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_clients_at_once_both_get_updates() {
-    let _serial = SERIAL.lock().await;
-    let rig = Rig::start().await;
-    let (port, stop) = serve(config(), rig.consoles.desktop());
-    let vm = rig.vm_with_test_image().await;
-    let dir = rig.dir.path().to_owned();
-    let vm = tokio::task::spawn_blocking(move || {
-        let mut vm = vm;
-        let x = Xvfb::start();
+    with_test_guest("two clients", |x, vm, dir, port| {
         // FreeRDP's defaults (RemoteFX) next to a lossless client: two encoders at once.
-        let first = FreeRdp::open(&x, &dir, port, &[], &[]);
-        let second = FreeRdp::open(&x, &dir, port, &["-gfx"], &[&first.window]);
-        assert_window_matches(&x, &first, &mut vm, "first", false);
-        assert_window_matches(&x, &second, &mut vm, "second", true);
+        let first = FreeRdp::open(x, dir, port, &[], &[]);
+        let second = FreeRdp::open(x, dir, port, &["-gfx"], &[&first.window]);
+        assert_window_matches(x, &first, vm, "first", false);
+        assert_window_matches(x, &second, vm, "second", true);
         vm.guest("fill 77");
-        assert_window_matches(&x, &first, &mut vm, "first-after", false);
-        assert_window_matches(&x, &second, &mut vm, "second-after", true);
-        vm
+        assert_window_matches(x, &first, vm, "first-after", false);
+        assert_window_matches(x, &second, vm, "second-after", true);
     })
-    .await
-    .expect("two clients");
-    drop(vm);
-    stop.cancel();
-    rig.stop().await;
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -91,7 +91,6 @@ impl RdpServerDisplay for Display {
             pending: VecDeque::new(),
             cursor_serial: 0,
             pointer_visible: true,
-            scratch: Vec::new(),
             stats: Arc::clone(&self.stats),
         }))
     }
@@ -132,7 +131,6 @@ struct Updates {
     pending: VecDeque<DisplayUpdate>,
     cursor_serial: u64,
     pointer_visible: bool,
-    scratch: Vec<u32>,
     stats: Arc<RdpStats>,
 }
 
@@ -185,8 +183,10 @@ impl Updates {
         }
     }
 
-    fn bitmap(&mut self, fb: &Framebuffer, r: Rect) -> Option<BitmapUpdate> {
-        let r = fb.read_rect(r, &mut self.scratch);
+    fn bitmap(&self, fb: &Framebuffer, r: Rect) -> Option<BitmapUpdate> {
+        // Canonical pixels are 0x00RRGGBB words: little-endian bytes B, G, R, X.
+        let mut data = Vec::with_capacity(r.w as usize * r.h as usize * 4);
+        let r = fb.read_rect_le(r, &mut data);
         let (x, y) = (u16::try_from(r.x).ok()?, u16::try_from(r.y).ok()?);
         let width = NonZeroU16::new(u16::try_from(r.w).ok()?)?;
         let height = NonZeroU16::new(u16::try_from(r.h).ok()?)?;
@@ -194,11 +194,6 @@ impl Updates {
             || u32::from(y) + r.h > u32::from(self.size.height)
         {
             return None;
-        }
-        // Canonical pixels are 0x00RRGGBB words: little-endian bytes B, G, R, X.
-        let mut data = Vec::with_capacity(self.scratch.len() * 4);
-        for px in &self.scratch {
-            data.extend_from_slice(&px.to_le_bytes());
         }
         Some(BitmapUpdate {
             x,
@@ -288,7 +283,6 @@ mod tests {
             pending: VecDeque::new(),
             cursor_serial: 0,
             pointer_visible: true,
-            scratch: Vec::new(),
             stats: Arc::default(),
         }
     }
