@@ -1,4 +1,4 @@
-//! Generates the KubeVirt hooks gRPC code from `proto/` without a `protoc` binary (protox parses
+//! Generates the KubeVirt hooks and plugin gRPC code from `proto/` without a `protoc` binary (protox parses
 //! the files in pure Rust).
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protos = [
@@ -6,6 +6,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/api_v1alpha1.proto",
         "proto/api_v1alpha2.proto",
         "proto/api_v1alpha3.proto",
+        "proto/plugins_v1alpha1.proto",
     ];
     for p in protos {
         println!("cargo:rerun-if-changed={p}");

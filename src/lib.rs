@@ -7,6 +7,7 @@
 pub mod bus;
 pub mod demo;
 pub mod framebuffer;
+pub mod health;
 pub mod hook;
 pub mod pixman;
 pub mod qemu;

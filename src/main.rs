@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context;
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use tokio_util::sync::CancellationToken;
 use vdi_sidecar::bus::BusConfig;
 use vdi_sidecar::hook::domain::{RewriteOptions, rewrite_bytes};
@@ -264,24 +264,40 @@ impl ViewerArgs {
     }
 }
 
+#[derive(Clone, Copy, ValueEnum)]
+enum ModeArg {
+    /// Legacy hook sidecar (annotation `hooks.kubevirt.io/hookSidecars`, gate `Sidecar`).
+    Hook,
+    /// KubeVirt ≥ 1.9 Plugin domain hook (gate `Plugins`, a Plugin CR; needs --plugin-name).
+    Plugin,
+}
+
 #[derive(Args)]
 struct ServeArgs {
     #[command(flatten)]
     viewers: ViewerArgs,
-    /// Directory where virt-launcher looks for hook sockets.
-    #[arg(long, env = "VDI_HOOKS_DIR", default_value = serve::DEFAULT_HOOKS_DIR)]
-    hooks_dir: PathBuf,
+    /// Which KubeVirt API to serve.
+    #[arg(long, env = "VDI_MODE", value_enum, default_value = "hook")]
+    mode: ModeArg,
+    /// The Plugin CR's name (plugin mode): sockets go to /var/run/kubevirt-plugin/<name>/.
+    #[arg(long, env = "VDI_PLUGIN_NAME")]
+    plugin_name: Option<String>,
+    /// Directory where virt-launcher looks for the hook socket
+    /// [default: /var/run/kubevirt-hooks; plugin mode: /var/run/kubevirt-plugin/<plugin-name>].
+    #[arg(long, env = "VDI_HOOKS_DIR")]
+    hooks_dir: Option<PathBuf>,
     /// Directory for the bus socket [default: <hooks-dir>/vdi].
     #[arg(long, env = "VDI_BUS_DIR")]
     bus_dir: Option<PathBuf>,
     /// Bus address written into the domain, as the compute container sees it
     /// [default: unix:path=/var/run/kubevirt-hooks/$CONTAINER_NAME/vdi/bus, or without
-    /// $CONTAINER_NAME when it is unset].
+    /// $CONTAINER_NAME when it is unset; plugin mode:
+    /// unix:path=/var/run/kubevirt-plugin/<plugin-name>/vdi/bus].
     #[arg(long, env = "VDI_QEMU_BUS_ADDRESS")]
     qemu_bus_address: Option<String>,
-    /// Hook socket file name.
-    #[arg(long, env = "VDI_SOCKET_NAME", default_value = hook::SOCKET_NAME)]
-    socket_name: String,
+    /// Hook socket file name [default: vdi-sidecar.sock; plugin mode: hook.sock].
+    #[arg(long, env = "VDI_SOCKET_NAME")]
+    socket_name: Option<String>,
     /// dbus-daemon binary.
     #[arg(long, env = "VDI_DBUS_DAEMON", default_value = "dbus-daemon")]
     dbus_daemon: PathBuf,
@@ -344,10 +360,38 @@ fn main() -> ExitCode {
 }
 
 fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
-    let container = std::env::var("CONTAINER_NAME").ok();
-    let qemu_bus_address = args
-        .qemu_bus_address
-        .unwrap_or_else(|| serve::default_qemu_bus_address(container.as_deref()));
+    let (mode, hooks_dir, socket_name, default_address) = match args.mode {
+        ModeArg::Hook => {
+            let container = std::env::var("CONTAINER_NAME").ok();
+            (
+                serve::Mode::Hook,
+                args.hooks_dir
+                    .unwrap_or_else(|| serve::DEFAULT_HOOKS_DIR.into()),
+                args.socket_name
+                    .unwrap_or_else(|| hook::SOCKET_NAME.to_owned()),
+                serve::default_qemu_bus_address(container.as_deref()),
+            )
+        }
+        ModeArg::Plugin => {
+            let name = args
+                .plugin_name
+                .context("--mode plugin needs --plugin-name (the Plugin CR's name)")?;
+            // compute mounts the whole volume at the same path, so our path is QEMU's too.
+            let dir = serve::plugin_dir(&name).map_err(anyhow::Error::msg)?;
+            let address = format!(
+                "unix:path={}",
+                dir.join(serve::BUS_SUBDIR).join("bus").display()
+            );
+            (
+                serve::Mode::Plugin,
+                args.hooks_dir.unwrap_or(dir),
+                args.socket_name
+                    .unwrap_or_else(|| serve::PLUGIN_SOCKET_NAME.to_owned()),
+                address,
+            )
+        }
+    };
+    let qemu_bus_address = args.qemu_bus_address.unwrap_or(default_address);
     let viewers = args.viewers.viewers(
         ["0.0.0.0:5900", "0.0.0.0:3389", "0.0.0.0:6080"],
         "vdi-sidecar",
@@ -357,13 +401,14 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
         bus: BusConfig {
             dir: args
                 .bus_dir
-                .unwrap_or_else(|| args.hooks_dir.join(serve::BUS_SUBDIR)),
+                .unwrap_or_else(|| hooks_dir.join(serve::BUS_SUBDIR)),
             program: args.dbus_daemon,
             extra_uids: args.bus_allow_uids,
         },
-        hooks_dir: args.hooks_dir,
-        socket_name: args.socket_name,
+        hooks_dir,
+        socket_name,
         rewrite: args.rewrite.options(qemu_bus_address),
+        mode,
     };
     let rt = tokio::runtime::Runtime::new().context("cannot start the runtime")?;
     rt.block_on(async {

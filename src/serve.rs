@@ -18,6 +18,49 @@ use crate::viewers::Viewers;
 
 /// Where KubeVirt mounts the hook sockets directory in every sidecar.
 pub const DEFAULT_HOOKS_DIR: &str = "/var/run/kubevirt-hooks";
+/// Plugin mode (KubeVirt ≥ 1.9, gate `Plugins`): the `kubevirt-plugin-sockets` volume, shared
+/// with compute; our container sees only `<name>/` of it (subPath), compute sees all of it.
+pub const PLUGIN_SOCKETS_DIR: &str = "/var/run/kubevirt-plugin";
+/// The domain hook socket the Plugin CR's `sidecar.socketPath` names.
+pub const PLUGIN_SOCKET_NAME: &str = "hook.sock";
+/// `sun_path` holds 108 bytes including the terminating NUL.
+const MAX_SOCKET_PATH: usize = 107;
+
+/// Which KubeVirt API we serve.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Mode {
+    /// Legacy hook sidecar: Info + Callbacks (OnDefineDomain, Shutdown).
+    #[default]
+    Hook,
+    /// Plugin domain hook: DomainHookService.MutateDomain.
+    Plugin,
+}
+
+/// Checks a Plugin CR name (a DNS-1123 subdomain, as Kubernetes names are) and that the sockets
+/// under its directory fit in `sun_path`.
+pub fn plugin_dir(name: &str) -> Result<PathBuf, String> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && name.ends_with(|c: char| c.is_ascii_alphanumeric());
+    if !ok {
+        return Err(format!(
+            "plugin name {name:?} is not a Kubernetes object name (lowercase letters, digits, '-', '.')"
+        ));
+    }
+    let dir = Path::new(PLUGIN_SOCKETS_DIR).join(name);
+    let longest = dir.join(BUS_SUBDIR).join("bus");
+    if longest.as_os_str().len() > MAX_SOCKET_PATH {
+        return Err(format!(
+            "{} is too long for a Unix socket",
+            longest.display()
+        ));
+    }
+    Ok(dir)
+}
 /// Bus directory name inside the hooks directory: nested, so virt-launcher (which dials every
 /// non-directory entry of a sidecar's directory) never dials the bus.
 pub const BUS_SUBDIR: &str = "vdi";
@@ -63,6 +106,7 @@ pub struct ServeConfig {
     pub socket_name: String,
     pub bus: BusConfig,
     pub rewrite: RewriteOptions,
+    pub mode: Mode,
 }
 
 fn remove_stale(path: &Path) -> Result<(), Error> {
@@ -122,6 +166,7 @@ pub async fn run(cfg: ServeConfig, shutdown: CancellationToken) -> Result<(), Er
     }
     info!(
         socket = %socket_path.display(),
+        mode = ?cfg.mode,
         qemu_bus_address = %cfg.rewrite.bus_address,
         "hook server listening"
     );
@@ -140,11 +185,30 @@ pub async fn run(cfg: ServeConfig, shutdown: CancellationToken) -> Result<(), Er
         });
     }
 
-    let service = HookService::new(cfg.rewrite.clone(), shutdown.clone());
+    let service =
+        HookService::new(cfg.rewrite.clone(), shutdown.clone()).with_health(consoles.health());
+    if cfg.mode == Mode::Hook {
+        // The hazard of hook mode on KubeVirt >= 1.9 cannot be seen from in here at start-up (the
+        // plugin sockets volume is not mounted in hook sidecars); its effects are, once QEMU
+        // attaches or fails to: see `Health`. Check it periodically so the log says it too.
+        let health = consoles.health();
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(10));
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => { health.warnings(); }
+                    () = stop.cancelled() => return,
+                }
+            }
+        });
+    }
     let stop_grpc = shutdown.clone();
-    let mut server = tokio::spawn(grpc::serve(listener, service, async move {
-        stop_grpc.cancelled().await;
-    }));
+    let stopped = async move { stop_grpc.cancelled().await };
+    let mut server = match cfg.mode {
+        Mode::Hook => tokio::spawn(grpc::serve(listener, service, stopped)),
+        Mode::Plugin => tokio::spawn(grpc::serve_plugin(listener, service, stopped)),
+    };
 
     let result = tokio::select! {
         () = shutdown.cancelled() => {
@@ -170,6 +234,20 @@ pub async fn run(cfg: ServeConfig, shutdown: CancellationToken) -> Result<(), Er
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn plugin_names_and_socket_lengths_are_checked() {
+        assert_eq!(
+            plugin_dir("vdi-sidecar").unwrap(),
+            Path::new("/var/run/kubevirt-plugin/vdi-sidecar")
+        );
+        for bad in ["", "Vdi", "-vdi", "vdi-", "vdi/../x", "vdi sidecar"] {
+            assert!(plugin_dir(bad).is_err(), "{bad:?}");
+        }
+        // 63 characters is a valid name, and its bus path still fits in sun_path.
+        assert!(plugin_dir(&"a".repeat(63)).is_ok());
+        assert!(plugin_dir(&"a".repeat(64)).is_err());
+    }
 
     #[test]
     fn qemu_address_follows_kubevirt_layout() {

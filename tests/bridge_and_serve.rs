@@ -87,3 +87,59 @@ async fn bridge_attaches_to_an_existing_bus() {
     drop(vm);
     bus.stop().await;
 }
+
+/// The hook-mode hazard on KubeVirt ≥ 1.9 (a Plugin CR makes KubeVirt rebuild a hook's domain and
+/// drop `<audio type='dbus'>`), reproduced by its effect: the hook added audio for a VMI with a
+/// sound card, but the QEMU that joins has none. The log and `/readyz` must say so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hook_mode_reports_audio_that_kubevirt_dropped() {
+    use vdi_sidecar::hook::proto::v1alpha3;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let http = format!("127.0.0.1:{port}");
+    let sc = Sidecar::start(&["--http", &http, "--http-insecure"], &[]);
+    let domain = std::fs::read(common::data_file("domains/kubevirt-basic.xml")).expect("corpus");
+    let rewritten =
+        v1alpha3::callbacks_client::CallbacksClient::new(common::uds_channel(&sc.socket()).await)
+            .on_define_domain(v1alpha3::OnDefineDomainParams {
+                domain_xml: domain,
+                vmi: br#"{"metadata":{"name":"vm","namespace":"default"}}"#.to_vec(),
+            })
+            .await
+            .expect("OnDefineDomain")
+            .into_inner()
+            .domain_xml;
+    assert!(String::from_utf8_lossy(&rewritten).contains("<audio id=\"1\" type=\"dbus\">"));
+    // QEMU as KubeVirt would start it after dropping our audio: display on our bus, no audiodev.
+    let addr = format!("unix:path={}", sc.bus_socket().display());
+    let mut vm = Vm::start(sc.dir.path(), &addr, Video::StdVga);
+    vm.wait_ready();
+    assert!(
+        wait_until(Duration::from_secs(30), || sc
+            .log()
+            .contains("the running QEMU has no D-Bus audio")),
+        "no warning in the log:\n{}",
+        sc.log()
+    );
+    let readyz = http_get(&http, "/readyz");
+    assert!(readyz.starts_with("HTTP/1.1 200"), "{readyz}");
+    assert!(
+        readyz.contains("warning: no guest audio") && readyz.contains("--mode plugin"),
+        "{readyz}"
+    );
+}
+
+fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .expect("write");
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("read");
+    out
+}

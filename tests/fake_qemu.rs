@@ -218,3 +218,87 @@ async fn malformed_frames_are_refused_and_the_listener_survives() {
     assert_eq!(serial, 1);
     assert_eq!((pointer.x, pointer.y, pointer.visible), (10, 20, true));
 }
+
+#[zbus::proxy(
+    interface = "org.qemu.Display1.AudioOutListener",
+    default_path = "/org/qemu/Display1/AudioOutListener"
+)]
+trait FakeAudioOut {
+    #[allow(clippy::too_many_arguments)]
+    fn init(
+        &self,
+        id: u64,
+        bits: u8,
+        is_signed: bool,
+        is_float: bool,
+        freq: u32,
+        nchannels: u8,
+        bytes_per_frame: u32,
+        bytes_per_second: u32,
+        be: bool,
+    ) -> zbus::Result<()>;
+    fn set_enabled(&self, id: u64, enabled: bool) -> zbus::Result<()>;
+    fn set_volume(&self, id: u64, mute: bool, volume: &[u8]) -> zbus::Result<()>;
+    fn write(&self, id: u64, data: &[u8]) -> zbus::Result<()>;
+}
+
+/// The guest's mixer reaches viewers: QEMU's D-Bus backend leaves volume to the listener, so
+/// SetVolume must scale what Write delivers (per channel), and mute must silence it.
+#[tokio::test]
+async fn guest_volume_and_mute_are_applied_to_the_sound() {
+    use vdi_sidecar::qemu::audio::{AudioEvent, AudioHub, AudioOutListener, OUT_LISTENER_PATH};
+    let hub = AudioHub::default();
+    let mut rx = hub.subscribe();
+    let (ours, theirs) = std::os::unix::net::UnixStream::pair().expect("socketpair");
+    let qemu = zbus::connection::Builder::unix_stream(theirs)
+        .server(zbus::Guid::generate())
+        .p2p()
+        .build();
+    let client = zbus::connection::Builder::unix_stream(ours)
+        .p2p()
+        .serve_at(OUT_LISTENER_PATH, AudioOutListener::new(hub.clone()))
+        .build();
+    let (qemu, _client) = tokio::join!(qemu, client);
+    let qemu = qemu.expect("fake qemu");
+    let out = FakeAudioOutProxy::new(&qemu, "org.qemu")
+        .await
+        .expect("proxy");
+    out.init(1, 16, true, false, 48000, 2, 4, 192_000, false)
+        .await
+        .expect("init");
+    out.set_enabled(1, true).await.expect("enable");
+    let frame: Vec<u8> = [16000i16, -16000]
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect();
+    let mut next_pcm = async || loop {
+        match tokio::time::timeout(Duration::from_secs(5), rx.recv()).await {
+            Ok(Ok(AudioEvent::Pcm(_, data, _))) => {
+                return [
+                    i16::from_le_bytes([data[0], data[1]]),
+                    i16::from_le_bytes([data[2], data[3]]),
+                ];
+            }
+            Ok(Ok(_)) => continue,
+            other => panic!("no PCM: {other:?}"),
+        }
+    };
+    out.write(1, &frame).await.expect("write");
+    assert_eq!(
+        next_pcm().await,
+        [16000, -16000],
+        "full volume passes through"
+    );
+    out.set_volume(1, false, &[51, 255]).await.expect("volume");
+    out.write(1, &frame).await.expect("write");
+    let [l, r] = next_pcm().await;
+    assert!((3150..=3250).contains(&l), "left at 20 %: {l}");
+    assert_eq!(r, -16000, "right untouched");
+    out.set_volume(1, true, &[255, 255]).await.expect("mute");
+    out.write(1, &frame).await.expect("write");
+    assert_eq!(next_pcm().await, [0, 0], "muted");
+    // A malformed volume (no bytes) is full volume on both sides, not a panic.
+    out.set_volume(1, false, &[]).await.expect("empty volume");
+    out.write(1, &frame).await.expect("write");
+    assert_eq!(next_pcm().await, [16000, -16000]);
+}

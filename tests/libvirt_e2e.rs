@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use common::libvirt::{ensure, virsh};
 use common::{Sidecar, uds_channel, wait_until};
-use vdi_sidecar::hook::proto::v1alpha3;
+use vdi_sidecar::hook::proto::{plugins_v1alpha1 as plugins, v1alpha3};
 
 /// libvirt's QEMU user on Debian; our bus admits it by uid.
 fn libvirt_qemu_uid() -> u32 {
@@ -24,22 +24,28 @@ fn libvirt_qemu_uid() -> u32 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn libvirt_boots_the_rewritten_domain_and_qemu_joins_our_bus() {
+    boots_through(false).await;
+}
+
+/// The same through plugin mode's MutateDomain (KubeVirt ≥ 1.9).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn libvirt_boots_the_plugin_mode_domain_and_qemu_joins_our_bus() {
+    boots_through(true).await;
+}
+
+async fn boots_through(plugin: bool) {
     let _daemons = ensure();
     let guest = common::qemu::guest();
     let dir = tempfile::tempdir().expect("tempdir");
     let bus = dir.path().join("hooks/vdi/bus");
     let uid = libvirt_qemu_uid().to_string();
-    let sc = Sidecar::start_in(
-        dir,
-        &[
-            "--qemu-bus-address",
-            &format!("unix:path={}", bus.display()),
-            "--bus-allow-uid",
-            &uid,
-        ],
-        &[],
-    );
-    let name = format!("vdi-e2e-{}", std::process::id());
+    let address = format!("unix:path={}", bus.display());
+    let mut args = vec!["--qemu-bus-address", &address, "--bus-allow-uid", &uid];
+    if plugin {
+        args.extend(["--mode", "plugin", "--plugin-name", "vdi-e2e"]);
+    }
+    let sc = Sidecar::start_in(dir, &args, &[]);
+    let name = format!("vdi-e2e-{}-{plugin}", std::process::id());
     // A KubeVirt-like domain for the test guest, with KubeVirt's own VNC graphics kept.
     let domain = format!(
         r#"<domain type="qemu">
@@ -67,16 +73,33 @@ async fn libvirt_boots_the_rewritten_domain_and_qemu_joins_our_bus() {
         k = guest.join("vmlinuz").display(),
         i = guest.join("initrd.gz").display(),
     );
-    let rewritten =
-        v1alpha3::callbacks_client::CallbacksClient::new(uds_channel(&sc.socket()).await)
+    let vmi = br#"{"metadata":{"name":"e2e","namespace":"default"}}"#.to_vec();
+    let channel = uds_channel(&sc.socket()).await;
+    let rewritten = if plugin {
+        plugins::domain_hook_service_client::DomainHookServiceClient::new(channel)
+            .mutate_domain(plugins::MutateDomainRequest {
+                domain_type: "libvirt".into(),
+                domain: domain.into_bytes(),
+                vmi,
+                sidecar_context: Some(plugins::SidecarContext {
+                    invocation_context: "Boot".into(),
+                }),
+            })
+            .await
+            .expect("MutateDomain")
+            .into_inner()
+            .domain
+    } else {
+        v1alpha3::callbacks_client::CallbacksClient::new(channel)
             .on_define_domain(v1alpha3::OnDefineDomainParams {
                 domain_xml: domain.into_bytes(),
-                vmi: br#"{"metadata":{"name":"e2e","namespace":"default"}}"#.to_vec(),
+                vmi,
             })
             .await
             .expect("OnDefineDomain")
             .into_inner()
-            .domain_xml;
+            .domain_xml
+    };
     let xml_path = sc.dir.path().join("domain.xml");
     std::fs::write(&xml_path, &rewritten).expect("write domain");
 
@@ -125,4 +148,72 @@ async fn libvirt_boots_the_rewritten_domain_and_qemu_joins_our_bus() {
         "no guest audio through libvirt:\n{}",
         sc.log()
     );
+}
+
+/// `examples/libvirt/run.sh` as a user runs it: libvirt starts its own bus for a plain domain,
+/// `vdi-sidecar bridge` attaches to it, a VNC client sees the firmware screen, and stopping the
+/// script removes the domain.
+#[test]
+fn the_plain_libvirt_example_runs_and_cleans_up() {
+    let _daemons = ensure();
+    let name = format!("vdi-example-{}", std::process::id());
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log_path = dir.path().join("run.log");
+    let log = std::fs::File::create(&log_path).expect("log");
+    let child = std::process::Command::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/examples/libvirt/run.sh"
+    ))
+    .env("VDI_SIDECAR", common::BIN)
+    .env("VDI_NAME", &name)
+    .env("VDI_PASSWORD", "example-pw")
+    .env(
+        "VDI_BRIDGE_ARGS",
+        format!("--vnc 127.0.0.1:{port} --rdp none --http none"),
+    )
+    .env("VDI_LOG", "info")
+    .stdin(std::process::Stdio::null())
+    .stdout(std::process::Stdio::null())
+    .stderr(log)
+    .spawn()
+    .expect("run.sh");
+    let mut script = common::Proc {
+        child,
+        name: "run.sh",
+    };
+    let read_log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    let png = dir.path().join("screen.png");
+    let shown = wait_until(Duration::from_secs(60), || {
+        std::process::Command::new("vncdotool")
+            .args(["-s", &format!("127.0.0.1::{port}"), "-p", "example-pw"])
+            .arg("capture")
+            .arg(&png)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+            && std::fs::metadata(&png).is_ok_and(|m| m.len() > 0)
+    });
+    let attached = read_log();
+    script.signal("TERM");
+    let status = script.wait_timeout(Duration::from_secs(30));
+    let gone = !virsh(&["dominfo", &name]).status.success();
+    if !gone {
+        let _ = virsh(&["destroy", &name]);
+        let _ = virsh(&["undefine", &name]);
+    }
+    assert!(shown, "no VNC picture from the example:\n{attached}");
+    assert!(
+        attached.contains("audio listener registered"),
+        "libvirt's QEMU exported no audio (is <audio id> inside <graphics>?):\n{attached}"
+    );
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "run.sh: {status:?}\n{}",
+        read_log()
+    );
+    assert!(gone, "run.sh left the domain {name} defined");
 }

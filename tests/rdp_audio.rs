@@ -1,68 +1,231 @@
-//! Guest sound over RDP (rdpsnd) from the real guest: QEMU's D-Bus audio → our listener → FreeRDP
-//! 3 negotiates PCM 48 kHz s16 stereo and is sent the guest's 2 s tone. (FreeRDP's ALSA backend
-//! cannot play into a file here: it insists on a mixer, and these machines have no sound card;
-//! the waves' content is the VNC path's converter, checked by frequency in tests/vnc_audio.rs.)
+//! Guest sound over RDP (rdpsnd) from the real guest: QEMU's D-Bus audio → our listener →
+//! FreeRDP 3, which plays it through PulseAudio into a null sink that we record. The recording
+//! must hold the guest's 1 kHz tone for its 2 s, while a second client that stopped reading
+//! (SIGSTOP) is connected and neither it nor the guest holds anything up. And the way back: a
+//! microphone (a PulseAudio sine source) through FreeRDP's AUDIO_INPUT channel to the guest,
+//! which records it and reports its pitch.
 
 mod common;
 
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use common::Proc;
+use common::pulse::{MIC, Pulse, SINK, samples};
 use common::qemu::{AUDIO_ARGS, Rig, Video};
 use common::rdp::{PASSWORD, USER, config, serve};
 use common::x11::Xvfb;
 
+fn freerdp(port: u16, x: &Xvfb, pulse: &Pulse, sound: &str, log: &std::path::Path) -> Proc {
+    freerdp_with(port, x, pulse, &[&format!("/sound:{sound}")], log)
+}
+
+fn freerdp_with(port: u16, x: &Xvfb, pulse: &Pulse, extra: &[&str], log: &std::path::Path) -> Proc {
+    let child = pulse
+        .command("xfreerdp3")
+        .arg(format!("/v:127.0.0.1:{port}"))
+        .arg(format!("/u:{USER}"))
+        .arg(format!("/p:{PASSWORD}"))
+        .args(["/cert:ignore", "-gfx", "/log-level:INFO"])
+        .args(extra)
+        .env("DISPLAY", &x.display)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).expect("log"))
+        .spawn()
+        .expect("xfreerdp3");
+    Proc {
+        child,
+        name: "xfreerdp3",
+    }
+}
+
+/// The longest run of 20 ms blocks whose pitch is near 1 kHz: the recording is not a timeline
+/// (the null sink's monitor skips the time nothing plays), so the tone is found by its pitch.
+fn kilohertz_run(pcm: &[f32]) -> &[f32] {
+    const BLOCK: usize = 960;
+    let crossings = |b: &[f32]| {
+        b.windows(2)
+            .filter(|w| (w[0] < 0.0) != (w[1] < 0.0))
+            .count()
+    };
+    let is_tone = |b: &[f32]| (36..=44).contains(&crossings(b)) && b.iter().any(|v| v.abs() > 0.1);
+    let (mut best, mut run) = ((0, 0), (0, 0));
+    for (k, b) in pcm.chunks_exact(BLOCK).enumerate() {
+        run = if is_tone(b) {
+            (if run.1 == 0 { k } else { run.0 }, run.1 + 1)
+        } else {
+            (k, 0)
+        };
+        if run.1 > best.1 {
+            best = run;
+        }
+    }
+    &pcm[best.0 * BLOCK..(best.0 + best.1) * BLOCK]
+}
+
+/// FreeRDP takes the first format we offer, Opus.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn freerdp_negotiates_sound_and_gets_the_guest_tone() {
+async fn freerdp_plays_the_guest_tone_in_opus_while_a_stalled_client_is_connected() {
+    let (pcm_bytes, wire_bytes) = plays_the_tone("").await;
+    // 96 kbit/s against 1536 kbit/s of PCM.
+    assert!(
+        wire_bytes * 12 < pcm_bytes,
+        "{wire_bytes} bytes on the wire for {pcm_bytes} of PCM: not Opus"
+    );
+}
+
+/// A client limited to PCM (`format:1`) gets 48 kHz s16 stereo as it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn freerdp_plays_the_guest_tone_in_pcm_while_a_stalled_client_is_connected() {
+    let (pcm_bytes, wire_bytes) = plays_the_tone(",format:1").await;
+    assert_eq!(wire_bytes, pcm_bytes, "PCM goes out as it is");
+}
+
+/// Plays the tone with both clients' sound options ending in `extra`; returns the PCM bytes
+/// handed to rdpsnd and the bytes of the waves on the wire.
+async fn plays_the_tone(extra: &'static str) -> (u64, u64) {
     let rig = Rig::start().await;
     let cfg = config();
     let stats = std::sync::Arc::clone(&cfg.stats);
     let (port, stop) = serve(cfg, rig.consoles.desktop());
     let mut vm = rig.vm_with(Video::StdVga, AUDIO_ARGS);
-    let log = rig.dir.path().join("xfreerdp-audio.log");
-    let audio = |s: &vdi_sidecar::rdp::RdpStats| s.audio_bytes.load(Ordering::Relaxed);
-    let (vm, before, after, log_text) = tokio::task::spawn_blocking(move || {
+    let dir = rig.dir.path().to_path_buf();
+    let (vm, recorded, tone_line, log_text) = tokio::task::spawn_blocking(move || {
         vm.wait_ready();
         let x = Xvfb::start();
-        // FreeRDP's `fake` sound backend accepts every format and discards the waves: what it
-        // shows is that rdpsnd was negotiated and the waves flowed to this client.
-        let child = Command::new("xfreerdp3")
-            .arg(format!("/v:127.0.0.1:{port}"))
-            .arg(format!("/u:{USER}"))
-            .arg(format!("/p:{PASSWORD}"))
-            .args(["/cert:ignore", "-gfx", "/sound:sys:fake", "/log-level:INFO"])
-            .env("DISPLAY", &x.display)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).expect("log"))
-            .spawn()
-            .expect("xfreerdp3");
-        let client = Proc {
-            child,
-            name: "xfreerdp3",
-        };
-        // Logged in and the sound channel negotiated before the guest plays.
-        std::thread::sleep(Duration::from_secs(6));
-        let before = audio(&stats);
-        let line = vm.guest("tone 1000 2000");
-        assert!(line.contains("OK tone"), "{line}");
+        let pulse = Pulse::start(440);
+        let log = dir.join("xfreerdp-audio.log");
+        let live = freerdp(
+            port,
+            &x,
+            &pulse,
+            &format!("sys:pulse,dev:{SINK}{extra}"),
+            &log,
+        );
+        let stalled = freerdp(
+            port,
+            &x,
+            &pulse,
+            &format!("sys:fake{extra}"),
+            &dir.join("xfreerdp-stalled.log"),
+        );
+        // Both logged in and their sound channels negotiated before the guest plays.
+        std::thread::sleep(Duration::from_secs(8));
+        stalled.signal("STOP");
+        let wav = dir.join("heard.raw");
+        let mut rec = pulse.record(&wav);
+        std::thread::sleep(Duration::from_millis(500));
+        // FreeRDP's PulseAudio backend opens its stream on the first wave and drops what comes
+        // before the stream is ready ("pulse->stream=(nil)"): a short first sound at another
+        // pitch, then the measured tone.
+        let warm = vm.guest("tone 500 500");
+        assert!(warm.contains("OK tone"), "{warm}");
+        std::thread::sleep(Duration::from_secs(1));
+        let tone_line = vm.guest("tone 1000 2000");
         std::thread::sleep(Duration::from_secs(3));
-        let after = audio(&stats);
-        drop(client);
+        rec.signal("INT");
+        rec.wait_timeout(Duration::from_secs(5));
+        stalled.signal("CONT");
+        drop((live, stalled));
+        let recorded = std::fs::read(&wav).unwrap_or_default();
         let log_text = std::fs::read_to_string(&log).unwrap_or_default();
-        (vm, before, after, log_text)
+        (vm, recorded, tone_line, log_text)
     })
     .await
     .expect("play");
-    // 2 s of 48 kHz s16 stereo = 384,000 bytes (the guest's tone; QEMU adds a little silence).
-    let sent = after - before;
+    assert!(tone_line.contains("OK tone"), "{tone_line}");
+    // The guest wrote its 2 s of sound in about 2 s: nobody blocked its sound card.
+    let guest_ms: f64 = tone_line
+        .rsplit_once(" ms ")
+        .and_then(|(_, t)| t.trim_end_matches(" ms").parse().ok())
+        .unwrap_or(f64::MAX);
+    assert!(guest_ms < 2600.0, "the guest's tone took {guest_ms} ms");
+    let pcm = samples(&recorded);
     assert!(
-        (370_000..=460_000).contains(&sent),
-        "{sent} bytes of PCM sent for a 2 s tone; log:\n{log_text}"
+        pcm.iter().any(|s| s.abs() > 0.1),
+        "nothing audible recorded ({} bytes); client log:\n{log_text}",
+        recorded.len()
     );
-    eprintln!("rdpsnd: {sent} bytes of 48 kHz s16 stereo for the 2 s tone");
+    let (hz, secs) = common::tone(kilohertz_run(&pcm), 48000);
+    eprintln!(
+        "rdpsnd{extra} through FreeRDP + PulseAudio: {hz:.1} Hz for {secs:.2} s; {} bytes of PCM, \
+         {} on the wire, {} waves dropped",
+        stats.audio_bytes.load(Ordering::Relaxed),
+        stats.audio_wire_bytes.load(Ordering::Relaxed),
+        stats.audio_dropped.load(Ordering::Relaxed)
+    );
+    let (mean, max, waves) = stats.audio_wait.summary();
+    eprintln!(
+        "sound waited in our server {mean:.1} ms on average, {max:.1} ms at most ({waves} waves)"
+    );
+    assert!((hz - 1000.0).abs() < 10.0, "heard {hz:.1} Hz");
+    assert!((secs - 2.0).abs() < 0.2, "heard {secs:.2} s");
+    drop(vm);
+    stop.cancel();
+    rig.stop().await;
+    (
+        stats.audio_bytes.load(Ordering::Relaxed),
+        stats.audio_wire_bytes.load(Ordering::Relaxed),
+    )
+}
+
+/// A value after `key` in the guest's `OK record …` line.
+fn field(line: &str, key: &str) -> f64 {
+    line.split_whitespace()
+        .skip_while(|w| *w != key)
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {key} in {line:?}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_guest_records_the_rdp_clients_microphone() {
+    const MIC_HZ: u32 = 700;
+    let rig = Rig::start().await;
+    let (port, stop) = serve(config(), rig.consoles.desktop());
+    let mic = rig.consoles.desktop().mic;
+    let mut vm = rig.vm_with(Video::StdVga, AUDIO_ARGS);
+    let dir = rig.dir.path().to_path_buf();
+    let (vm, line, log_text) = tokio::task::spawn_blocking(move || {
+        vm.wait_ready();
+        let x = Xvfb::start();
+        let pulse = Pulse::start(MIC_HZ);
+        let log = dir.join("xfreerdp-mic.log");
+        let client = freerdp_with(
+            port,
+            &x,
+            &pulse,
+            &[
+                "/sound:sys:fake",
+                &format!("/microphone:sys:pulse,dev:{MIC}"),
+            ],
+            &log,
+        );
+        std::thread::sleep(Duration::from_secs(8));
+        let line = vm.guest("record 2000");
+        drop(client);
+        let log_text = std::fs::read_to_string(&log).unwrap_or_default();
+        (vm, line, log_text)
+    })
+    .await
+    .expect("record");
+    assert!(
+        line.contains("OK record"),
+        "{line}\nclient log:\n{log_text}"
+    );
+    let (hz, sound_ms) = (field(&line, "freq"), field(&line, "sound"));
+    let (pushed, dropped, underruns) = mic.counters();
+    eprintln!(
+        "microphone through FreeRDP: the guest heard {hz:.1} Hz for {sound_ms} ms; \
+         {pushed} bytes to the guest, {dropped} dropped, {underruns} underruns"
+    );
+    assert!(
+        (hz - f64::from(MIC_HZ)).abs() < f64::from(MIC_HZ) / 100.0,
+        "the guest heard {hz:.1} Hz: {line}\nclient log:\n{log_text}"
+    );
+    assert!(sound_ms > 1800.0, "{line}");
     drop(vm);
     stop.cancel();
     rig.stop().await;

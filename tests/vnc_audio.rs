@@ -76,22 +76,6 @@ async fn listen(mut s: TcpStream, window: Duration) -> Vec<u8> {
     }
 }
 
-/// (dominant frequency by zero crossings, seconds of sound) of mono samples at `rate`.
-fn tone(samples: &[f32], rate: u32) -> (f64, f64) {
-    let loud: Vec<usize> = (0..samples.len())
-        .filter(|&i| samples[i].abs() > 0.1)
-        .collect();
-    let (first, last) = (
-        *loud.first().expect("no sound"),
-        *loud.last().expect("no sound"),
-    );
-    let crossings = (first + 1..=last)
-        .filter(|&i| (samples[i - 1] < 0.0) != (samples[i] < 0.0))
-        .count();
-    let seconds = (last - first) as f64 / f64::from(rate);
-    (crossings as f64 / 2.0 / seconds, seconds)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_viewers_hear_the_guest_tone_in_their_own_formats() {
     let rig = Rig::start().await;
@@ -133,11 +117,11 @@ async fn two_viewers_hear_the_guest_tone_in_their_own_formats() {
         .chunks_exact(4)
         .map(|f| f32::from(i16::from_le_bytes([f[0], f[1]])) / 32768.0)
         .collect();
-    let (hz, secs) = tone(&left, 48000);
+    let (hz, secs) = common::tone(&left, 48000);
     assert!((hz - 1000.0).abs() < 10.0, "viewer a heard {hz:.1} Hz");
     assert!((secs - 2.0).abs() < 0.2, "viewer a heard {secs:.2} s");
     let mono: Vec<f32> = pb.iter().map(|&v| (f32::from(v) - 128.0) / 128.0).collect();
-    let (hz, secs) = tone(&mono, 22050);
+    let (hz, secs) = common::tone(&mono, 22050);
     assert!((hz - 1000.0).abs() < 10.0, "viewer b heard {hz:.1} Hz");
     assert!((secs - 2.0).abs() < 0.2, "viewer b heard {secs:.2} s");
     drop(vm);

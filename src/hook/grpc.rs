@@ -11,8 +11,9 @@ use tonic::{Request, Response, Status};
 use tracing::{info, info_span, warn};
 
 use super::domain::{MAX_INPUT_BYTES, RewriteOptions, rewrite_bytes};
-use super::proto::{info as pinfo, v1alpha1, v1alpha2, v1alpha3};
+use super::proto::{info as pinfo, plugins_v1alpha1 as plugins, v1alpha1, v1alpha2, v1alpha3};
 use super::vmi::VmiInfo;
+use crate::health::Health;
 
 /// Hook points we subscribe to (names from kubevirt pkg/hooks/info/info.go).
 pub const HOOK_POINTS: &[&str] = &["OnDefineDomain", "Shutdown"];
@@ -28,6 +29,7 @@ const MAX_MESSAGE_BYTES: usize = 2 * MAX_INPUT_BYTES + 64 * 1024;
 pub struct HookService {
     base: Arc<RewriteOptions>,
     shutdown: CancellationToken,
+    health: Health,
 }
 
 impl HookService {
@@ -36,7 +38,14 @@ impl HookService {
         Self {
             base: Arc::new(base),
             shutdown,
+            health: Health::default(),
         }
+    }
+
+    /// Reports each rewrite to `health` (what QEMU should then have).
+    pub fn with_health(mut self, health: Health) -> Self {
+        self.health = health;
+        self
     }
 
     async fn define(
@@ -46,7 +55,8 @@ impl HookService {
         vmi: Vec<u8>,
     ) -> Result<Vec<u8>, Status> {
         let base = Arc::clone(&self.base);
-        tokio::task::spawn_blocking(move || define_blocking(&base, version, &domain, &vmi))
+        let health = self.health.clone();
+        tokio::task::spawn_blocking(move || define_blocking(&base, version, &domain, &vmi, &health))
             .await
             .map_err(|e| Status::internal(format!("rewrite task failed: {e}")))?
     }
@@ -57,9 +67,10 @@ fn define_blocking(
     version: &'static str,
     domain: &[u8],
     vmi: &[u8],
+    health: &Health,
 ) -> Result<Vec<u8>, Status> {
     let vmi = VmiInfo::parse(vmi).map_err(|e| {
-        warn!(version, error = %e, "OnDefineDomain rejected");
+        warn!(version, error = %e, "domain rejected: bad VMI");
         Status::invalid_argument(e.to_string())
     })?;
     let _span = info_span!("define", vm = %vmi.name, version).entered();
@@ -75,12 +86,13 @@ fn define_blocking(
                 audio = s.added_audio,
                 audio_skipped = s.audio_skipped.unwrap_or(""),
                 bus = %opts.bus_address,
-                "OnDefineDomain: domain rewritten"
+                "domain rewritten"
             );
+            health.domain_defined(s.added_audio);
             Ok(out.xml.into_bytes())
         }
         Err(e) => {
-            warn!(error = %e, "OnDefineDomain rejected");
+            warn!(error = %e, "domain rejected");
             Err(Status::invalid_argument(e.to_string()))
         }
     }
@@ -174,6 +186,55 @@ impl v1alpha3::callbacks_server::Callbacks for HookService {
         self.shutdown.cancel();
         Ok(Response::new(v1alpha3::ShutdownResult {}))
     }
+}
+
+/// Invocation contexts KubeVirt's plugin pipeline uses (virtwrap/plugins); the rewrite is the
+/// same for both and idempotent, so a migration target gets the domain the source booted with.
+pub const PLUGIN_CONTEXTS: &[&str] = &["Boot", "MigrationTarget"];
+
+#[tonic::async_trait]
+impl plugins::domain_hook_service_server::DomainHookService for HookService {
+    async fn mutate_domain(
+        &self,
+        req: Request<plugins::MutateDomainRequest>,
+    ) -> Result<Response<plugins::MutateDomainResponse>, Status> {
+        let p = req.into_inner();
+        if p.domain_type != "libvirt" {
+            warn!(domain_type = %p.domain_type, "MutateDomain rejected");
+            return Err(Status::invalid_argument(format!(
+                "domain_type {:?}: only \"libvirt\" domains can be mutated",
+                p.domain_type
+            )));
+        }
+        let context = p
+            .sidecar_context
+            .map(|c| c.invocation_context)
+            .unwrap_or_default();
+        if !PLUGIN_CONTEXTS.contains(&context.as_str()) {
+            // A context KubeVirt adds later gets the same idempotent rewrite; say so.
+            warn!(%context, "MutateDomain: unknown invocation context, rewriting as for Boot");
+        }
+        info!(%context, "MutateDomain called by virt-launcher");
+        let domain = self.define("plugin/v1alpha1", p.domain, p.vmi).await?;
+        Ok(Response::new(plugins::MutateDomainResponse { domain }))
+    }
+}
+
+/// Serves the Plugin API's domain hook on `listener` until `signal` completes (plugin mode:
+/// there is no Info or Shutdown call; the pod's termination stops us).
+pub async fn serve_plugin(
+    listener: UnixListener,
+    service: HookService,
+    signal: impl Future<Output = ()> + Send,
+) -> Result<(), tonic::transport::Error> {
+    tonic::transport::Server::builder()
+        .concurrency_limit_per_connection(8)
+        .add_service(
+            plugins::domain_hook_service_server::DomainHookServiceServer::new(service)
+                .max_decoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), signal)
+        .await
 }
 
 /// Serves every hook service on `listener` until `signal` completes, then finishes in-flight

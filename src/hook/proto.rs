@@ -1,4 +1,4 @@
-//! Generated KubeVirt hooks API (see `proto/` and `build.rs`).
+//! Generated KubeVirt hooks API and Plugin domain-hook API (see `proto/` and `build.rs`).
 #![allow(clippy::all, clippy::pedantic, missing_docs)]
 
 pub mod info {
@@ -12,4 +12,7 @@ pub mod v1alpha2 {
 }
 pub mod v1alpha3 {
     tonic::include_proto!("kubevirt.hooks.v1alpha3");
+}
+pub mod plugins_v1alpha1 {
+    tonic::include_proto!("kubevirt.hooks.plugins.v1alpha1");
 }

@@ -71,4 +71,5 @@ pub trait Mouse {
 )]
 pub trait Audio {
     fn register_out_listener(&self, listener: zbus::OwnedFd) -> zbus::Result<()>;
+    fn register_in_listener(&self, listener: zbus::OwnedFd) -> zbus::Result<()>;
 }

@@ -12,6 +12,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use zbus::Connection;
 
 use super::audio::{AudioHub, AudioOutListener, OUT_LISTENER_PATH};
+use super::audio_in::{AudioInListener, IN_LISTENER_PATH, MicHub};
 use super::input::{ConsoleInput, InputSink, input_path};
 use super::listener::listener_pair;
 use super::proxies::{
@@ -19,6 +20,7 @@ use super::proxies::{
     console_path,
 };
 use crate::framebuffer::Framebuffer;
+use crate::health::Health;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -40,6 +42,9 @@ pub struct Desktop {
     pub fb: Framebuffer,
     pub input: InputSink,
     pub audio: AudioHub,
+    /// The guest's microphone, for viewers that record.
+    pub mic: MicHub,
+    pub health: Health,
 }
 
 /// The consoles of the VM we are attached to, by QEMU console id. A console's framebuffer
@@ -52,6 +57,8 @@ pub struct Consoles {
     input: InputSink,
     input_target: Arc<watch::Sender<Option<ConsoleInput>>>,
     audio: AudioHub,
+    mic: MicHub,
+    health: Health,
 }
 
 impl Consoles {
@@ -65,6 +72,8 @@ impl Consoles {
                 input,
                 input_target: Arc::new(input_target),
                 audio: AudioHub::default(),
+                mic: MicHub::default(),
+                health: Health::default(),
             },
             task,
         )
@@ -76,7 +85,14 @@ impl Consoles {
             fb: self.primary(),
             input: self.input(),
             audio: self.audio(),
+            mic: self.mic.clone(),
+            health: self.health(),
         }
+    }
+
+    /// What the hook expects of QEMU against what it has (see [`Health`]).
+    pub fn health(&self) -> Health {
+        self.health.clone()
     }
 
     /// Guest sound, for viewers that play it.
@@ -291,9 +307,12 @@ async fn attach(
         ));
         info!(console = id, "listener registered");
     }
-    if let Some(p2p) = attach_audio(conn, consoles.audio()).await? {
-        listeners.push(p2p);
+    let audio = attach_audio(conn, consoles.audio()).await?;
+    consoles.health().qemu_attached(audio.is_some());
+    if audio.is_some() {
+        listeners.extend(attach_mic(conn, consoles.mic.clone()).await?);
     }
+    listeners.extend(audio);
     Ok(Attachment {
         _listeners: listeners,
         tasks,
@@ -303,24 +322,54 @@ async fn attach(
 /// Registers our audio out-listener when QEMU exports `/Audio` (only when its display names an
 /// audiodev); `None` when the VM has no sound for us.
 async fn attach_audio(conn: &Connection, hub: AudioHub) -> Result<Option<Connection>, Error> {
+    let p2p = audio_listener(conn, Direction::Out, AudioOutListener::new(hub)).await?;
+    if p2p.is_some() {
+        info!("audio listener registered");
+    }
+    Ok(p2p)
+}
+
+/// Registers our microphone in-listener next to the out-listener.
+async fn attach_mic(conn: &Connection, hub: MicHub) -> Result<Option<Connection>, Error> {
+    let p2p = audio_listener(conn, Direction::In, AudioInListener::new(hub)).await?;
+    if p2p.is_some() {
+        info!("microphone listener registered");
+    }
+    Ok(p2p)
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Direction {
+    Out,
+    In,
+}
+
+/// Hands QEMU one end of a socketpair as an audio listener and serves `listener` on the other.
+/// Each listener gets its own connection: QEMU keeps one listener of a kind per peer.
+async fn audio_listener<I: zbus::object_server::Interface>(
+    conn: &Connection,
+    direction: Direction,
+    listener: I,
+) -> Result<Option<Connection>, Error> {
     let audio = AudioProxy::builder(conn)
         .cache_properties(zbus::proxy::CacheProperties::No)
         .build()
         .await?;
     let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(Error::Socket)?;
-    if let Err(e) = audio
-        .register_out_listener(zbus::OwnedFd::from(std::os::fd::OwnedFd::from(theirs)))
-        .await
-    {
-        info!(error = %e, "no guest audio (QEMU's display has no audiodev)");
+    let fd = zbus::OwnedFd::from(std::os::fd::OwnedFd::from(theirs));
+    let (registered, path) = match direction {
+        Direction::Out => (audio.register_out_listener(fd).await, OUT_LISTENER_PATH),
+        Direction::In => (audio.register_in_listener(fd).await, IN_LISTENER_PATH),
+    };
+    if let Err(e) = registered {
+        info!(error = %e, ?direction, "no guest audio (QEMU's display has no audiodev)");
         return Ok(None);
     }
     let p2p = zbus::connection::Builder::unix_stream(ours)
         .p2p()
-        .serve_at(OUT_LISTENER_PATH, AudioOutListener::new(hub))
+        .serve_at(path, listener)
         .build()
         .await?;
-    info!("audio listener registered");
     Ok(Some(p2p))
 }
 

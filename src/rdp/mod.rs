@@ -5,7 +5,9 @@
 //! current-thread runtime with a `LocalSet`; encoding happens on that runtime's blocking pool.
 //! Each session gets its own `RdpServer` (its own encoder state and diff copy of the screen).
 
+pub mod audio_input;
 pub mod display;
+pub mod dvc_tap;
 pub mod input;
 pub mod session;
 pub mod sound;
@@ -71,6 +73,12 @@ pub struct RdpStats {
     pub bytes_out: std::sync::atomic::AtomicU64,
     /// PCM bytes handed to rdpsnd (waves), over all sessions.
     pub audio_bytes: std::sync::atomic::AtomicU64,
+    /// Bytes of those waves on the wire (smaller than `audio_bytes` with Opus).
+    pub audio_wire_bytes: std::sync::atomic::AtomicU64,
+    /// How long guest sound waited in this server before its wave was handed to ironrdp.
+    pub audio_wait: crate::qemu::audio::AudioWait,
+    /// Waves dropped because their client had stopped reading.
+    pub audio_dropped: std::sync::atomic::AtomicU64,
 }
 
 impl RdpConfig {

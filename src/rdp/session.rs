@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::display::Display;
+use super::dvc_tap::DvcTap;
 use super::input::{self, Event};
 use super::sound::SoundFactory;
 use super::transport::{RdpStream, Traffic};
@@ -94,6 +95,10 @@ impl Session {
             Arc::clone(&self.cfg.stats),
         );
         let acceptor = TlsAcceptor::from(Arc::clone(&self.cfg.tls.config));
+        let traffic = Arc::new(Traffic {
+            total: Some(Arc::clone(&self.cfg.stats)),
+            ..Traffic::default()
+        });
         let builder = RdpServer::builder().with_addr(([127, 0, 0, 1], 0));
         let builder = match self.cfg.security {
             Security::Nla => builder.with_hybrid(acceptor.clone(), self.cfg.tls.public_key.clone()),
@@ -108,6 +113,7 @@ impl Session {
             .with_sound_factory(Some(Box::new(SoundFactory::new(
                 self.desktop.audio.clone(),
                 Arc::clone(&self.cfg.stats),
+                Arc::clone(&traffic),
             ))))
             .build();
         server.set_credentials(self.cfg.credentials.as_ref().map(|(u, p)| Credentials {
@@ -115,11 +121,13 @@ impl Session {
             password: p.clone(),
             domain: None,
         }));
-        let traffic = Arc::new(Traffic {
-            total: Some(Arc::clone(&self.cfg.stats)),
-            ..Traffic::default()
-        });
-        let stream = RdpStream::new(stream, acceptor, events_tx, Arc::clone(&traffic));
+        let stream = RdpStream::new(
+            stream,
+            acceptor,
+            events_tx,
+            Arc::clone(&traffic),
+            DvcTap::new(self.desktop.mic.clone()),
+        );
 
         let token = self.stop.clone();
         let registry = self.registry.clone();

@@ -20,6 +20,7 @@ use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, warn};
 
+use super::dvc_tap::DvcTap;
 use super::input::Event;
 
 /// Largest CredSSP message accepted (NTLM needs a few KiB; Kerberos tickets more).
@@ -132,6 +133,95 @@ pub fn next_pdu(buf: &[u8], mcs_started: bool) -> Result<Option<Pdu>, FrameError
     Err(FrameError::Unknown(first))
 }
 
+/// Where ironrdp's output stands, so that PDUs of ours are written between its PDUs, never
+/// inside one. ironrdp writes TPKTs and fast-path output PDUs; their headers give the length.
+#[derive(Debug, Default)]
+struct OutFrames {
+    /// Tracking since the client's first MCS PDU: everything before it (CredSSP, the early
+    /// authorization result) has been written by then, and is framed differently.
+    active: bool,
+    /// Bytes left of the PDU being written.
+    left: usize,
+    /// Header bytes of the next PDU seen so far (its length not yet known).
+    head: Vec<u8>,
+    /// Output we could not frame: nothing is injected any more.
+    lost: bool,
+}
+
+/// Length of the PDU whose first bytes are `head`: `Ok(None)` if more are needed.
+fn out_pdu_len(head: &[u8]) -> Result<Option<usize>, ()> {
+    let Some(&b0) = head.first() else {
+        return Ok(None);
+    };
+    if b0 == 0x03 {
+        if head.len() < 4 {
+            return Ok(None);
+        }
+        let len = usize::from(u16::from_be_bytes([head[2], head[3]]));
+        return if len >= 4 { Ok(Some(len)) } else { Err(()) };
+    }
+    if b0 & 0x03 == 0 {
+        let Some(&b1) = head.get(1) else {
+            return Ok(None);
+        };
+        let len = if b1 & 0x80 == 0 {
+            usize::from(b1)
+        } else {
+            let Some(&b2) = head.get(2) else {
+                return Ok(None);
+            };
+            usize::from(b1 & 0x7f) << 8 | usize::from(b2)
+        };
+        return if len >= 2 { Ok(Some(len)) } else { Err(()) };
+    }
+    Err(())
+}
+
+impl OutFrames {
+    fn at_boundary(&self) -> bool {
+        self.active && !self.lost && self.left == 0 && self.head.is_empty()
+    }
+
+    /// Accounts for `bytes` written by ironrdp.
+    fn advance(&mut self, mut bytes: &[u8]) {
+        if !self.active {
+            return;
+        }
+        while !bytes.is_empty() && !self.lost {
+            if self.left > 0 {
+                let n = self.left.min(bytes.len());
+                self.left -= n;
+                bytes = &bytes[n..];
+                continue;
+            }
+            let before = self.head.len();
+            let n = bytes.len().min(4 - before);
+            self.head.extend_from_slice(&bytes[..n]);
+            match out_pdu_len(&self.head) {
+                Ok(None) => {
+                    if self.head.len() >= 4 {
+                        self.lost = true;
+                    }
+                    bytes = &bytes[n..];
+                }
+                Ok(Some(len)) => {
+                    // The header bytes taken from `bytes` beyond `before` count towards `len`.
+                    let Some(left) = len.checked_sub(before) else {
+                        self.lost = true;
+                        continue;
+                    };
+                    self.left = left;
+                    self.head.clear();
+                }
+                Err(()) => {
+                    warn!("RDP output not framed: no more microphone messages on this connection");
+                    self.lost = true;
+                }
+            }
+        }
+    }
+}
+
 /// Bytes in and out of one connection (after TLS), for logs and benchmarks.
 #[derive(Debug, Default)]
 pub struct Traffic {
@@ -165,6 +255,10 @@ pub struct RdpStream<S> {
     eof: bool,
     events: mpsc::Sender<Event>,
     traffic: Arc<Traffic>,
+    /// Our own dynamic channel (the microphone) and its PDUs waiting for a gap in ironrdp's.
+    tap: DvcTap,
+    inject: BytesMut,
+    out_frames: OutFrames,
 }
 
 impl<S> RdpStream<S> {
@@ -173,6 +267,7 @@ impl<S> RdpStream<S> {
         acceptor: TlsAcceptor,
         events: mpsc::Sender<Event>,
         traffic: Arc<Traffic>,
+        tap: DvcTap,
     ) -> Self {
         Self {
             link: Link::Plain(stream),
@@ -187,6 +282,9 @@ impl<S> RdpStream<S> {
             eof: false,
             events,
             traffic,
+            tap,
+            inject: BytesMut::new(),
+            out_frames: OutFrames::default(),
         }
     }
 }
@@ -230,6 +328,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin> RdpStream<S> {
         }
     }
 
+    /// Writes our queued PDUs; only called between ironrdp's.
+    fn poll_inject(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let Link::Tls(tls) = &mut self.link else {
+            return Poll::Ready(Ok(()));
+        };
+        while !self.inject.is_empty() {
+            let n = ready!(Pin::new(&mut **tls).poll_write(cx, &self.inject))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.inject.advance(n);
+            self.traffic
+                .bytes_out
+                .fetch_add(n as u64, Ordering::Relaxed);
+        }
+        Pin::new(&mut **tls).poll_flush(cx)
+    }
+
     /// Frames what has been read: forwards slow-path and CredSSP PDUs, consumes fast-path input.
     fn split(&mut self) -> io::Result<()> {
         while let Some(pdu) = next_pdu(&self.raw, self.mcs_started).map_err(invalid)? {
@@ -239,8 +355,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> RdpStream<S> {
             let bytes = self.raw.split_to(pdu.size());
             match pdu {
                 Pdu::Tpkt(_) => {
+                    if !self.mcs_started {
+                        self.out_frames.active = true;
+                    }
                     self.mcs_started = true;
-                    self.ready.extend_from_slice(&bytes);
+                    if self.tap.inbound(&bytes) {
+                        self.ready.extend_from_slice(&bytes);
+                    }
+                    if !self.tap.out.is_empty() {
+                        self.inject.extend_from_slice(&self.tap.out);
+                        self.tap.out.clear();
+                    }
                 }
                 Pdu::Der(_) => self.ready.extend_from_slice(&bytes),
                 Pdu::FastPathInput(_) => {
@@ -310,6 +435,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for RdpStream<S> {
             if this.eof {
                 return Poll::Ready(Ok(()));
             }
+            // Answers on our channel go out now if ironrdp is between PDUs; else with its next.
+            if !this.inject.is_empty()
+                && this.out_frames.at_boundary()
+                && let Poll::Ready(Err(e)) = this.poll_inject(cx)
+            {
+                return Poll::Ready(Err(e));
+            }
             let Link::Tls(tls) = &mut this.link else {
                 return Poll::Ready(Err(io::ErrorKind::NotConnected.into()));
             };
@@ -359,8 +491,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for RdpStream<S> {
                 }
                 Poll::Ready(Ok(n))
             }
-            Link::Tls(tls) => {
+            Link::Tls(_) => {
+                if !this.inject.is_empty() && this.out_frames.at_boundary() {
+                    ready!(this.poll_inject(cx))?;
+                }
+                let Link::Tls(tls) = &mut this.link else {
+                    return Poll::Ready(Err(io::ErrorKind::NotConnected.into()));
+                };
                 let n = ready!(Pin::new(&mut **tls).poll_write(cx, buf))?;
+                this.out_frames.advance(&buf[..n]);
                 this.traffic
                     .bytes_out
                     .fetch_add(n as u64, Ordering::Relaxed);
@@ -397,6 +536,43 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for RdpStream<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn output_framing_finds_every_boundary_whatever_the_write_sizes() {
+        // A TPKT of 7, a fast-path PDU of 5 (1-byte length), one of 300 (2-byte length).
+        let mut stream = vec![3, 0, 0, 7, 1, 2, 3];
+        stream.extend_from_slice(&[0, 5, 9, 9, 9]);
+        stream.extend_from_slice(&[0, 0x81, 0x2c]);
+        stream.extend(std::iter::repeat_n(7, 297));
+        let boundaries = [7, 12, stream.len()];
+        for split in 1..=stream.len() {
+            let mut f = OutFrames {
+                active: true,
+                ..OutFrames::default()
+            };
+            let mut at = Vec::new();
+            for (i, chunk) in stream.chunks(split).enumerate() {
+                f.advance(chunk);
+                if f.at_boundary() {
+                    at.push((i * split + chunk.len()).min(stream.len()));
+                }
+            }
+            assert!(!f.lost);
+            assert!(f.at_boundary());
+            for a in &at {
+                assert!(
+                    boundaries.contains(a),
+                    "split {split}: boundary claimed at {a}"
+                );
+            }
+        }
+        let mut bad = OutFrames {
+            active: true,
+            ..OutFrames::default()
+        };
+        bad.advance(&[0xff, 1, 2]);
+        assert!(bad.lost && !bad.at_boundary());
+    }
 
     #[test]
     fn frames_each_kind() {

@@ -121,14 +121,7 @@ fn put_sample(dst: &ClientFormat, v: f32, out: &mut Vec<u8>) {
 mod tests {
     use super::*;
 
-    const S16_STEREO_48K: PcmFormat = PcmFormat {
-        bits: 16,
-        signed: true,
-        float: false,
-        freq: 48000,
-        channels: 2,
-        big_endian: false,
-    };
+    const S16_STEREO_48K: PcmFormat = PcmFormat::S16_STEREO_48K;
 
     fn pcm(frames: usize) -> Vec<u8> {
         (0..frames)

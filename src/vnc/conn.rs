@@ -100,6 +100,8 @@ pub struct VncConfig {
 /// Rectangles sent by kind, across all connections.
 #[derive(Debug, Default)]
 pub struct SendStats {
+    /// How long guest sound waited in this server before it was written.
+    pub audio_wait: crate::qemu::audio::AudioWait,
     pub jpeg_rects: AtomicU64,
     pub lossless_refreshes: AtomicU64,
     pub copy_rects: AtomicU64,
@@ -535,7 +537,9 @@ pub async fn serve<S: Io + 'static>(
     cfg: Arc<VncConfig>,
     desktop: Desktop,
 ) -> Result<(), ConnError> {
-    let Desktop { fb, input, audio } = desktop;
+    let Desktop {
+        fb, input, audio, ..
+    } = desktop;
     let (mut s, shared) =
         match tokio::time::timeout(cfg.handshake_timeout, handshake(s, &cfg, peer)).await {
             Ok(r) => r?,
@@ -831,14 +835,13 @@ pub async fn serve<S: Io + 'static>(
             ev = next_sound(&mut sound), if sound.is_some() => {
                 use tokio::sync::broadcast::error::RecvError;
                 match ev {
-                    Ok(AudioEvent::Pcm(format, data)) => {
+                    Ok(AudioEvent::Pcm(format, data, since)) => {
                         out.clear();
                         converter.data(&format, &data, &sound_format, &mut out);
                         s.write_all(&out).await?;
+                        cfg.stats.audio_wait.record(since);
                     }
-                    Ok(
-                        AudioEvent::Started(_) | AudioEvent::Stopped | AudioEvent::Volume { .. },
-                    ) => {}
+                    Ok(AudioEvent::Started(_) | AudioEvent::Stopped) => {}
                     // A viewer that cannot keep up loses audio rather than delaying anyone.
                     Err(RecvError::Lagged(n)) => debug!(chunks = n, "audio dropped: viewer too slow"),
                     Err(RecvError::Closed) => sound = None,

@@ -199,15 +199,20 @@ fn upgrade(st: AppState, ws: WebSocketUpgrade, peer: SocketAddr) -> Response {
 }
 
 /// Ready once QEMU is attached and a frame has arrived (a surface exists).
+/// Ready once QEMU's display is attached. Known problems (see [`crate::health::Health`]) follow
+/// as "warning:" lines: missing audio leaves the desktop usable, so it does not make us unready.
 async fn readyz(State(st): State<AppState>) -> Response {
     let (w, h) = st.desktop.fb.size();
-    if st.desktop.fb.is_attached() && w > 0 && h > 0 {
-        (StatusCode::OK, "ready\n").into_response()
+    let mut body = if st.desktop.fb.is_attached() && w > 0 && h > 0 {
+        (StatusCode::OK, "ready\n".to_owned())
     } else {
         (
             StatusCode::SERVICE_UNAVAILABLE,
-            "waiting for QEMU's display\n",
+            "waiting for QEMU's display\n".to_owned(),
         )
-            .into_response()
+    };
+    for w in st.desktop.health.warnings() {
+        body.1.push_str(&format!("warning: {w}\n"));
     }
+    body.into_response()
 }

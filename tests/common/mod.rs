@@ -104,6 +104,8 @@ pub fn pids_with_cmdline(needle: &str) -> Vec<u32> {
 pub struct Sidecar {
     pub proc: Proc,
     pub dir: tempfile::TempDir,
+    /// `vdi-sidecar.sock`, or `hook.sock` in plugin mode.
+    pub socket_name: &'static str,
 }
 
 impl Sidecar {
@@ -111,7 +113,7 @@ impl Sidecar {
         self.dir.path().join("hooks")
     }
     pub fn socket(&self) -> PathBuf {
-        self.hooks_dir().join("vdi-sidecar.sock")
+        self.hooks_dir().join(self.socket_name)
     }
     pub fn bus_socket(&self) -> PathBuf {
         self.hooks_dir().join("vdi/bus")
@@ -158,6 +160,11 @@ impl Sidecar {
                 name: "vdi-sidecar",
             },
             dir,
+            socket_name: if extra_args.contains(&"plugin") {
+                "hook.sock"
+            } else {
+                "vdi-sidecar.sock"
+            },
         };
         let sock = sc.socket();
         let is_socket = |p: &Path| {
@@ -191,6 +198,7 @@ pub async fn uds_channel(path: &Path) -> Channel {
         .expect("connect to hook socket")
 }
 pub mod libvirt;
+pub mod pulse;
 pub mod qemu;
 pub mod rdp;
 pub mod x11;
@@ -203,4 +211,20 @@ pub fn init_test_log() {
             .with_writer(std::io::stderr)
             .try_init();
     }
+}
+
+/// (dominant frequency by zero crossings, seconds of sound) of mono samples at `rate`.
+pub fn tone(samples: &[f32], rate: u32) -> (f64, f64) {
+    let loud: Vec<usize> = (0..samples.len())
+        .filter(|&i| samples[i].abs() > 0.1)
+        .collect();
+    let (first, last) = (
+        *loud.first().expect("no sound"),
+        *loud.last().expect("no sound"),
+    );
+    let crossings = (first + 1..=last)
+        .filter(|&i| (samples[i - 1] < 0.0) != (samples[i] < 0.0))
+        .count();
+    let seconds = (last - first) as f64 / f64::from(rate);
+    (crossings as f64 / 2.0 / seconds, seconds)
 }

@@ -16,6 +16,10 @@
  *   rect X Y W H RRGGBB      fill a rectangle
  *   scroll N                 move the screen up N rows, paint the N new bottom rows
  *   animate N                draw N full-screen frames as fast as possible
+ *   scene NAME MS            a benchmark scene for MS milliseconds, then "OK scene NAME N frames":
+ *                              video    full-screen animation, every pixel changes, flat out
+ *                              scroll   the screen scrolls up 8 rows per frame, 60 frames a second
+ *                              desktop  text typed into a white window, 60 glyphs a second
  *   keybox on|off            on a key press, fill the top-left 64x64 box with a colour
  *                            derived from the key code (default on)
  *   info                     print the current mode
@@ -242,16 +246,66 @@ static void scroll(uint32_t n) {
     flush();
 }
 
+/* The scroll scene's step: like scroll(), but the new rows are text-like lines (dark glyph pixels
+ * on white, 12 of every 16 rows) that differ from step to step, as in a scrolling document. */
+static void scroll_text(uint32_t n) {
+    static uint32_t line;
+    if (n >= d.height) n = d.height - 1;
+    memmove(d.pixels, d.pixels + (size_t)n * d.stride, (size_t)(d.height - n) * d.stride);
+    for (uint32_t y = d.height - n; y < d.height; y++, line++)
+        for (uint32_t x = 0; x < d.width; x++)
+            put(x, y, line % 16 < 12 && (hash(x / 2 + (line / 16) * 7919 + (line % 16) * 131) & 3) == 0
+                          ? 0x202020 : 0xf8f8f8);
+    flush();
+}
+
+static void video_frame(unsigned i);
+
 static void animate(unsigned n) {
     double t0 = now_ms();
     for (unsigned i = 0; i < n; i++) {
-        for (uint32_t y = 0; y < d.height; y++)
-            for (uint32_t x = 0; x < d.width; x++)
-                put(x, y, (((x + i * 8) & 0xff) << 16) | (((y + i * 4) & 0xff) << 8) | (i & 0xff));
-        flush();
+        video_frame(i);
         if ((i + 1) % 10 == 0) say("FRAME %u", i + 1);
     }
     say("OK animate %u frames %.0f ms", n, now_ms() - t0);
+}
+
+static void video_frame(unsigned i) {
+    for (uint32_t y = 0; y < d.height; y++)
+        for (uint32_t x = 0; x < d.width; x++)
+            put(x, y, (((x + i * 8) & 0xff) << 16) | (((y + i * 4) & 0xff) << 8) | (i & 0xff));
+    flush();
+}
+
+/* One 8x16 "glyph" (a hashed two-colour pattern, like anti-aliasing-free text) at the cursor of
+ * a typing scene inside the window (wx, wy, ww, wh). */
+static void glyph(unsigned i, uint32_t wx, uint32_t wy, uint32_t ww, uint32_t wh) {
+    uint32_t cols = ww / 8, rows = wh / 16;
+    uint32_t cx = wx + (i % cols) * 8, cy = wy + ((i / cols) % rows) * 16;
+    if (i % cols == 0 && (i / cols) % rows == 0) rect(wx, wy, ww, wh, 0xf8f8f8);
+    for (uint32_t y = 0; y < 16; y++)
+        for (uint32_t x = 0; x < 8; x++)
+            put(cx + x, cy + y, (hash(i * 977 + y * 8 + x) & 3) == 0 ? 0x202020 : 0xf8f8f8);
+    flush();
+}
+
+static void scene(const char *name, unsigned ms) {
+    double t0 = now_ms();
+    unsigned i = 0;
+    int kind = !strcmp(name, "video") ? 1 : !strcmp(name, "scroll") ? 2 : !strcmp(name, "desktop") ? 3 : 0;
+    if (!kind) { say("ERR unknown scene %s", name); return; }
+    while (now_ms() - t0 < ms) {
+        if (kind == 1) video_frame(i);
+        else if (kind == 2) {
+            scroll_text(8);
+            usleep(16667);
+        } else {
+            glyph(i, d.width / 8, d.height / 8, d.width * 3 / 4 / 8 * 8, d.height * 3 / 4 / 16 * 16);
+            usleep(16667);
+        }
+        i++;
+    }
+    say("OK scene %s %u frames %.0f ms", name, i, now_ms() - t0);
 }
 
 /* ALSA PCM through the kernel's ioctl interface (no alsa-lib in the initramfs). */
@@ -366,6 +420,7 @@ static void record(unsigned ms, unsigned rate) {
     int fd = pcm_open(1, rate);
     int16_t buf[2 * 480];
     unsigned long total = (unsigned long)rate * ms / 1000, done = 0, crossings = 0;
+    long first = -1, last = -1; /* frames where sound starts and ends: the pitch is over those */
     double sum2 = 0;
     int prev = 0;
     if (fd < 0) return;
@@ -383,13 +438,15 @@ static void record(unsigned ms, unsigned rate) {
             int sign = v > 200 ? 1 : v < -200 ? -1 : 0; /* hysteresis against noise */
             if (sign && prev && sign != prev) crossings++;
             if (sign) prev = sign;
+            if (sign) { if (first < 0) first = (long)(done + i); last = (long)(done + i); }
             sum2 += (double)v * v;
         }
         done += x.result;
     }
     close(fd);
-    say("OK record %lu frames freq %.1f rms %.0f", done,
-        done ? crossings / 2.0 * rate / done : 0.0, done ? sqrt(sum2 / done) : 0.0);
+    say("OK record %lu frames freq %.1f rms %.0f sound %ld ms", done,
+        last > first ? crossings / 2.0 * rate / (double)(last - first) : 0.0,
+        done ? sqrt(sum2 / done) : 0.0, last > first ? (last - first) * 1000L / (long)rate : 0L);
 }
 
 static int inputs[MAX_INPUTS];
@@ -445,6 +502,8 @@ static void command(char *line) {
         say("OK scroll %u", a);
     } else if (!strcmp(op, "animate") && sscanf(line, "%*s %u", &a) == 1) {
         animate(a);
+    } else if (!strcmp(op, "scene") && sscanf(line, "%*s %31s %u", arg, &a) == 2) {
+        scene(arg, a);
     } else if (!strcmp(op, "keybox") && sscanf(line, "%*s %31s", arg) == 1) {
         keybox = !strcmp(arg, "on");
         say("OK keybox %d", keybox);

@@ -1,0 +1,520 @@
+//! vdi-sidecar against QEMU's own VNC server: one VM, one run, the same measuring client.
+//!
+//! The test guest boots once under TCG with both QEMU's in-process `-vnc` and `-display dbus` on
+//! our bus. This process is "ours": it runs the display source and our VNC and RDP servers (the
+//! same library code as `vdi-sidecar bridge`), so its CPU and RSS are our cost. Measuring clients
+//! are child processes (this binary with `client …`), so their work is never counted as ours.
+//! Rounds alternate between the servers and every row is a median.
+//!
+//! `cargo bench --bench compare` runs the full table; `cargo test` runs it as a smoke test
+//! (small mode, one short round: the table must come out complete, nothing is timed).
+//! Options after `--`: `--secs N` (window), `--rounds N`, `--samples N` (latency),
+//! `--sizes 1280x800,1920x1080`, `--no-rdp`, `--memory-only`, `--audio-only`.
+
+mod audio;
+mod client;
+mod guest;
+mod rdp;
+mod stats;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use tokio::process::Command;
+use tokio_util::sync::CancellationToken;
+use vdi_sidecar::bus::{Bus, BusConfig};
+use vdi_sidecar::qemu::source::{self, SourceOptions};
+use vdi_sidecar::rdp::RdpConfig;
+use vdi_sidecar::tls::{TlsIdentity, default_names};
+use vdi_sidecar::viewers::Viewers;
+use vdi_sidecar::vnc::conn::VncConfig;
+
+use client::{Enc, Run};
+use guest::Guest;
+use stats::{Row, Table, median, p95};
+
+const RDP_PASSWORD: &str = "bench-pass1";
+
+struct Opts {
+    full: bool,
+    secs: f64,
+    rounds: usize,
+    samples: usize,
+    sizes: Vec<(u32, u32)>,
+    rdp: bool,
+    /// Only the memory rows (at the last size).
+    memory_only: bool,
+    audio_only: bool,
+}
+
+impl Opts {
+    fn parse(args: &[String]) -> Result<Self> {
+        // `cargo bench` passes --bench; `cargo test` runs harness-less benches without it.
+        let full = args.iter().any(|a| a == "--bench");
+        let mut o = if full {
+            Opts {
+                full,
+                secs: 6.0,
+                rounds: 3,
+                samples: 60,
+                sizes: vec![(1280, 800), (1920, 1080)],
+                rdp: true,
+                memory_only: false,
+                audio_only: false,
+            }
+        } else {
+            Opts {
+                full,
+                secs: 1.0,
+                rounds: 1,
+                samples: 5,
+                sizes: vec![(640, 480)],
+                rdp: true,
+                memory_only: false,
+                audio_only: false,
+            }
+        };
+        let mut it = args.iter().skip(1);
+        while let Some(a) = it.next() {
+            let mut val = || it.next().context("option needs a value");
+            match a.as_str() {
+                "--secs" => o.secs = val()?.parse()?,
+                "--rounds" => o.rounds = val()?.parse()?,
+                "--samples" => o.samples = val()?.parse()?,
+                "--sizes" => {
+                    o.sizes = val()?
+                        .split(',')
+                        .map(|s| {
+                            let (w, h) = s.split_once('x').context("size is WxH")?;
+                            Ok((w.parse()?, h.parse()?))
+                        })
+                        .collect::<Result<_>>()?
+                }
+                "--no-rdp" => o.rdp = false,
+                "--memory-only" => o.memory_only = true,
+                "--audio-only" => o.audio_only = true,
+                _ => {} // --bench and libtest's own flags
+            }
+        }
+        Ok(o)
+    }
+}
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("client") {
+        return client::child_main(&args[2..]);
+    }
+    let opts = Opts::parse(&args)?;
+    // VDI_LOG=info (or any filter) shows what our servers log during the run.
+    if let Ok(filter) = std::env::var("VDI_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_writer(std::io::stderr)
+            .try_init();
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?
+        .block_on(run(opts))
+}
+
+/// Everything the run needs: the bus, QEMU, the guest's serial, our servers.
+struct Rig {
+    guest: Guest,
+    qemu_pid: u32,
+    /// Our VNC server and its process (0: this one).
+    ours: SocketAddr,
+    ours_pid: u32,
+    bus_address: String,
+    theirs: SocketAddr,
+    rdp: SocketAddr,
+    rdp_cfg: Arc<RdpConfig>,
+    vnc_cfg: Arc<VncConfig>,
+    /// Key presses so far (they alternate between two keys, see `client::latency`).
+    keys: usize,
+}
+
+async fn run(opts: Opts) -> Result<()> {
+    let kernel_dir = build_guest()?;
+    let dir = tempfile::tempdir()?;
+    let stop = CancellationToken::new();
+    let bus = Bus::start(BusConfig::in_dir(dir.path().join("bus"))).await?;
+    let (consoles, display) = source::spawn(
+        bus.address().to_owned(),
+        SourceOptions::default(),
+        stop.child_token(),
+    );
+    let tls = TlsIdentity::generate(&default_names(&[]))?;
+    let rdp_cfg = Arc::new(RdpConfig::new(
+        tls,
+        Some(("vdi".into(), RDP_PASSWORD.into())),
+    ));
+    let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
+    let vnc_cfg = Arc::new(VncConfig::new(None, "bench"));
+    let viewers = Viewers {
+        vnc: Some((loopback, Arc::clone(&vnc_cfg))),
+        rdp: opts.rdp.then(|| (loopback, Arc::clone(&rdp_cfg))),
+        web: None,
+    };
+    let at = viewers.start(&consoles, &stop).await?;
+    let ours = at.vnc.context("our VNC server")?;
+    let rdp = at.rdp.unwrap_or(loopback);
+
+    let qemu_vnc = free_vnc_display()?;
+    let serial = dir.path().join("serial.sock");
+    let mut qemu = Command::new("qemu-system-x86_64")
+        .args([
+            "-accel",
+            "tcg",
+            "-m",
+            "256",
+            "-nodefaults",
+            "-name",
+            "vdi-bench",
+        ])
+        .args([
+            "-vga",
+            "std",
+            "-device",
+            "qemu-xhci",
+            "-device",
+            "usb-tablet",
+        ])
+        .arg("-kernel")
+        .arg(kernel_dir.join("vmlinuz"))
+        .arg("-initrd")
+        .arg(kernel_dir.join("initrd.gz"))
+        .args(["-append", "console=ttyS0 quiet"])
+        .args([
+            "-audiodev",
+            "dbus,id=snd0,out.frequency=48000",
+            "-device",
+            "intel-hda",
+            "-device",
+            "hda-duplex,audiodev=snd0",
+        ])
+        .arg("-display")
+        .arg(format!("dbus,addr={},audiodev=snd0", bus.address()))
+        .args(["-vnc", &format!("127.0.0.1:{qemu_vnc},audiodev=snd0")])
+        .arg("-serial")
+        .arg(format!("unix:{},server=on,wait=off", serial.display()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .context("qemu-system-x86_64 (install QEMU 10 from bookworm-backports)")?;
+    let qemu_pid = qemu.id().context("QEMU pid")?;
+    let guest = Guest::connect(&serial).await?;
+    let mut rig = Rig {
+        guest,
+        qemu_pid,
+        ours,
+        ours_pid: 0,
+        bus_address: bus.address().to_owned(),
+        theirs: SocketAddr::from(([127, 0, 0, 1], 5900 + qemu_vnc)),
+        rdp,
+        rdp_cfg,
+        vnc_cfg,
+        keys: 0,
+    };
+    let table = measure_all(&mut rig, &opts).await;
+    stop.cancel();
+    let _ = qemu.start_kill();
+    let _ = qemu.wait().await;
+    display.abort();
+    bus.stop().await;
+    let table = table?;
+    let mode = if opts.full {
+        "full"
+    } else {
+        "smoke mode: tiny windows, no conclusions"
+    };
+    table.print(&format!("{}; {mode}", machine_facts()));
+    table.check_complete()?;
+    Ok(())
+}
+
+impl Rig {
+    /// Starts `scene` for long enough to cover `windows` measuring windows plus `slack`, then
+    /// measures QEMU's baseline (no client) while it runs. Returns the scene's length.
+    async fn start_scene(
+        &mut self,
+        scene: &str,
+        window: Duration,
+        windows: u32,
+        slack: Duration,
+    ) -> Result<(Duration, stats::Baseline)> {
+        let length = window * windows + slack;
+        self.guest
+            .send(&format!("scene {scene} {}", length.as_millis()))
+            .await?;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let base = stats::baseline(self.qemu_pid, window).await?;
+        Ok((length, base))
+    }
+
+    /// Waits for the scene started by [`Rig::start_scene`] to end.
+    async fn finish_scene(&mut self, length: Duration) -> Result<()> {
+        let done = self
+            .guest
+            .wait_for("scene", length + Duration::from_secs(30))
+            .await?;
+        if std::env::var_os("VDI_BENCH_DEBUG").is_some() {
+            eprintln!("{done}");
+        }
+        Ok(())
+    }
+}
+
+async fn measure_all(rig: &mut Rig, opts: &Opts) -> Result<Table> {
+    rig.guest.wait_ready(Duration::from_secs(120)).await?;
+    rig.guest.cmd("display vbe", "display").await?;
+    let mut table = Table::default();
+    let window = Duration::from_secs_f64(opts.secs);
+    let last = *opts.sizes.last().context("no sizes")?;
+    if opts.audio_only {
+        audio::rows(rig, opts, &mut table).await?;
+        return Ok(table);
+    }
+    if opts.memory_only {
+        show_test_image(rig, last.0, last.1).await?;
+        memory_rows(rig, opts, last, &mut table).await?;
+        return Ok(table);
+    }
+    for &(w, h) in &opts.sizes {
+        show_test_image(rig, w, h).await?;
+        let size = format!("{w}x{h}");
+        // Frame rate, bytes and CPU while the guest animates flat out, per encoding.
+        for enc in [Enc::Zrle, Enc::TightJpeg, Enc::Raw] {
+            let (us, them) = alternate(rig, opts, "video", window, enc, 1).await?;
+            table.pair(Row::fps(&size, enc), &us, &them, |r| r.fps());
+            table.pair(Row::cpu(&size, enc), &us, &them, |r| r.cpu_per_1000());
+            if enc != Enc::Raw {
+                table.pair(Row::bytes(&size, enc, "video"), &us, &them, |r| {
+                    r.kib_per_update()
+                });
+            }
+        }
+        // Bytes per update, lossless, for the other scenes.
+        for scene in ["desktop", "scroll"] {
+            let (us, them) = alternate(rig, opts, scene, window, Enc::Zrle, 1).await?;
+            table.pair(Row::bytes(&size, Enc::Zrle, scene), &us, &them, |r| {
+                r.kib_per_update()
+            });
+        }
+        // Key-to-pixel latency with the guest idle.
+        show_test_image(rig, w, h).await?;
+        let (us, them) = latency_pair(rig, opts).await?;
+        table.pair_values(Row::latency(&size, "median"), median(&us), median(&them));
+        table.pair_values(Row::latency(&size, "p95"), p95(&us), p95(&them));
+        if (w, h) == last {
+            memory_rows(rig, opts, (w, h), &mut table).await?;
+            if opts.rdp {
+                rdp::rows(rig, opts, (w, h), &mut table).await?;
+            }
+            audio::rows(rig, opts, &mut table).await?;
+        }
+    }
+    Ok(table)
+}
+
+async fn show_test_image(rig: &mut Rig, w: u32, h: u32) -> Result<()> {
+    rig.guest.cmd(&format!("mode {w} {h}"), "mode").await?;
+    rig.guest.cmd("keybox on", "keybox").await?;
+    rig.guest.cmd("fill 1", "fill").await?;
+    // Both servers show the new mode before anything is measured.
+    for addr in [rig.ours, rig.theirs] {
+        client::wait_size(addr, w, h, Duration::from_secs(30)).await?;
+    }
+    Ok(())
+}
+
+/// Runs `scene` in the guest and, while it runs, measures `rounds` windows per server,
+/// alternating which goes first, plus a window with no client (QEMU's baseline CPU).
+async fn alternate(
+    rig: &mut Rig,
+    opts: &Opts,
+    scene: &str,
+    window: Duration,
+    enc: Enc,
+    viewers: usize,
+) -> Result<(Vec<Run>, Vec<Run>)> {
+    let (mut us, mut them) = (Vec::new(), Vec::new());
+    for round in 0..opts.rounds {
+        let (length, base) = rig
+            .start_scene(scene, window, 3, Duration::from_secs(6))
+            .await?;
+        let order = if round % 2 == 0 {
+            [true, false]
+        } else {
+            [false, true]
+        };
+        for mine in order {
+            let addr = if mine { rig.ours } else { rig.theirs };
+            let runs = client::measure(
+                client::Server {
+                    addr,
+                    pid: if mine { rig.ours_pid } else { rig.qemu_pid },
+                    mine,
+                },
+                enc,
+                window,
+                viewers,
+                rig.qemu_pid,
+                &base,
+            )
+            .await?;
+            if std::env::var_os("VDI_BENCH_DEBUG").is_some() {
+                eprintln!("{scene} {enc:?} mine={mine}: {runs:?}");
+            }
+            if mine { &mut us } else { &mut them }.push(runs);
+        }
+        rig.finish_scene(length).await?;
+    }
+    Ok((us, them))
+}
+
+async fn latency_pair(rig: &mut Rig, opts: &Opts) -> Result<(Vec<f64>, Vec<f64>)> {
+    let (mut us, mut them) = (Vec::new(), Vec::new());
+    // Halves, alternating, so drift in the machine's load hits both servers alike.
+    let half = opts.samples.div_ceil(2);
+    for round in 0..2 {
+        for mine in if round == 0 {
+            [true, false]
+        } else {
+            [false, true]
+        } {
+            let addr = if mine { rig.ours } else { rig.theirs };
+            let got = client::latency(addr, half, rig.keys).await?;
+            rig.keys += half;
+            if mine { &mut us } else { &mut them }.extend(got);
+        }
+    }
+    if us.is_empty() || them.is_empty() {
+        bail!("no latency samples");
+    }
+    Ok((us, them))
+}
+
+/// Memory of the real product: a `vdi-sidecar bridge` process on the same bus (QEMU serves both
+/// listeners), idle and with 1 and 4 viewers at the largest size while the guest animates, next
+/// to what QEMU's RSS grows by with as many viewers of its own.
+async fn memory_rows(
+    rig: &mut Rig,
+    opts: &Opts,
+    (w, h): (u32, u32),
+    table: &mut Table,
+) -> Result<()> {
+    let size = &format!("{w}x{h}");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let mut bridge = Command::new(env!("CARGO_BIN_EXE_vdi-sidecar"))
+        .args(["bridge", "--dbus-address", &rig.bus_address])
+        .args([
+            "--vnc",
+            &format!("127.0.0.1:{port}"),
+            "--rdp",
+            "none",
+            "--http",
+            "none",
+        ])
+        .arg("--insecure-no-auth")
+        .env("VDI_LOG", "warn")
+        // As the sidecar image runs it (see Containerfile).
+        .env("MALLOC_ARENA_MAX", "2")
+        .env("MALLOC_MMAP_THRESHOLD_", "131072")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .context("vdi-sidecar bridge")?;
+    let pid = bridge.id().context("bridge pid")?;
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    client::wait_size(addr, w, h, Duration::from_secs(30)).await?;
+    let saved = (rig.ours, rig.ours_pid);
+    (rig.ours, rig.ours_pid) = (addr, pid);
+    let result = async {
+        let window = Duration::from_secs_f64(opts.secs);
+        let one = Opts {
+            rounds: 1,
+            sizes: Vec::new(),
+            ..*opts
+        };
+        let idle = stats::rss_kib(pid)? as f64 / 1024.0;
+        table.memory(size, 0, idle, 0.0);
+        for viewers in [1usize, 4] {
+            let before_q = stats::rss_kib(rig.qemu_pid)?;
+            let (us, them) = alternate(rig, &one, "video", window, Enc::Zrle, viewers).await?;
+            let ours = us.iter().map(|r| r.our_rss_kib).fold(0.0, f64::max) / 1024.0;
+            let qemu_growth = (them.iter().map(|r| r.qemu_rss_kib).fold(0.0, f64::max)
+                - before_q as f64)
+                / 1024.0;
+            table.memory(size, viewers, ours, qemu_growth);
+        }
+        anyhow::Ok(())
+    }
+    .await;
+    (rig.ours, rig.ours_pid) = saved;
+    let _ = bridge.start_kill();
+    let _ = bridge.wait().await;
+    result
+}
+
+fn build_guest() -> Result<PathBuf> {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let out = std::process::Command::new(format!("{root}/tests/guest/build.sh"))
+        .output()
+        .context("tests/guest/build.sh")?;
+    if !out.status.success() {
+        bail!(
+            "guest build failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let dir = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .last()
+        .map(str::to_owned)
+        .context("guest build printed nothing")?;
+    Ok(dir.into())
+}
+
+/// A VNC display number whose port (5900 + n) is free.
+fn free_vnc_display() -> Result<u16> {
+    (50..99)
+        .find(|n| std::net::TcpListener::bind(("127.0.0.1", 5900 + n)).is_ok())
+        .context("no free VNC display")
+}
+
+fn machine_facts() -> String {
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, m)| m.trim().to_owned())
+        })
+        .unwrap_or_default();
+    let qemu = std::process::Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .output()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .to_owned()
+        })
+        .unwrap_or_default();
+    format!("{cores} cores ({cpu}), guest under TCG (no KVM), {qemu}")
+}
