@@ -10,6 +10,11 @@ fi
 # Installs from rustup when missing; needs nothing else.
 rustup component add rustfmt clippy >/dev/null 2>&1 || true
 
+# A clean checkout gains nothing from incremental state; it only takes disk (CI machines can be short).
+export CARGO_INCREMENTAL=0
+df -h . /tmp | sed 's/^/disk before tests: /'
+trap 'df -h . /tmp | sed "s/^/disk after tests: /"; du -sh target 2>/dev/null || true' EXIT
+
 cargo fmt --check
 cargo clippy --all-targets --locked -- -D warnings
 cargo test --locked --all-targets --no-fail-fast

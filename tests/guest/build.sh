@@ -26,37 +26,66 @@ kpkg=$(apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-[0-9]/ {
 mkdir -p debs
 (cd debs && apt-get download "$kpkg" busybox-static >/dev/null 2>&1) || {
   echo "build.sh: apt-get download $kpkg busybox-static failed" >&2; exit 1; }
-dpkg-deb -x debs/"${kpkg}"_*.deb kernel
+kdeb=$(echo debs/"${kpkg}"_*.deb)
 dpkg-deb -x debs/busybox-static_*.deb bb
 kver=${kpkg#linux-image-}
-moddir=kernel/lib/modules/$kver
 
 root=$work/root
-mkdir -p "$root"/{bin,dev,proc,sys,tmp,lib/modules/"$kver"}
+mkdir -p "$root"/{bin,dev,proc,sys,tmp,lib/modules/"$kver"} kernel
 cp bb/bin/busybox "$root/bin/busybox"
 gcc -static -O2 -Wall -o "$root/bin/vdi-guest" "$here/vdi-guest.c" -lm
 
-# Modules the tests use, with everything they depend on (read from each .ko's modinfo).
-declare -A seen=()
-find_ko() { find "$moddir/kernel" -name "$1.ko" -o -name "$(echo "$1" | tr _ -).ko" | head -n1; }
-add_mod() {
-  local name=$1 ko deps d
-  [ -n "${seen[$name]:-}" ] && return 0
-  seen[$name]=1
-  ko=$(find_ko "$name")
-  [ -n "$ko" ] || ko=$(find_ko "$(echo "$name" | tr - _)")
-  [ -n "$ko" ] || { echo "build.sh: module $name not found (built in?)" >&2; return 0; }
-  deps=$(strings -a "$ko" | sed -n 's/^depends=//p' | head -n1 | tr , ' ')
-  for d in $deps; do add_mod "$d"; done
-  mkdir -p "$root/lib/modules/$kver/$(dirname "${ko#"$moddir"/}")"
-  cp "$ko" "$root/lib/modules/$kver/${ko#"$moddir"/}"
-  echo "${ko#"$moddir"/}" >> "$root/lib/modules/$kver/load-order"
+# The kernel package unpacks to ~400 MB, nearly all modules we never load; CI machines can be
+# short of disk. So only the kernel image and the modules the tests use (with what they depend
+# on, read from each .ko's modinfo) are unpacked, a batch per dependency level.
+dpkg-deb --fsys-tarfile "$kdeb" | tar -t | grep -E '\.ko$' > ko-list
+unpack() { dpkg-deb --fsys-tarfile "$kdeb" | tar -x -C kernel -T "$1"; }
+echo "./boot/vmlinuz-$kver" > want
+unpack want
+declare -A seen=() path=() deps=()
+find_ko() {  # $1 a module name, - and _ being the same; prints the path in the package
+  local re
+  re=$(echo "$1" | sed 's/[-_]/[-_]/g')
+  { grep -E "/$re\.ko$" ko-list || true; } | head -n1
 }
-for m in evdev psmouse virtio_pci virtio_input virtio-gpu xhci-pci usbhid hid-generic \
-         snd-hda-codec-generic snd-hda-intel \
-         snd-intel8x0; do
-  add_mod "$m"
+wanted=(evdev psmouse virtio_pci virtio_input virtio-gpu xhci-pci usbhid hid-generic
+        snd-hda-codec-generic snd-hda-intel snd-intel8x0)
+batch=("${wanted[@]}")
+while [ ${#batch[@]} -gt 0 ]; do
+  : > want
+  new=()
+  for name in "${batch[@]}"; do
+    key=$(echo "$name" | tr - _)
+    [ -n "${seen[$key]:-}" ] && continue
+    seen[$key]=1
+    ko=$(find_ko "$name")
+    [ -n "$ko" ] || { echo "build.sh: module $name not found (built in?)" >&2; continue; }
+    path[$key]=$ko
+    echo "$ko" >> want
+    new+=("$key")
+  done
+  [ -s want ] && unpack want
+  batch=()
+  for key in "${new[@]}"; do
+    deps[$key]=$(strings -a "kernel/${path[$key]}" | sed -n 's/^depends=//p' | head -n1 | tr , ' ' | tr - _)
+    read -ra more <<< "${deps[$key]}"
+    batch+=("${more[@]}")
+  done
 done
+# Load order: every module after what it depends on (insmod does not resolve dependencies).
+declare -A placed=()
+place() {
+  local key=$1 d rel
+  [ -n "${placed[$key]:-}" ] && return 0
+  placed[$key]=1
+  for d in ${deps[$key]:-}; do place "$d"; done
+  [ -n "${path[$key]:-}" ] || return 0
+  rel=${path[$key]#./lib/modules/"$kver"/}
+  mkdir -p "$root/lib/modules/$kver/$(dirname "$rel")"
+  cp "kernel/${path[$key]}" "$root/lib/modules/$kver/$rel"
+  echo "$rel" >> "$root/lib/modules/$kver/load-order"
+}
+for m in "${wanted[@]}"; do place "$(echo "$m" | tr - _)"; done
 
 cat > "$root/init" <<'INIT'
 #!/bin/busybox sh
