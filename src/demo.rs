@@ -96,19 +96,20 @@ pub async fn run(cfg: DemoConfig, stop: CancellationToken) -> Result<(), Error> 
     info!(pid = qemu.id(), "QEMU started");
 
     if let (Some(addr), Some((_, vnc))) = (at.vnc, &cfg.viewers.vnc) {
-        let password = vnc
-            .password
-            .as_deref()
-            .unwrap_or("(none: --insecure-no-auth)");
+        let password = vnc.auth.secret().unwrap_or("(none: --insecure-no-auth)");
         println!("vdi-sidecar demo: the guest's desktop is served at");
         println!("  VNC   {addr}   password: {password}");
         println!("  e.g.  vncviewer {}::{}", addr.ip(), addr.port());
-        if let (Some(web), Some((_, w))) = (at.web, &cfg.viewers.web) {
+        if let (Some(web), Some((_, w, _))) = (at.web, &cfg.viewers.web) {
             let scheme = if w.tls.is_some() { "https" } else { "http" };
             println!("  Web   {scheme}://{web}/   (same password; the certificate is generated)");
         }
         if let (Some(rdp), Some((_, r))) = (at.rdp, &cfg.viewers.rdp) {
-            let user = r.credentials.as_ref().map_or("(any)", |c| c.0.as_str());
+            let user = if r.auth.required() {
+                r.auth.rdp_username()
+            } else {
+                "(any)"
+            };
             println!("  RDP   {rdp}   user: {user}, same password");
             println!("  e.g.  xfreerdp3 /v:{rdp} /u:{user} /cert:ignore");
         }

@@ -37,6 +37,29 @@ impl Rect {
             h: height,
         }
     }
+
+    /// The smallest rectangle covering both.
+    pub fn union(&self, b: &Rect) -> Rect {
+        let (x0, y0) = (self.x.min(b.x), self.y.min(b.y));
+        let x1 = (self.x + self.w).max(b.x + b.w);
+        let y1 = (self.y + self.h).max(b.y + b.h);
+        Rect {
+            x: x0,
+            y: y0,
+            w: x1 - x0,
+            h: y1 - y0,
+        }
+    }
+
+    /// The smallest rectangle covering all of `rects` (`None` for none).
+    pub fn bounding(rects: &[Rect]) -> Option<Rect> {
+        let (first, rest) = rects.split_first()?;
+        Some(rest.iter().fold(*first, |a, r| a.union(r)))
+    }
+
+    pub fn overlaps(&self, b: &Rect) -> bool {
+        self.x < b.x + b.w && b.x < self.x + self.w && self.y < b.y + b.h && b.y < self.y + self.h
+    }
 }
 
 /// Why a frame from QEMU was refused (logged by the caller; the model is left as it was).

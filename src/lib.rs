@@ -5,14 +5,18 @@
 //! `bus` runs; the display source and servers attach to that bus.
 
 pub mod bus;
+pub mod config;
 pub mod demo;
 pub mod framebuffer;
 pub mod health;
 pub mod hook;
+pub mod net;
+pub mod pcm;
 pub mod pixman;
 pub mod qemu;
 pub mod rdp;
 pub mod serve;
+pub mod session;
 pub mod tls;
 pub mod viewers;
 pub mod vnc;

@@ -1,25 +1,28 @@
 //! The listeners viewers connect to — VNC, RDP and the web client — bound together and run until
-//! `stop`, so `serve`, `bridge` and `demo` start them the same way.
+//! `stop`, so `serve`, `bridge` and `demo` start them the same way. This is where the front ends
+//! are wired to the console and to each other (the browser page carries the VNC server); they
+//! never import one another.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tracing::warn;
 
 use crate::qemu::source::Consoles;
 use crate::rdp::RdpConfig;
-use crate::vnc::conn::VncConfig;
-use crate::web::WebConfig;
+use crate::session::Desktop;
+use crate::vnc::VncConfig;
+use crate::web::{StreamServer, WebConfig};
 
 /// Which listeners to run (`None` disables one).
 #[derive(Clone, Default)]
 pub struct Viewers {
     pub vnc: Option<(SocketAddr, Arc<VncConfig>)>,
     pub rdp: Option<(SocketAddr, Arc<RdpConfig>)>,
-    pub web: Option<(SocketAddr, WebConfig)>,
+    /// The web listener, and the VNC settings for connections over its WebSocket (no VeNCrypt:
+    /// the page's HTTPS is the TLS).
+    pub web: Option<(SocketAddr, WebConfig, Arc<VncConfig>)>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +41,12 @@ pub struct Listening {
     pub web: Option<SocketAddr>,
 }
 
+async fn bind(addr: SocketAddr) -> Result<TcpListener, ListenError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| ListenError { addr, source })
+}
+
 impl Viewers {
     /// Binds every listener first (so a bad address fails before anything runs), then serves
     /// the primary console on each until `stop`.
@@ -46,11 +55,6 @@ impl Viewers {
         consoles: &Consoles,
         stop: &CancellationToken,
     ) -> Result<Listening, ListenError> {
-        let bind = |addr: SocketAddr| async move {
-            TcpListener::bind(addr)
-                .await
-                .map_err(|source| ListenError { addr, source })
-        };
         let vnc = match &self.vnc {
             Some((addr, cfg)) => Some((bind(*addr).await?, Arc::clone(cfg))),
             None => None,
@@ -60,69 +64,45 @@ impl Viewers {
             None => None,
         };
         let web = match &self.web {
-            Some((addr, cfg)) => Some((bind(*addr).await?, cfg.clone())),
+            Some((addr, cfg, vnc)) => Some((bind(*addr).await?, cfg.clone(), Arc::clone(vnc))),
             None => None,
         };
+        let desktop = Desktop::primary(consoles);
         let mut at = Listening::default();
         if let Some((listener, cfg)) = vnc {
             at.vnc = listener.local_addr().ok();
             tokio::spawn(crate::vnc::server::run(
                 listener,
                 cfg,
-                consoles.desktop(),
+                desktop.clone(),
                 stop.child_token(),
             ));
         }
         if let Some((listener, cfg)) = rdp {
             let addr = listener.local_addr().ok();
-            crate::rdp::spawn(listener, cfg, consoles.desktop(), stop.child_token()).map_err(
-                |e| ListenError {
+            crate::rdp::spawn(listener, cfg, desktop.clone(), stop.child_token()).map_err(
+                |source| ListenError {
                     addr: addr.unwrap_or(([0, 0, 0, 0], 0).into()),
-                    source: std::io::Error::other(format!("{e:#}")),
+                    source,
                 },
             )?;
             at.rdp = addr;
         }
-        if let Some((listener, cfg)) = web {
+        if let Some((listener, cfg, vnc)) = web {
             at.web = listener.local_addr().ok();
+            let for_rfb = desktop.clone();
+            let rfb: StreamServer = Arc::new(move |stream, peer| {
+                let (cfg, desktop) = (Arc::clone(&vnc), for_rfb.clone());
+                Box::pin(crate::vnc::server::serve_client(stream, peer, cfg, desktop))
+            });
             tokio::spawn(crate::web::run(
                 listener,
                 cfg,
-                consoles.desktop(),
+                desktop.clone(),
+                rfb,
                 stop.child_token(),
             ));
         }
         Ok(at)
-    }
-}
-
-/// Waits for a free slot, then for a client (`TCP_NODELAY` set); `None` once `stop` fires. The
-/// permit goes with the connection's task, so at most `slots` connections run at once and the
-/// rest wait in the kernel's backlog.
-pub async fn accept_bounded(
-    listener: &TcpListener,
-    slots: &Arc<Semaphore>,
-    stop: &CancellationToken,
-) -> Option<(OwnedSemaphorePermit, TcpStream, SocketAddr)> {
-    loop {
-        let permit = tokio::select! {
-            p = Arc::clone(slots).acquire_owned() => p.ok()?,
-            () = stop.cancelled() => return None,
-        };
-        let accepted = tokio::select! {
-            r = listener.accept() => r,
-            () = stop.cancelled() => return None,
-        };
-        match accepted {
-            Ok((stream, peer)) => {
-                let _ = stream.set_nodelay(true);
-                return Some((permit, stream, peer));
-            }
-            Err(e) => {
-                // Out of file descriptors and the like: do not spin on it.
-                warn!(error = %e, "accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-            }
-        }
     }
 }

@@ -182,7 +182,8 @@ const EV_ABS: u32 = 3;
 async fn keys_buttons_wheel_and_relative_pointer_reach_the_guest() {
     use vdi_sidecar::qemu::input::button;
     let rig = Rig::start().await;
-    let input = rig.consoles.input();
+    let desktop = vdi_sidecar::session::Desktop::primary(&rig.consoles);
+    let control = desktop.control.clone();
     let mut vm = rig.vm(Video::StdVga);
     let mut vm = tokio::task::spawn_blocking(move || {
         vm.wait_ready();
@@ -192,7 +193,7 @@ async fn keys_buttons_wheel_and_relative_pointer_reach_the_guest() {
     })
     .await
     .expect("boot");
-    let mut viewer = input.viewer();
+    let mut viewer = desktop.viewer_input();
     // (qnum, Linux KEY_*) — plain and E0-extended keys, and the E1 Pause key.
     let keys = [
         (0x1e, 30),  // A
@@ -234,9 +235,9 @@ async fn keys_buttons_wheel_and_relative_pointer_reach_the_guest() {
         viewer.buttons(0).await;
         pause().await;
     }
-    viewer.wheel(button::WHEEL_UP).await;
+    viewer.wheel(button::WHEEL_UP, 1).await;
     pause().await;
-    viewer.wheel(button::WHEEL_DOWN).await;
+    viewer.wheel(button::WHEEL_DOWN, 1).await;
     vm = tokio::task::spawn_blocking(move || {
         vm.expect_event(EV_REL, 0, 10); // REL_X
         vm.expect_event(EV_REL, 1, -5); // REL_Y
@@ -253,12 +254,12 @@ async fn keys_buttons_wheel_and_relative_pointer_reach_the_guest() {
     .await
     .expect("pointer");
     // Lock LEDs follow the guest keyboard (Keyboard.Modifiers): Caps Lock toggles them.
-    use vdi_sidecar::qemu::input::led;
-    assert_eq!(input.leds() & led::CAPS, 0);
+    use vdi_sidecar::qemu::control::led;
+    assert_eq!(control.leds() & led::CAPS, 0);
     viewer.key(0x3a, true).await;
     viewer.key(0x3a, false).await;
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while input.leds() & led::CAPS == 0 {
+    while control.leds() & led::CAPS == 0 {
         assert!(
             std::time::Instant::now() < deadline,
             "Caps Lock LED never came on"
@@ -282,7 +283,7 @@ async fn keys_buttons_wheel_and_relative_pointer_reach_the_guest() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn absolute_pointer_with_a_tablet() {
     let rig = Rig::start().await;
-    let input = rig.consoles.input();
+    let desktop = vdi_sidecar::session::Desktop::primary(&rig.consoles);
     let fb = rig.consoles.primary();
     let mut vm = rig.vm_with(
         Video::StdVga,
@@ -300,7 +301,7 @@ async fn absolute_pointer_with_a_tablet() {
         common::wait_until(Duration::from_secs(10), || fb.size() == (800, 600)),
         "mode not seen"
     );
-    let mut viewer = input.viewer();
+    let mut viewer = desktop.viewer_input();
     // The tablet becomes QEMU's active pointer once the guest drives it; move until it does.
     let mut seen = None;
     for attempt in 0..20u32 {

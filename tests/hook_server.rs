@@ -306,3 +306,42 @@ fn custom_bus_layout_is_written_into_the_domain() {
         expected("unix:path=/var/run/vdi/bus")
     );
 }
+
+/// grpcio (gRPC C-core), as `grpc.insecure_channel("unix:/path")` dials: its `:authority` is the
+/// socket path, percent-encoded. Info and OnDefineDomain (v1alpha1, raw protobuf) must answer.
+const GRPCIO_CLIENT: &str = r#"
+import sys, grpc
+sock, domain = sys.argv[1], open(sys.argv[2], 'rb').read()
+ch = grpc.insecure_channel('unix:' + sock)
+info = ch.unary_unary('/kubevirt.hooks.info.Info/Info')(b'', timeout=5)
+assert b'vdi-sidecar' in info and b'OnDefineDomain' in info, info
+# OnDefineDomainParams { bytes domainXML = 1; bytes vmi = 2; }
+def field(n, b):
+    out, v = bytes([n << 3 | 2]), len(b)
+    while v >= 0x80:
+        out += bytes([v & 0x7f | 0x80]); v >>= 7
+    return out + bytes([v]) + b
+req = field(1, domain) + field(2, b'{"metadata":{"name":"vm-grpcio"}}')
+out = ch.unary_unary('/kubevirt.hooks.v1alpha1.Callbacks/OnDefineDomain')(req, timeout=5)
+assert b"type='dbus'" in out or b'type="dbus"' in out, out[:200]
+print('grpcio ok')
+"#;
+
+#[test]
+fn a_grpc_client_sending_the_socket_path_as_authority_is_answered() {
+    let sc = Sidecar::start(&[], &[]);
+    let script = tempfile::NamedTempFile::new().expect("script");
+    std::fs::write(script.path(), GRPCIO_CLIENT).expect("write");
+    let out = std::process::Command::new("python3")
+        .arg(script.path())
+        .arg(sc.socket())
+        .arg(common::data_file("domains/kubevirt-basic.xml"))
+        .output()
+        .expect("python3 (install grpcio: ci/install-deps.sh)");
+    assert!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("grpcio ok"),
+        "grpcio client failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -1,4 +1,4 @@
-//! The keysym table in src/vnc/keymap_us.rs is what tools/gen-keymap.py generates from QEMU's
+//! The keysym table in src/session/keymap_us.rs is what tools/gen-keymap.py generates from QEMU's
 //! en-us keymap and X11's keysymdef.h (both Debian packages): nothing typed by hand, nothing stale.
 
 #[test]
@@ -13,9 +13,9 @@ fn generated_keymap_is_current() {
         "gen-keymap.py failed (install qemu-system-data and x11proto-dev): {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let committed = std::fs::read(root.join("src/vnc/keymap_us.rs")).expect("keymap_us.rs");
+    let committed = std::fs::read(root.join("src/session/keymap_us.rs")).expect("keymap_us.rs");
     assert!(
         out.stdout == committed,
-        "src/vnc/keymap_us.rs is stale: run tools/gen-keymap.py > src/vnc/keymap_us.rs"
+        "src/session/keymap_us.rs is stale: run tools/gen-keymap.py > src/session/keymap_us.rs"
     );
 }

@@ -7,6 +7,7 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
@@ -14,7 +15,11 @@ use common::qemu::{Rig, Video};
 use common::rdp::{FreeRdp, PASSWORD, USER, auth_only, config, serve};
 use common::x11::Xvfb;
 use vdi_sidecar::qemu::source::Consoles;
+use vdi_sidecar::rdp::framing::{ntstatus, ts_request_status};
 use vdi_sidecar::rdp::{Policy, Security};
+use vdi_sidecar::session::Desktop;
+use vdi_sidecar::session::auth::{Auth, LoginLimiter};
+use vdi_sidecar::vnc::VncConfig;
 
 // One GUI test at a time: each runs QEMU under TCG plus FreeRDP on the 2 cores.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -26,7 +31,7 @@ const EV_REL: u32 = 2;
 async fn nla_accepts_the_password_and_refuses_others() {
     let (consoles, task) = Consoles::new();
     tokio::spawn(task);
-    let (port, stop) = serve(config(), consoles.desktop());
+    let (port, stop) = serve(config(), Desktop::primary(&consoles));
     tokio::task::spawn_blocking(move || {
         let (ok, log) = auth_only(port, USER, PASSWORD, &[]);
         assert!(ok, "right password refused:\n{log}");
@@ -46,7 +51,7 @@ async fn nla_accepts_the_password_and_refuses_others() {
     // TLS security only when the operator chooses it; the password is still checked.
     let mut cfg = config();
     cfg.security = Security::Tls;
-    let (port, stop) = serve(cfg, consoles.desktop());
+    let (port, stop) = serve(cfg, Desktop::primary(&consoles));
     tokio::task::spawn_blocking(move || {
         let (ok, log) = auth_only(port, USER, PASSWORD, &["/sec:tls"]);
         assert!(ok, "TLS security with the right password refused:\n{log}");
@@ -66,7 +71,7 @@ async fn with_test_guest(
 ) {
     let _serial = SERIAL.lock().await;
     let rig = Rig::start().await;
-    let (port, stop) = serve(config(), rig.consoles.desktop());
+    let (port, stop) = serve(config(), Desktop::primary(&rig.consoles));
     let vm = rig.vm_with_test_image().await;
     let dir = rig.dir.path().to_owned();
     let vm = tokio::task::spawn_blocking(move || {
@@ -229,7 +234,7 @@ async fn two_clients_at_once_both_get_updates() {
 async fn client_resize_asks_the_guest_for_a_new_mode() {
     let _serial = SERIAL.lock().await;
     let rig = Rig::start().await;
-    let (port, stop) = serve(config(), rig.consoles.desktop());
+    let (port, stop) = serve(config(), Desktop::primary(&rig.consoles));
     let mut vm = rig.vm(Video::VirtioGpu);
     let dir = rig.dir.path().to_owned();
     let vm = tokio::task::spawn_blocking(move || {
@@ -303,7 +308,7 @@ async fn hostile_bytes_are_closed_quickly_and_disturb_no_one() {
     tokio::spawn(task);
     let mut cfg = config();
     cfg.handshake_timeout = Duration::from_secs(3);
-    let (port, stop) = serve(cfg, consoles.desktop());
+    let (port, stop) = serve(cfg, Desktop::primary(&consoles));
     let dir = tempfile::tempdir().expect("tempdir");
     tokio::task::spawn_blocking(move || {
         // A connected client, which must stay connected throughout.
@@ -374,7 +379,7 @@ async fn preempt_and_reject_policies_with_real_clients() {
     for policy in [Policy::Preempt, Policy::Reject] {
         let mut cfg = config();
         cfg.policy = policy;
-        let (port, stop) = serve(cfg, consoles.desktop());
+        let (port, stop) = serve(cfg, Desktop::primary(&consoles));
         let path = dir.path().to_owned();
         tokio::task::spawn_blocking(move || {
             let x = Xvfb::start();
@@ -464,9 +469,11 @@ impl rustls::client::danger::ServerCertVerifier for AnyCert {
     }
 }
 
-/// A real X.224 negotiation (asking for `protocols`) and TLS handshake, then `garbage` where
-/// CredSSP or MCS should be; returns how long the server took to close.
-async fn garbage_after_tls(port: u16, protocols: u8, garbage: &[u8]) -> Duration {
+/// A real X.224 negotiation (asking for `protocols`) and TLS handshake.
+async fn tls_after_negotiation(
+    port: u16,
+    protocols: u8,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
@@ -489,10 +496,17 @@ async fn garbage_after_tls(port: u16, protocols: u8, garbage: &[u8]) -> Duration
     .with_custom_certificate_verifier(std::sync::Arc::new(AnyCert))
     .with_no_client_auth();
     let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
-    let mut tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
+    tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
         .connect(name, tcp)
         .await
-        .expect("TLS handshake");
+        .expect("TLS handshake")
+}
+
+/// A real X.224 negotiation and TLS handshake, then `garbage` where CredSSP or MCS should be;
+/// returns how long the server took to close.
+async fn garbage_after_tls(port: u16, protocols: u8, garbage: &[u8]) -> Duration {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tls = tls_after_negotiation(port, protocols).await;
     let start = Instant::now();
     let _ = tls.write_all(garbage).await;
     let _ = tls.flush().await;
@@ -504,6 +518,120 @@ async fn garbage_after_tls(port: u16, protocols: u8, garbage: &[u8]) -> Duration
             Err(_) => panic!("server kept a connection with garbage after TLS open"),
         }
     }
+}
+
+/// One raw CredSSP login attempt (NLA, HYBRID_EX): a TSRequest (version 6) whose NTLM token is
+/// junk. Returns the errorCode of the server's answer (`None`: no errorCode, or it just closed).
+async fn credssp_attempt(port: u16) -> Option<u32> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tls = tls_after_negotiation(port, 0x0b).await;
+    let token = b"not an NTLM negotiate message";
+    // TSRequest ::= SEQUENCE { [0] version INTEGER, [1] negoTokens SEQUENCE OF SEQUENCE {
+    //   [0] negoToken OCTET STRING } }
+    let octets = [&[0x04, token.len() as u8][..], token].concat();
+    let nego_data = [
+        &[0x30, octets.len() as u8 + 2, 0xa0, octets.len() as u8][..],
+        &octets,
+    ]
+    .concat();
+    let nego_tokens = [
+        &[0xa1, nego_data.len() as u8 + 2, 0x30, nego_data.len() as u8][..],
+        &nego_data,
+    ]
+    .concat();
+    let body = [&[0xa0, 3, 0x02, 1, 6][..], &nego_tokens].concat();
+    let request = [&[0x30, body.len() as u8][..], &body].concat();
+    tls.write_all(&request).await.expect("TSRequest");
+    let mut reply = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), tls.read(&mut buf)).await {
+            Ok(Ok(0) | Err(_)) => break,
+            Ok(Ok(n)) => reply.extend_from_slice(&buf[..n]),
+            Err(_) => panic!("server neither answered nor closed a bad CredSSP login"),
+        }
+    }
+    ts_request_status(&reply).and_then(|(_, error)| error)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raw_credssp_failures_hit_the_login_limit_vnc_shares() {
+    let (consoles, task) = Consoles::new();
+    tokio::spawn(task);
+    let cfg = config();
+    let auth = Arc::clone(&cfg.auth);
+    let (port, stop) = serve(cfg, Desktop::primary(&consoles));
+    // Five bad logins: each answered with a CredSSP error.
+    for attempt in 1..=5 {
+        let error = credssp_attempt(port).await;
+        assert!(
+            error.is_some_and(|e| e != ntstatus::ACCOUNT_LOCKED_OUT),
+            "attempt {attempt}: {error:x?}"
+        );
+    }
+    // The sixth is turned away before ironrdp sees it, as a locked account.
+    assert_eq!(
+        credssp_attempt(port).await,
+        Some(ntstatus::ACCOUNT_LOCKED_OUT)
+    );
+    // FreeRDP with the right password too, and a VNC client of the same sidecar: one limit.
+    let (ok, log) = tokio::task::spawn_blocking(move || auth_only(port, USER, PASSWORD, &[]))
+        .await
+        .expect("auth");
+    assert!(!ok, "a limited address logged in over RDP:\n{log}");
+    let vnc = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let vnc_addr = vnc.local_addr().expect("addr");
+    tokio::spawn(vdi_sidecar::vnc::server::run(
+        vnc,
+        Arc::new(VncConfig::new(Arc::clone(&auth), "shared")),
+        Desktop::primary(&consoles),
+        stop.clone(),
+    ));
+    let mut s = tokio::net::TcpStream::connect(vnc_addr)
+        .await
+        .expect("connect");
+    let refused = common::rfb::handshake(&mut s, "003.008", Some(PASSWORD), true).await;
+    assert_eq!(
+        refused.err().as_deref(),
+        Some("too many failed logins; try again later")
+    );
+    // Another address is not affected.
+    assert!(auth.allowed("127.0.0.2".parse().expect("ip")));
+    stop.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn freerdp_failing_nla_five_times_is_turned_away_until_the_window_passes() {
+    let (consoles, task) = Consoles::new();
+    tokio::spawn(task);
+    let mut cfg = config();
+    let window = Duration::from_secs(6);
+    cfg.auth =
+        Arc::new(Auth::user_password(USER, PASSWORD).with_limiter(LoginLimiter::new(5, window)));
+    let (port, stop) = serve(cfg, Desktop::primary(&consoles));
+    tokio::task::spawn_blocking(move || {
+        for attempt in 1..=5 {
+            let (ok, log) = auth_only(port, USER, "wrong-pass", &[]);
+            assert!(
+                !ok,
+                "attempt {attempt}: a wrong password was accepted:\n{log}"
+            );
+        }
+        let (ok, log) = auth_only(port, USER, PASSWORD, &[]);
+        assert!(!ok, "the right password after five failures got in:\n{log}");
+        assert!(
+            log.contains("LOCKED_OUT") || log.contains("locked out"),
+            "FreeRDP was not told the account is locked out:\n{log}"
+        );
+        std::thread::sleep(window);
+        let (ok, log) = auth_only(port, USER, PASSWORD, &[]);
+        assert!(ok, "still refused after the window:\n{log}");
+    })
+    .await
+    .expect("auth");
+    stop.cancel();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -521,7 +649,7 @@ async fn random_bytes_after_tls_are_closed() {
     }
     // NLA: garbage instead of CredSSP; a DER header claiming 16 MiB; TLS security: garbage
     // instead of MCS Connect Initial.
-    let (port, stop) = serve(config(), consoles.desktop());
+    let (port, stop) = serve(config(), Desktop::primary(&consoles));
     for (name, bytes) in [
         ("random", &random[..]),
         ("huge DER", &[0x30, 0x84, 1, 0, 0, 0][..]),
@@ -533,7 +661,7 @@ async fn random_bytes_after_tls_are_closed() {
     stop.cancel();
     let mut cfg = config();
     cfg.security = Security::Tls;
-    let (port, stop) = serve(cfg, consoles.desktop());
+    let (port, stop) = serve(cfg, Desktop::primary(&consoles));
     let took = garbage_after_tls(port, 0x01, &random).await;
     eprintln!("TLS, random: closed after {took:?}");
     assert!(took < Duration::from_secs(5), "{took:?}");

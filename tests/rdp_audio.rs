@@ -16,6 +16,7 @@ use common::pulse::{MIC, Pulse, SINK, samples};
 use common::qemu::{AUDIO_ARGS, Rig, Video};
 use common::rdp::{PASSWORD, USER, config, serve};
 use common::x11::Xvfb;
+use vdi_sidecar::session::Desktop;
 
 fn freerdp(port: u16, x: &Xvfb, pulse: &Pulse, sound: &str, log: &std::path::Path) -> Proc {
     freerdp_with(port, x, pulse, &[&format!("/sound:{sound}")], log)
@@ -89,7 +90,7 @@ async fn plays_the_tone(extra: &'static str) -> (u64, u64) {
     let rig = Rig::start().await;
     let cfg = config();
     let stats = std::sync::Arc::clone(&cfg.stats);
-    let (port, stop) = serve(cfg, rig.consoles.desktop());
+    let (port, stop) = serve(cfg, Desktop::primary(&rig.consoles));
     let mut vm = rig.vm_with(Video::StdVga, AUDIO_ARGS);
     let dir = rig.dir.path().to_path_buf();
     let (vm, recorded, tone_line, log_text) = tokio::task::spawn_blocking(move || {
@@ -184,8 +185,8 @@ fn field(line: &str, key: &str) -> f64 {
 async fn the_guest_records_the_rdp_clients_microphone() {
     const MIC_HZ: u32 = 700;
     let rig = Rig::start().await;
-    let (port, stop) = serve(config(), rig.consoles.desktop());
-    let mic = rig.consoles.desktop().mic;
+    let (port, stop) = serve(config(), Desktop::primary(&rig.consoles));
+    let mic = Desktop::primary(&rig.consoles).mic;
     let mut vm = rig.vm_with(Video::StdVga, AUDIO_ARGS);
     let dir = rig.dir.path().to_path_buf();
     let (vm, line, log_text) = tokio::task::spawn_blocking(move || {

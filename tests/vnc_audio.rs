@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 use common::qemu::{AUDIO_ARGS, Rig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use vdi_sidecar::vnc::conn::VncConfig;
+use vdi_sidecar::session::Desktop;
+use vdi_sidecar::session::auth::Auth;
+use vdi_sidecar::vnc::VncConfig;
 
 /// Connects (no password), enables QEMU audio in `sample` format 0..5, `channels`, `freq`.
 async fn audio_client(
@@ -20,22 +22,10 @@ async fn audio_client(
     freq: u32,
 ) -> TcpStream {
     let mut s = TcpStream::connect(addr).await.expect("connect");
-    let mut b = [0u8; 12];
-    s.read_exact(&mut b).await.expect("version");
-    s.write_all(b"RFB 003.008\n").await.expect("version");
-    let mut types = [0u8; 2];
-    s.read_exact(&mut types).await.expect("types");
-    s.write_all(&[1]).await.expect("none");
-    assert_eq!(s.read_u32().await.expect("result"), 0);
-    s.write_all(&[1]).await.expect("shared");
-    let mut init = [0u8; 24];
-    s.read_exact(&mut init).await.expect("init");
-    let mut name = vec![0; u32::from_be_bytes(init[20..24].try_into().expect("len")) as usize];
-    s.read_exact(&mut name).await.expect("name");
-    let mut m = vec![2, 0, 0, 2];
-    m.extend_from_slice(&0i32.to_be_bytes());
-    m.extend_from_slice(&(-259i32).to_be_bytes());
-    s.write_all(&m).await.expect("encodings");
+    common::rfb::handshake(&mut s, "003.008", None, true)
+        .await
+        .expect("handshake");
+    common::rfb::set_encodings(&mut s, &[0, -259]).await;
     // The server confirms with a pseudo-rectangle before we may send audio messages.
     let mut ack = [0u8; 16];
     s.read_exact(&mut ack).await.expect("ack");
@@ -85,8 +75,8 @@ async fn two_viewers_hear_the_guest_tone_in_their_own_formats() {
     let addr = listener.local_addr().expect("addr");
     tokio::spawn(vdi_sidecar::vnc::server::run(
         listener,
-        Arc::new(VncConfig::new(None, "audio")),
-        rig.consoles.desktop(),
+        Arc::new(VncConfig::new(Arc::new(Auth::open()), "audio")),
+        Desktop::primary(&rig.consoles),
         tokio_util::sync::CancellationToken::new(),
     ));
     let mut vm = rig.vm_with(common::qemu::Video::StdVga, AUDIO_ARGS);

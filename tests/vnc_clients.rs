@@ -10,8 +10,10 @@ use std::sync::atomic::Ordering;
 
 use common::qemu::Rig;
 use common::x11::{TigerVnc, Xvfb, vncpasswd};
+use vdi_sidecar::session::Desktop;
+use vdi_sidecar::session::auth::Auth;
 use vdi_sidecar::tls::{TlsIdentity, default_names};
-use vdi_sidecar::vnc::conn::VncConfig;
+use vdi_sidecar::vnc::VncConfig;
 
 const PASSWORD: &str = "s3cret!x";
 const USER: &str = "viewer";
@@ -24,7 +26,7 @@ fn serve(rig: &Rig, cfg: Arc<VncConfig>) -> std::net::SocketAddr {
     tokio::spawn(vdi_sidecar::vnc::server::run(
         listener,
         cfg,
-        rig.consoles.desktop(),
+        Desktop::primary(&rig.consoles),
         tokio_util::sync::CancellationToken::new(),
     ));
     addr
@@ -37,8 +39,7 @@ async fn tigervnc_hextile_tight_and_jpeg_over_vnc_auth_and_vencrypt() {
     let dir = rig.dir.path().to_owned();
     let ca = dir.join("vnc-cert.pem");
     std::fs::write(&ca, &id.trust_pem).expect("cert file");
-    let mut cfg = VncConfig::new(Some(PASSWORD.into()), "vdi-clients");
-    cfg.username = Some(USER.into());
+    let mut cfg = VncConfig::new(Arc::new(Auth::user_password(USER, PASSWORD)), "vdi-clients");
     cfg.tls = Some(id);
     let cfg = Arc::new(cfg);
     let stats = Arc::clone(&cfg);

@@ -2,6 +2,8 @@
 //! client is closed (with a reason where RFB has one) or its message ignored; a well-behaved
 //! viewer connected all along keeps being served.
 
+mod common;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -9,8 +11,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use vdi_sidecar::pixman::X8R8G8B8;
 use vdi_sidecar::qemu::source::Consoles;
-use vdi_sidecar::vnc::auth::{LoginLimiter, vnc_response};
-use vdi_sidecar::vnc::conn::VncConfig;
+use vdi_sidecar::session::Desktop;
+use vdi_sidecar::session::auth::{Auth, LoginLimiter};
+use vdi_sidecar::vnc::VncConfig;
 
 const PASSWORD: &str = "hostile1";
 
@@ -26,13 +29,13 @@ async fn server() -> (std::net::SocketAddr, Consoles) {
         .await
         .expect("bind");
     let addr = listener.local_addr().expect("addr");
-    let mut cfg = VncConfig::new(Some(PASSWORD.into()), "hostile");
-    cfg.limiter = LoginLimiter::new(4, Duration::from_secs(60));
+    let auth = Auth::password(PASSWORD).with_limiter(LoginLimiter::new(4, Duration::from_secs(60)));
+    let cfg = VncConfig::new(Arc::new(auth), "hostile");
     let cfg = Arc::new(cfg);
     tokio::spawn(vdi_sidecar::vnc::server::run(
         listener,
         cfg,
-        consoles.desktop(),
+        Desktop::primary(&consoles),
         tokio_util::sync::CancellationToken::new(),
     ));
     (addr, consoles)
@@ -41,38 +44,7 @@ async fn server() -> (std::net::SocketAddr, Consoles) {
 /// Completes the 3.8 handshake with `password`; returns the stream after ServerInit.
 async fn login(addr: std::net::SocketAddr, password: &str) -> Result<TcpStream, String> {
     let mut s = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
-    let mut v = [0u8; 12];
-    s.read_exact(&mut v).await.map_err(|e| e.to_string())?;
-    s.write_all(b"RFB 003.008\n")
-        .await
-        .map_err(|e| e.to_string())?;
-    let n = s.read_u8().await.map_err(|e| e.to_string())?;
-    if n == 0 {
-        let len = s.read_u32().await.map_err(|e| e.to_string())?;
-        let mut r = vec![0; len.min(1024) as usize];
-        s.read_exact(&mut r).await.map_err(|e| e.to_string())?;
-        return Err(String::from_utf8_lossy(&r).into_owned());
-    }
-    let mut types = vec![0; n as usize];
-    s.read_exact(&mut types).await.map_err(|e| e.to_string())?;
-    s.write_all(&[2]).await.map_err(|e| e.to_string())?;
-    let mut ch = [0u8; 16];
-    s.read_exact(&mut ch).await.map_err(|e| e.to_string())?;
-    s.write_all(&vnc_response(password, &ch))
-        .await
-        .map_err(|e| e.to_string())?;
-    if s.read_u32().await.map_err(|e| e.to_string())? != 0 {
-        let len = s.read_u32().await.map_err(|e| e.to_string())?;
-        let mut r = vec![0; len.min(1024) as usize];
-        s.read_exact(&mut r).await.map_err(|e| e.to_string())?;
-        return Err(String::from_utf8_lossy(&r).into_owned());
-    }
-    s.write_all(&[1]).await.map_err(|e| e.to_string())?;
-    let mut init = [0u8; 24];
-    s.read_exact(&mut init).await.map_err(|e| e.to_string())?;
-    let name_len = u32::from_be_bytes(init[20..24].try_into().expect("len"));
-    let mut name = vec![0; name_len as usize];
-    s.read_exact(&mut name).await.map_err(|e| e.to_string())?;
+    common::rfb::handshake(&mut s, "003.008", Some(password), true).await?;
     Ok(s)
 }
 

@@ -2,6 +2,8 @@
 //! (with and without alpha), desktop name, the layout after ExtendedDesktopSize is enabled,
 //! fences, continuous updates, and LastRect framing.
 
+mod common;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,7 +12,9 @@ use tokio::net::TcpStream;
 use vdi_sidecar::framebuffer::{Cursor, Framebuffer};
 use vdi_sidecar::pixman::X8R8G8B8;
 use vdi_sidecar::qemu::source::Consoles;
-use vdi_sidecar::vnc::conn::VncConfig;
+use vdi_sidecar::session::Desktop;
+use vdi_sidecar::session::auth::Auth;
+use vdi_sidecar::vnc::VncConfig;
 use vdi_sidecar::vnc::proto::enc;
 
 const W: u16 = 48;
@@ -31,8 +35,8 @@ async fn server() -> (std::net::SocketAddr, Framebuffer, Consoles) {
     let addr = listener.local_addr().expect("addr");
     tokio::spawn(vdi_sidecar::vnc::server::run(
         listener,
-        Arc::new(VncConfig::new(None, "pseudo-desk")),
-        consoles.desktop(),
+        Arc::new(VncConfig::new(Arc::new(Auth::open()), "pseudo-desk")),
+        Desktop::primary(&consoles),
         tokio_util::sync::CancellationToken::new(),
     ));
     (addr, fb, consoles)
@@ -41,20 +45,13 @@ async fn server() -> (std::net::SocketAddr, Framebuffer, Consoles) {
 /// Connects with security None (the server runs without a password here).
 async fn connect(addr: std::net::SocketAddr) -> TcpStream {
     let mut s = TcpStream::connect(addr).await.expect("connect");
-    let mut b = [0u8; 12];
-    s.read_exact(&mut b).await.expect("version");
-    s.write_all(b"RFB 003.008\n").await.expect("version");
-    let mut types = [0u8; 2];
-    s.read_exact(&mut types).await.expect("types");
-    assert_eq!(types, [1, 1]);
-    s.write_all(&[1]).await.expect("none");
-    assert_eq!(s.read_u32().await.expect("result"), 0);
-    s.write_all(&[1]).await.expect("shared");
-    let mut init = [0u8; 24];
-    s.read_exact(&mut init).await.expect("server init");
-    let n = u32::from_be_bytes(init[20..24].try_into().expect("len"));
-    let mut name = vec![0; n as usize];
-    s.read_exact(&mut name).await.expect("name");
+    let init = common::rfb::handshake(&mut s, "003.008", None, true)
+        .await
+        .expect("handshake");
+    assert_eq!(
+        (init.width, init.height, init.name.as_str()),
+        (W, H, "pseudo-desk")
+    );
     s
 }
 
@@ -130,19 +127,11 @@ async fn read_msg(s: &mut TcpStream) -> Msg {
 }
 
 async fn set_encodings(s: &mut TcpStream, list: &[i32]) {
-    let mut m = vec![2, 0];
-    m.extend_from_slice(&(list.len() as u16).to_be_bytes());
-    for e in list {
-        m.extend_from_slice(&e.to_be_bytes());
-    }
-    s.write_all(&m).await.expect("set encodings");
+    common::rfb::set_encodings(s, list).await;
 }
 
 async fn request(s: &mut TcpStream, incremental: bool) {
-    let mut m = vec![3, u8::from(incremental), 0, 0, 0, 0];
-    m.extend_from_slice(&W.to_be_bytes());
-    m.extend_from_slice(&H.to_be_bytes());
-    s.write_all(&m).await.expect("request");
+    common::rfb::request(s, incremental, 0, 0, W, H).await;
 }
 
 fn cursor() -> Cursor {

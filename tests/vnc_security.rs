@@ -11,9 +11,11 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use vdi_sidecar::pixman::X8R8G8B8;
 use vdi_sidecar::qemu::source::Consoles;
+use vdi_sidecar::session::Desktop;
+use vdi_sidecar::session::auth::Auth;
 use vdi_sidecar::tls::{TlsIdentity, default_names};
 use vdi_sidecar::vnc::auth::vnc_response;
-use vdi_sidecar::vnc::conn::{SharePolicy, VncConfig};
+use vdi_sidecar::vnc::{SharePolicy, VncConfig};
 
 const PASSWORD: &str = "tls-pass";
 const USER: &str = "viewer";
@@ -32,8 +34,7 @@ async fn server(tune: impl FnOnce(&mut VncConfig)) -> Server {
     fb.scanout(32, 16, 128, X8R8G8B8, &px).expect("scanout");
     let id = TlsIdentity::generate(&default_names(&[])).expect("certificate");
     let cert_pem = id.trust_pem.clone();
-    let mut cfg = VncConfig::new(Some(PASSWORD.into()), "secure-desk");
-    cfg.username = Some(USER.into());
+    let mut cfg = VncConfig::new(Arc::new(Auth::user_password(USER, PASSWORD)), "secure-desk");
     cfg.tls = Some(id);
     tune(&mut cfg);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -43,7 +44,7 @@ async fn server(tune: impl FnOnce(&mut VncConfig)) -> Server {
     tokio::spawn(vdi_sidecar::vnc::server::run(
         listener,
         Arc::new(cfg),
-        consoles.desktop(),
+        Desktop::primary(&consoles),
         tokio_util::sync::CancellationToken::new(),
     ));
     Server {
@@ -243,7 +244,7 @@ async fn tls_only_mode_refuses_clear_text_clients() {
 
 #[tokio::test]
 async fn without_a_password_tls_still_encrypts() {
-    let srv = server(|c| c.password = None).await;
+    let srv = server(|c| c.auth = Arc::new(Auth::open())).await;
     let mut s = TcpStream::connect(srv.addr).await.expect("connect");
     assert_eq!(hello(&mut s, "003.008").await, [19, 1]);
     assert_eq!(vencrypt(&mut s, 260).await, [260, 257]);

@@ -13,8 +13,10 @@ use std::time::Duration;
 use common::qemu::Rig;
 use vdi_sidecar::pixman::X8R8G8B8;
 use vdi_sidecar::qemu::source::Consoles;
+use vdi_sidecar::session::auth::Auth;
 use vdi_sidecar::tls::{TlsIdentity, default_names};
-use vdi_sidecar::vnc::conn::VncConfig;
+use vdi_sidecar::viewers::Viewers;
+use vdi_sidecar::vnc::VncConfig;
 use vdi_sidecar::web::WebConfig;
 
 const PASSWORD: &str = "web-pass";
@@ -27,23 +29,29 @@ fn novnc() -> PathBuf {
     web_dir().join("node_modules/@novnc/novnc")
 }
 
-async fn start(consoles: &Consoles, tls: bool) -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+/// The web listener as `serve` wires it (the VNC server behind its WebSocket).
+async fn start_with(consoles: &Consoles, cfg: WebConfig) -> SocketAddr {
+    let vnc = Arc::new(VncConfig::new(
+        Arc::new(Auth::password(PASSWORD)),
+        "web-desk",
+    ));
+    let viewers = Viewers {
+        web: Some(("127.0.0.1:0".parse().expect("addr"), cfg, vnc)),
+        ..Viewers::default()
+    };
+    let at = viewers
+        .start(consoles, &tokio_util::sync::CancellationToken::new())
         .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
+        .expect("listen");
+    at.web.expect("web address")
+}
+
+async fn start(consoles: &Consoles, tls: bool) -> SocketAddr {
     let cfg = WebConfig {
         novnc: Some(novnc()),
         tls: tls.then(|| TlsIdentity::generate(&default_names(&[])).expect("certificate")),
-        vnc: Arc::new(VncConfig::new(Some(PASSWORD.into()), "web-desk")),
     };
-    tokio::spawn(vdi_sidecar::web::run(
-        listener,
-        cfg,
-        consoles.desktop(),
-        tokio_util::sync::CancellationToken::new(),
-    ));
-    addr
+    start_with(consoles, cfg).await
 }
 
 /// A blocking HTTP/1.1 GET; returns (status, headers+body).
@@ -260,21 +268,15 @@ async fn browser_viewers_are_capped_and_slots_come_back() {
 async fn without_novnc_the_page_says_how_to_get_it() {
     let (consoles, input_task) = Consoles::new();
     tokio::spawn(input_task);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
     let missing = tempfile::tempdir().expect("tempdir");
-    tokio::spawn(vdi_sidecar::web::run(
-        listener,
+    let addr = start_with(
+        &consoles,
         WebConfig {
             novnc: Some(missing.path().to_owned()),
             tls: None,
-            vnc: Arc::new(VncConfig::new(Some(PASSWORD.into()), "x")),
         },
-        consoles.desktop(),
-        tokio_util::sync::CancellationToken::new(),
-    ));
+    )
+    .await;
     let (code, body) = tokio::task::spawn_blocking(move || get(addr, "/"))
         .await
         .expect("get");

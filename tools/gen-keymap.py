@@ -1,12 +1,12 @@
 #!/usr/bin/env python3
-"""Generates src/vnc/keymap_us.rs: X11 keysym -> QEMU key number (qnum) for a US layout.
+"""Generates src/session/keymap_us.rs: X11 keysym -> QEMU key number (qnum) for a US layout.
 
 Sources (both from Debian packages, both generated from the X/xkb databases, nothing typed by
 hand):
   - QEMU's keymap for `-k en-us` (qemu-system-data: /usr/share/qemu/keymaps/en-us), written by
     qemu-keymap from xkbcommon: "<keysym name> <qnum> [modifiers]";
   - X11 keysym values (x11proto-dev: /usr/include/X11/keysymdef.h).
-Usage: tools/gen-keymap.py [QEMU_KEYMAP] [KEYSYMDEF_H] > src/vnc/keymap_us.rs
+Usage: tools/gen-keymap.py [QEMU_KEYMAP] [KEYSYMDEF_H] > src/session/keymap_us.rs
 """
 import re
 import sys

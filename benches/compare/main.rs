@@ -29,9 +29,10 @@ use tokio_util::sync::CancellationToken;
 use vdi_sidecar::bus::{Bus, BusConfig};
 use vdi_sidecar::qemu::source::{self, SourceOptions};
 use vdi_sidecar::rdp::RdpConfig;
+use vdi_sidecar::session::auth::Auth;
 use vdi_sidecar::tls::{TlsIdentity, default_names};
 use vdi_sidecar::viewers::Viewers;
-use vdi_sidecar::vnc::conn::VncConfig;
+use vdi_sidecar::vnc::VncConfig;
 
 use client::{Enc, Run};
 use guest::Guest;
@@ -153,10 +154,10 @@ async fn run(opts: Opts) -> Result<()> {
     let tls = TlsIdentity::generate(&default_names(&[]))?;
     let rdp_cfg = Arc::new(RdpConfig::new(
         tls,
-        Some(("vdi".into(), RDP_PASSWORD.into())),
+        Arc::new(Auth::user_password("vdi", RDP_PASSWORD)),
     ));
     let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
-    let vnc_cfg = Arc::new(VncConfig::new(None, "bench"));
+    let vnc_cfg = Arc::new(VncConfig::new(Arc::new(Auth::open()), "bench"));
     let viewers = Viewers {
         vnc: Some((loopback, Arc::clone(&vnc_cfg))),
         rdp: opts.rdp.then(|| (loopback, Arc::clone(&rdp_cfg))),

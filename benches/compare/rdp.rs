@@ -130,7 +130,7 @@ struct RdpRun {
 async fn measure(rig: &Rig, window: Duration, base: &stats::Baseline) -> Result<RdpRun> {
     let s = &rig.rdp_cfg.stats;
     let (f0, b0) = (
-        s.frames.load(Ordering::Relaxed),
+        s.updates.load(Ordering::Relaxed),
         s.bytes_out.load(Ordering::Relaxed),
     );
     let (c0, q0) = (stats::cpu_of(0)?, stats::qemu_cpu(rig.qemu_pid)?);
@@ -138,7 +138,7 @@ async fn measure(rig: &Rig, window: Duration, base: &stats::Baseline) -> Result<
     tokio::time::sleep(window).await;
     let secs = t0.elapsed().as_secs_f64();
     Ok(RdpRun {
-        frames: (s.frames.load(Ordering::Relaxed) - f0) as f64,
+        frames: (s.updates.load(Ordering::Relaxed) - f0) as f64,
         bytes: (s.bytes_out.load(Ordering::Relaxed) - b0) as f64,
         secs,
         cpu: stats::cpu_of(0)? - c0 + stats::qemu_cpu(rig.qemu_pid)?
@@ -150,9 +150,9 @@ async fn measure(rig: &Rig, window: Duration, base: &stats::Baseline) -> Result<
 /// Waits until the server has sent `n` more frames (the first is the full frame after login).
 async fn wait_frames(rig: &Rig, n: u64, timeout: Duration) -> Result<()> {
     let s = &rig.rdp_cfg.stats;
-    let f0 = s.frames.load(Ordering::Relaxed);
+    let f0 = s.updates.load(Ordering::Relaxed);
     let deadline = Instant::now() + timeout;
-    while s.frames.load(Ordering::Relaxed) < f0 + n {
+    while s.updates.load(Ordering::Relaxed) < f0 + n {
         if Instant::now() > deadline {
             let log = std::fs::read_to_string(freerdp_log()).unwrap_or_default();
             bail!("FreeRDP never received frames:\n{log}");

@@ -5,11 +5,13 @@ use std::future::Future;
 use std::sync::Arc;
 
 use tokio::net::UnixListener;
+use tokio_stream::StreamExt;
 use tokio_stream::wrappers::UnixListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 use tracing::{info, info_span, warn};
 
+use super::authority::AuthorityFix;
 use super::domain::{MAX_INPUT_BYTES, RewriteOptions, rewrite_bytes};
 use super::proto::{info as pinfo, plugins_v1alpha1 as plugins, v1alpha1, v1alpha2, v1alpha3};
 use super::vmi::VmiInfo;
@@ -233,8 +235,16 @@ pub async fn serve_plugin(
             plugins::domain_hook_service_server::DomainHookServiceServer::new(service)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES),
         )
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), signal)
+        .serve_with_incoming_shutdown(incoming(listener), signal)
         .await
+}
+
+/// The connections on the hook socket, each behind the `:authority` rewrite (see
+/// [`super::authority`]).
+fn incoming(
+    listener: UnixListener,
+) -> impl tokio_stream::Stream<Item = std::io::Result<AuthorityFix<tokio::net::UnixStream>>> {
+    UnixListenerStream::new(listener).map(|r| r.map(AuthorityFix::new))
 }
 
 /// Serves every hook service on `listener` until `signal` completes, then finishes in-flight
@@ -262,6 +272,6 @@ pub async fn serve(
             v1alpha3::callbacks_server::CallbacksServer::new(service)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES),
         )
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), signal)
+        .serve_with_incoming_shutdown(incoming(listener), signal)
         .await
 }

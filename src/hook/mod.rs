@@ -1,4 +1,5 @@
 //! The KubeVirt hook: the gRPC front end (`grpc`) over the pure domain rewrite (`domain`, `vmi`).
+pub mod authority;
 pub mod domain;
 pub mod grpc;
 pub mod proto;

@@ -13,8 +13,7 @@ use std::time::{Duration, Instant};
 
 use tracing::{debug, info, warn};
 
-use super::audio::{PcmFormat, Volume};
-use crate::vnc::audio::{ClientFormat, Converter};
+use crate::pcm::{Converter, PcmFormat, Volume};
 
 pub const IN_LISTENER_PATH: &str = "/org/qemu/Display1/AudioInListener";
 /// Most sound kept for the guest; older samples are dropped first.
@@ -50,20 +49,6 @@ pub struct MicHub {
     inner: Arc<Mutex<Mic>>,
 }
 
-/// QEMU's format in the converter's terms (integer little-endian PCM, 1 or 2 channels).
-fn as_client_format(f: &PcmFormat) -> Option<ClientFormat> {
-    if f.float || f.big_endian {
-        return None;
-    }
-    let sample = match f.bits {
-        8 => 0,
-        16 => 2,
-        32 => 4,
-        _ => return None,
-    } + u8::from(f.signed);
-    ClientFormat::new(sample, f.channels, f.freq)
-}
-
 impl MicHub {
     fn lock(&self) -> MutexGuard<'_, Mic> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
@@ -93,7 +78,7 @@ impl MicHub {
         let Some(qemu) = m.format.filter(|_| m.enabled) else {
             return;
         };
-        let Some(dst) = as_client_format(&qemu) else {
+        let Some(dst) = qemu.as_target() else {
             return;
         };
         let m = &mut *m;
@@ -168,15 +153,8 @@ impl AudioInListener {
         _bytes_per_second: u32,
         be: bool,
     ) {
-        let f = PcmFormat {
-            bits,
-            signed: is_signed,
-            float: is_float,
-            freq,
-            channels: nchannels,
-            big_endian: be,
-        };
-        if as_client_format(&f).is_none() {
+        let f = PcmFormat::from_qemu_init(bits, is_signed, is_float, freq, nchannels, be);
+        if f.as_target().is_none() {
             warn!(id, ?f, "microphone stream refused: unsupported format");
             return;
         }

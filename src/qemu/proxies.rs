@@ -48,7 +48,11 @@ pub trait Console {
 
 #[proxy(interface = "org.qemu.Display1.Keyboard", default_service = "org.qemu")]
 pub trait Keyboard {
+    // Input is sent without waiting for replies (in order, on one connection): a viewer's
+    // typing never waits for QEMU's main loop.
+    #[zbus(no_reply)]
     fn press(&self, keycode: u32) -> zbus::Result<()>;
+    #[zbus(no_reply)]
     fn release(&self, keycode: u32) -> zbus::Result<()>;
     #[zbus(property)]
     fn modifiers(&self) -> zbus::Result<u32>;
@@ -56,9 +60,13 @@ pub trait Keyboard {
 
 #[proxy(interface = "org.qemu.Display1.Mouse", default_service = "org.qemu")]
 pub trait Mouse {
+    #[zbus(no_reply)]
     fn press(&self, button: u32) -> zbus::Result<()>;
+    #[zbus(no_reply)]
     fn release(&self, button: u32) -> zbus::Result<()>;
+    #[zbus(no_reply)]
     fn set_abs_position(&self, x: u32, y: u32) -> zbus::Result<()>;
+    #[zbus(no_reply)]
     fn rel_motion(&self, dx: i32, dy: i32) -> zbus::Result<()>;
     #[zbus(property)]
     fn is_absolute(&self) -> zbus::Result<bool>;

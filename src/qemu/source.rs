@@ -13,7 +13,8 @@ use zbus::Connection;
 
 use super::audio::{AudioHub, AudioOutListener, OUT_LISTENER_PATH};
 use super::audio_in::{AudioInListener, IN_LISTENER_PATH, MicHub};
-use super::input::{ConsoleInput, InputSink, input_path};
+use super::control::{ConsoleControl, ConsoleProxies};
+use super::input::{InputSink, input_path};
 use super::listener::listener_pair;
 use super::proxies::{
     AudioProxy, BUS_NAME, ConsoleProxy, KeyboardProxy, LISTENER_PATH, MouseProxy, VmProxy,
@@ -36,17 +37,6 @@ pub enum Error {
     Socket(#[source] std::io::Error),
 }
 
-/// One viewer connection's handles on the VM.
-#[derive(Clone)]
-pub struct Desktop {
-    pub fb: Framebuffer,
-    pub input: InputSink,
-    pub audio: AudioHub,
-    /// The guest's microphone, for viewers that record.
-    pub mic: MicHub,
-    pub health: Health,
-}
-
 /// The consoles of the VM we are attached to, by QEMU console id. A console's framebuffer
 /// outlives QEMU restarts, so consumers keep their handle.
 #[derive(Clone)]
@@ -55,7 +45,8 @@ pub struct Consoles {
     /// Lowest graphic console id, the one viewers see by default.
     primary: Framebuffer,
     input: InputSink,
-    input_target: Arc<watch::Sender<Option<ConsoleInput>>>,
+    control: ConsoleControl,
+    input_target: Arc<watch::Sender<Option<ConsoleProxies>>>,
     audio: AudioHub,
     mic: MicHub,
     health: Health,
@@ -64,12 +55,13 @@ pub struct Consoles {
 impl Consoles {
     /// The console registry and the input task to spawn next to it.
     pub fn new() -> (Self, impl std::future::Future<Output = ()> + Send + 'static) {
-        let (input, input_target, task) = input_path();
+        let (input, control, input_target, task) = input_path();
         (
             Self {
                 inner: Arc::default(),
                 primary: Framebuffer::new(),
                 input,
+                control,
                 input_target: Arc::new(input_target),
                 audio: AudioHub::default(),
                 mic: MicHub::default(),
@@ -77,17 +69,6 @@ impl Consoles {
             },
             task,
         )
-    }
-
-    /// What a viewer works on: the primary console, input, guest sound.
-    pub fn desktop(&self) -> Desktop {
-        Desktop {
-            fb: self.primary(),
-            input: self.input(),
-            audio: self.audio(),
-            mic: self.mic.clone(),
-            health: self.health(),
-        }
     }
 
     /// What the hook expects of QEMU against what it has (see [`Health`]).
@@ -103,6 +84,16 @@ impl Consoles {
     /// Where viewers send keyboard and pointer input (to the primary console).
     pub fn input(&self) -> InputSink {
         self.input.clone()
+    }
+
+    /// LEDs, pointer mode and resize requests of the primary console.
+    pub fn control(&self) -> ConsoleControl {
+        self.control.clone()
+    }
+
+    /// The guest's microphone.
+    pub fn mic(&self) -> MicHub {
+        self.mic.clone()
     }
 
     /// The default console's framebuffer (console 0 on every VM we know of).
@@ -280,7 +271,7 @@ async fn attach(
                 .cache_properties(zbus::proxy::CacheProperties::Yes)
                 .build()
                 .await?;
-            consoles.input_target.send_replace(Some(ConsoleInput {
+            consoles.input_target.send_replace(Some(ConsoleProxies {
                 console: console.clone(),
                 keyboard,
                 mouse,

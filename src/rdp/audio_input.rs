@@ -4,7 +4,7 @@
 
 use tracing::{debug, info, warn};
 
-use crate::qemu::audio::PcmFormat;
+use crate::pcm::PcmFormat;
 use crate::qemu::audio_in::MicHub;
 
 pub const CHANNEL_NAME: &str = "AUDIO_INPUT";

@@ -5,22 +5,20 @@
 
 use std::collections::VecDeque;
 use std::num::{NonZeroU16, NonZeroUsize};
-use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use anyhow::Result;
 use bytes::Bytes;
 use ironrdp::displaycontrol::pdu::DisplayControlMonitorLayout;
-use ironrdp::server::{
+use ironrdp_server::{
     BitmapUpdate, DesktopSize, DisplayUpdate, PixelFormat, RGBAPointer, RdpServerDisplay,
     RdpServerDisplayUpdates,
 };
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
-use super::RdpStats;
 use crate::framebuffer::{Cursor, Framebuffer, Rect, Viewer};
-use crate::qemu::input::InputSink;
+use crate::qemu::control::ConsoleControl;
+use crate::session::stats::ViewerStats;
 
 /// Desktop size announced while no display is attached yet.
 const DETACHED_SIZE: DesktopSize = DesktopSize {
@@ -37,31 +35,31 @@ const MAX_POINTER: u32 = 96;
 /// The display handler of one RDP session.
 pub struct Display {
     fb: Framebuffer,
-    input: InputSink,
+    control: ConsoleControl,
     /// Set when the session is activated (the server asks for updates only after the client
     /// authenticated and finished the connection sequence).
     activated: watch::Sender<bool>,
-    stats: Arc<RdpStats>,
+    stats: ViewerStats,
 }
 
 impl Display {
     pub fn new(
         fb: Framebuffer,
-        input: InputSink,
+        control: ConsoleControl,
         activated: watch::Sender<bool>,
-        stats: Arc<RdpStats>,
+        stats: ViewerStats,
     ) -> Self {
         Self {
             fb,
-            input,
+            control,
             activated,
             stats,
         }
     }
 }
 
-fn desktop_size(fb: &Framebuffer) -> DesktopSize {
-    let (w, h) = fb.size();
+/// The desktop size to announce for a `w`x`h` surface (a placeholder while there is none).
+fn desktop_size(w: u32, h: u32) -> DesktopSize {
     match (
         u16::try_from(w.min(MAX_SIDE)),
         u16::try_from(h.min(MAX_SIDE)),
@@ -74,12 +72,14 @@ fn desktop_size(fb: &Framebuffer) -> DesktopSize {
 #[async_trait::async_trait]
 impl RdpServerDisplay for Display {
     async fn size(&mut self) -> DesktopSize {
-        desktop_size(&self.fb)
+        let (w, h) = self.fb.size();
+        desktop_size(w, h)
     }
 
     async fn updates(&mut self) -> Result<Box<dyn RdpServerDisplayUpdates>> {
         self.activated.send_replace(true);
-        let size = desktop_size(&self.fb);
+        let (w, h) = self.fb.size();
+        let size = desktop_size(w, h);
         debug!(
             width = size.width,
             height = size.height,
@@ -91,7 +91,7 @@ impl RdpServerDisplay for Display {
             pending: VecDeque::new(),
             cursor_serial: 0,
             pointer_visible: true,
-            stats: Arc::clone(&self.stats),
+            stats: self.stats.clone(),
         }))
     }
 
@@ -113,11 +113,11 @@ impl RdpServerDisplay for Display {
             );
             return;
         };
-        let input = self.input.clone();
+        let control = self.control.clone();
         info!(width = w, height = h, "client asks for a new desktop size");
         // Called from a blocking thread of the session's runtime: hand the D-Bus call to a task.
         tokio::spawn(async move {
-            if let Err(e) = input.set_ui_info(w, h).await {
+            if let Err(e) = control.set_ui_info(w, h).await {
                 warn!(error = %e, width = w, height = h, "guest resize not passed on");
             }
         });
@@ -131,7 +131,7 @@ struct Updates {
     pending: VecDeque<DisplayUpdate>,
     cursor_serial: u64,
     pointer_visible: bool,
-    stats: Arc<RdpStats>,
+    stats: ViewerStats,
 }
 
 impl Updates {
@@ -158,7 +158,7 @@ impl Updates {
         if !damage.attached && damage.width == 0 {
             return;
         }
-        let now = desktop_size(&fb);
+        let now = desktop_size(damage.width, damage.height);
         if now != self.size {
             // The server deactivates, reactivates with `size()` and asks for a new update
             // stream, which starts with a full frame.
@@ -168,7 +168,7 @@ impl Updates {
         }
         let mut rects = damage.rects;
         if rects.len() > MAX_RECTS {
-            rects = vec![bounding_box(&rects)];
+            rects = Rect::bounding(&rects).into_iter().collect();
         }
         let mut sent = 0;
         for r in rects {
@@ -178,8 +178,8 @@ impl Updates {
             }
         }
         if sent > 0 {
-            self.stats.frames.fetch_add(1, Ordering::Relaxed);
-            self.stats.bitmaps.fetch_add(sent, Ordering::Relaxed);
+            self.stats.add(|c| &c.updates, 1);
+            self.stats.add(|c| &c.rects, sent);
         }
     }
 
@@ -228,19 +228,6 @@ fn requested_size(w: u32, h: u32) -> Option<(u32, u32)> {
     (ok(w) && ok(h)).then_some((w & !1, h))
 }
 
-fn bounding_box(rects: &[Rect]) -> Rect {
-    let x0 = rects.iter().map(|r| r.x).min().unwrap_or(0);
-    let y0 = rects.iter().map(|r| r.y).min().unwrap_or(0);
-    let x1 = rects.iter().map(|r| r.x + r.w).max().unwrap_or(0);
-    let y1 = rects.iter().map(|r| r.y + r.h).max().unwrap_or(0);
-    Rect {
-        x: x0,
-        y: y0,
-        w: x1 - x0,
-        h: y1 - y0,
-    }
-}
-
 /// A 32-bit pointer: BGRA rows, bottom-up as in a DIB. Cursors larger than every client accepts
 /// fall back to the default arrow.
 fn pointer_update(c: &Cursor) -> DisplayUpdate {
@@ -277,13 +264,14 @@ mod tests {
     }
 
     fn updates(fb: &Framebuffer) -> Updates {
+        let (w, h) = fb.size();
         Updates {
             viewer: fb.viewer(),
-            size: desktop_size(fb),
+            size: desktop_size(w, h),
             pending: VecDeque::new(),
             cursor_serial: 0,
             pointer_visible: true,
-            stats: Arc::default(),
+            stats: ViewerStats::new(&std::sync::Arc::default()),
         }
     }
 
@@ -372,26 +360,5 @@ mod tests {
         assert_eq!(requested_size(100_000, 700), None);
         assert_eq!(requested_size(0, 0), None);
         assert_eq!(requested_size(8192, 8192), Some((8192, 8192)));
-    }
-
-    #[test]
-    fn many_rects_become_one() {
-        let rects: Vec<Rect> = (0..40)
-            .map(|i| Rect {
-                x: i,
-                y: 2 * i,
-                w: 1,
-                h: 1,
-            })
-            .collect();
-        assert_eq!(
-            bounding_box(&rects),
-            Rect {
-                x: 0,
-                y: 0,
-                w: 40,
-                h: 79
-            }
-        );
     }
 }

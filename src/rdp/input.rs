@@ -1,21 +1,26 @@
 //! RDP input to guest input, exactly: scancodes become QEMU key numbers with the E0 flag kept,
 //! Pause (sent as E1 Ctrl + NumLock) becomes Pause, Synchronize taps the lock keys whose state
-//! differs from the guest's LEDs, Unicode characters go through the US layout table, and every
-//! mouse button and both wheels reach the guest.
+//! differs from the guest's LEDs, Unicode characters go through the shared keysym translation,
+//! and every mouse button and both wheels reach the guest.
 //!
-//! [`Translator`] is pure (events in, actions out) so each rule is unit tested; [`drive`] applies
-//! the actions through a [`ViewerInput`], which releases whatever is still held when the session
-//! ends.
+//! Both input paths arrive as typed [`Event`]s: fast-path PDUs (decoded here with every flag)
+//! and the slow-path events ironrdp decodes. [`Translator`] is pure (events in, actions out) so
+//! each rule is unit tested; [`drive`] applies the actions through the session's
+//! [`ViewerInput`], which releases whatever is still held when the session ends.
 
-use ironrdp::pdu::input::fast_path::{FastPathInputEvent, KeyboardFlags, SynchronizeFlags};
+use bytes::Bytes;
+use ironrdp::pdu::input::fast_path::{
+    FastPathInput, FastPathInputEvent, KeyboardFlags, SynchronizeFlags,
+};
 use ironrdp::pdu::input::mouse::PointerFlags;
 use ironrdp::pdu::input::mouse_rel::PointerRelFlags;
 use ironrdp::pdu::input::mouse_x::PointerXFlags;
 use tokio::sync::mpsc;
-use tracing::trace;
+use tracing::{debug, trace};
 
-use crate::qemu::input::{InputSink, ViewerInput, button, led};
-use crate::vnc::keymap::{QNUM_SHIFT_L, keysym_to_qnum};
+use crate::qemu::control::{ConsoleControl, led};
+use crate::qemu::input::button;
+use crate::session::input::{MAX_WHEEL_STEPS, ViewerInput};
 
 /// Set-1 scancodes the translator treats specially.
 mod scancode {
@@ -30,18 +35,163 @@ pub const QNUM_PAUSE: u32 = 0xc6;
 
 /// One wheel notch in RDP rotation units.
 const WHEEL_DELTA: i32 = 120;
-/// More notches than this in one event is a hostile or broken client.
-const MAX_WHEEL_STEPS: i32 = 10;
 
-/// An input event as the session sees it: fast-path events from the transport tap, or the
-/// (lossier) events ironrdp decodes from slow-path input PDUs.
-pub type Event = FastPathInputEvent;
+/// An input event in the session's terms, whichever path it came by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Event {
+    /// A set-1 scancode; `extended` is the E0 prefix, `extended1` the E1 prefix (Pause).
+    Key {
+        code: u8,
+        extended: bool,
+        extended1: bool,
+        down: bool,
+    },
+    /// A UTF-16 code unit typed without a scancode.
+    Unicode {
+        ch: u16,
+        down: bool,
+    },
+    /// The client's lock keys (`led::*` bits).
+    Sync(u32),
+    /// The pointer is at (x, y).
+    Move {
+        x: u16,
+        y: u16,
+    },
+    Button {
+        button: u32,
+        down: bool,
+    },
+    /// Wheel rotation in RDP units (120 per notch); positive is up, or right.
+    Wheel {
+        horizontal: bool,
+        units: i32,
+    },
+    Relative {
+        dx: i16,
+        dy: i16,
+    },
+}
+
+/// What reaches the session's input task from the connection.
+#[derive(Debug)]
+pub enum Inbound {
+    /// A whole fast-path input PDU, as framed by the transport.
+    FastPath(Bytes),
+    /// Events ironrdp decoded from slow-path Input Event PDUs.
+    Event(Event),
+}
+
+/// Typed events from one fast-path event, with every flag kept.
+pub fn from_fast_path(event: &FastPathInputEvent, out: &mut Vec<Event>) {
+    match *event {
+        FastPathInputEvent::KeyboardEvent(flags, code) => out.push(Event::Key {
+            code,
+            extended: flags.contains(KeyboardFlags::EXTENDED),
+            extended1: flags.contains(KeyboardFlags::EXTENDED1),
+            down: !flags.contains(KeyboardFlags::RELEASE),
+        }),
+        FastPathInputEvent::UnicodeKeyboardEvent(flags, ch) => out.push(Event::Unicode {
+            ch,
+            down: !flags.contains(KeyboardFlags::RELEASE),
+        }),
+        FastPathInputEvent::SyncEvent(flags) => out.push(Event::Sync(sync_leds(flags))),
+        FastPathInputEvent::MouseEvent(m) => {
+            let f = m.flags;
+            if f.intersects(PointerFlags::VERTICAL_WHEEL | PointerFlags::HORIZONTAL_WHEEL) {
+                // Wheel events carry no position worth moving to (mstsc sends 0,0).
+                out.push(Event::Wheel {
+                    horizontal: f.contains(PointerFlags::HORIZONTAL_WHEEL),
+                    units: wheel_units(f.bits()),
+                });
+                return;
+            }
+            out.push(Event::Move {
+                x: m.x_position,
+                y: m.y_position,
+            });
+            let down = f.contains(PointerFlags::DOWN);
+            for (flag, b) in [
+                (PointerFlags::LEFT_BUTTON, button::LEFT),
+                (PointerFlags::RIGHT_BUTTON, button::RIGHT),
+                (PointerFlags::MIDDLE_BUTTON_OR_WHEEL, button::MIDDLE),
+            ] {
+                if f.contains(flag) {
+                    out.push(Event::Button { button: b, down });
+                }
+            }
+        }
+        FastPathInputEvent::MouseEventEx(m) => {
+            out.push(Event::Move {
+                x: m.x_position,
+                y: m.y_position,
+            });
+            let down = m.flags.contains(PointerXFlags::DOWN);
+            for (flag, b) in [
+                (PointerXFlags::BUTTON1, button::SIDE),
+                (PointerXFlags::BUTTON2, button::EXTRA),
+            ] {
+                if m.flags.contains(flag) {
+                    out.push(Event::Button { button: b, down });
+                }
+            }
+        }
+        FastPathInputEvent::MouseEventRel(m) => {
+            let f = m.flags;
+            if f.contains(PointerRelFlags::MOVE) && (m.x_delta != 0 || m.y_delta != 0) {
+                out.push(Event::Relative {
+                    dx: m.x_delta,
+                    dy: m.y_delta,
+                });
+            }
+            let down = f.contains(PointerRelFlags::DOWN);
+            for (flag, b) in [
+                (PointerRelFlags::BUTTON1, button::LEFT),
+                (PointerRelFlags::BUTTON2, button::RIGHT),
+                (PointerRelFlags::BUTTON3, button::MIDDLE),
+                (PointerRelFlags::XBUTTON1, button::SIDE),
+                (PointerRelFlags::XBUTTON2, button::EXTRA),
+            ] {
+                if f.contains(flag) {
+                    out.push(Event::Button { button: b, down });
+                }
+            }
+        }
+        FastPathInputEvent::QoeEvent(_) => {}
+    }
+}
+
+/// Wheel rotation: 9-bit two's complement units in the low pointer-flag bits.
+fn wheel_units(flags: u16) -> i32 {
+    let raw = i32::from(flags & 0x1ff);
+    if raw & 0x100 != 0 { raw - 0x200 } else { raw }
+}
+
+/// The LED bits a Synchronize event asks for.
+pub fn sync_leds(flags: SynchronizeFlags) -> u32 {
+    let mut leds = 0;
+    if flags.contains(SynchronizeFlags::SCROLL_LOCK) {
+        leds |= led::SCROLL;
+    }
+    if flags.contains(SynchronizeFlags::NUM_LOCK) {
+        leds |= led::NUM;
+    }
+    if flags.contains(SynchronizeFlags::CAPS_LOCK) {
+        leds |= led::CAPS;
+    }
+    leds
+}
 
 /// What the guest must be told.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
     Key {
         qnum: u32,
+        down: bool,
+    },
+    /// A character by X11 keysym (Unicode input), through the shared US-layout translation.
+    Keysym {
+        keysym: u32,
         down: bool,
     },
     /// The state of every button (bit n = `button::*` value n).
@@ -68,8 +218,6 @@ pub struct Translator {
     pause_prefix: bool,
     /// Pause is held (its release comes as a NumLock release).
     pause_down: bool,
-    /// Unicode characters held, with the keys (and Shift) that produced them.
-    unicode_held: Vec<(u16, u32, bool)>,
 }
 
 impl Translator {
@@ -79,69 +227,28 @@ impl Translator {
 
     pub fn translate(&mut self, event: &Event, out: &mut Vec<Action>) {
         match *event {
-            FastPathInputEvent::KeyboardEvent(flags, code) => self.key(flags, code, out),
-            FastPathInputEvent::UnicodeKeyboardEvent(flags, ch) => {
-                self.unicode(ch, !flags.contains(KeyboardFlags::RELEASE), out);
-            }
-            FastPathInputEvent::SyncEvent(flags) => out.push(Action::SyncLocks(sync_leds(flags))),
-            FastPathInputEvent::MouseEvent(m) => {
-                let f = m.flags;
-                if f.intersects(PointerFlags::VERTICAL_WHEEL | PointerFlags::HORIZONTAL_WHEEL) {
-                    // Wheel events carry no position worth moving to (mstsc sends 0,0).
-                    let horizontal = f.contains(PointerFlags::HORIZONTAL_WHEEL);
-                    wheel(f.bits(), horizontal, out);
-                    return;
-                }
-                out.push(Action::Absolute {
-                    x: u32::from(m.x_position),
-                    y: u32::from(m.y_position),
-                });
-                let down = f.contains(PointerFlags::DOWN);
-                for (flag, b) in [
-                    (PointerFlags::LEFT_BUTTON, button::LEFT),
-                    (PointerFlags::RIGHT_BUTTON, button::RIGHT),
-                    (PointerFlags::MIDDLE_BUTTON_OR_WHEEL, button::MIDDLE),
-                ] {
-                    if f.contains(flag) {
-                        self.button(b, down, out);
-                    }
+            Event::Key {
+                code,
+                extended,
+                extended1,
+                down,
+            } => self.key(code, extended, extended1, down, out),
+            Event::Unicode { ch, down } => {
+                if let Some(keysym) = unicode_keysym(ch) {
+                    out.push(Action::Keysym { keysym, down });
                 }
             }
-            FastPathInputEvent::MouseEventEx(m) => {
-                out.push(Action::Absolute {
-                    x: u32::from(m.x_position),
-                    y: u32::from(m.y_position),
-                });
-                let down = m.flags.contains(PointerXFlags::DOWN);
-                if m.flags.contains(PointerXFlags::BUTTON1) {
-                    self.button(button::SIDE, down, out);
-                }
-                if m.flags.contains(PointerXFlags::BUTTON2) {
-                    self.button(button::EXTRA, down, out);
-                }
-            }
-            FastPathInputEvent::MouseEventRel(m) => {
-                let f = m.flags;
-                if f.contains(PointerRelFlags::MOVE) && (m.x_delta != 0 || m.y_delta != 0) {
-                    out.push(Action::Relative {
-                        dx: i32::from(m.x_delta),
-                        dy: i32::from(m.y_delta),
-                    });
-                }
-                let down = f.contains(PointerRelFlags::DOWN);
-                for (flag, b) in [
-                    (PointerRelFlags::BUTTON1, button::LEFT),
-                    (PointerRelFlags::BUTTON2, button::RIGHT),
-                    (PointerRelFlags::BUTTON3, button::MIDDLE),
-                    (PointerRelFlags::XBUTTON1, button::SIDE),
-                    (PointerRelFlags::XBUTTON2, button::EXTRA),
-                ] {
-                    if f.contains(flag) {
-                        self.button(b, down, out);
-                    }
-                }
-            }
-            FastPathInputEvent::QoeEvent(_) => {}
+            Event::Sync(leds) => out.push(Action::SyncLocks(leds)),
+            Event::Move { x, y } => out.push(Action::Absolute {
+                x: u32::from(x),
+                y: u32::from(y),
+            }),
+            Event::Button { button, down } => self.button(button, down, out),
+            Event::Wheel { horizontal, units } => wheel(units, horizontal, out),
+            Event::Relative { dx, dy } => out.push(Action::Relative {
+                dx: i32::from(dx),
+                dy: i32::from(dy),
+            }),
         }
     }
 
@@ -158,17 +265,23 @@ impl Translator {
         }
     }
 
-    fn key(&mut self, flags: KeyboardFlags, code: u8, out: &mut Vec<Action>) {
-        let down = !flags.contains(KeyboardFlags::RELEASE);
+    fn key(
+        &mut self,
+        code: u8,
+        extended: bool,
+        extended1: bool,
+        down: bool,
+        out: &mut Vec<Action>,
+    ) {
         // Pause has no make/break code of its own: clients send E1 1D 45 (E1-flagged Ctrl, then
         // NumLock) and the release the same way.
-        if flags.contains(KeyboardFlags::EXTENDED1) {
+        if extended1 {
             if code == scancode::CTRL {
                 self.pause_prefix = down;
             }
             return;
         }
-        if code == scancode::NUM_LOCK && !flags.contains(KeyboardFlags::EXTENDED) {
+        if code == scancode::NUM_LOCK && !extended {
             if down && self.pause_prefix {
                 self.pause_prefix = false;
                 self.pause_down = true;
@@ -188,80 +301,37 @@ impl Translator {
             }
         }
         self.pause_prefix = false;
-        let qnum = if flags.contains(KeyboardFlags::EXTENDED) {
+        let qnum = if extended {
             u32::from(code & 0x7f) | 0x80
         } else {
             u32::from(code)
         };
         out.push(Action::Key { qnum, down });
     }
-
-    fn unicode(&mut self, ch: u16, down: bool, out: &mut Vec<Action>) {
-        if !down {
-            if let Some(i) = self.unicode_held.iter().position(|h| h.0 == ch) {
-                let (_, qnum, shift) = self.unicode_held.remove(i);
-                out.push(Action::Key { qnum, down: false });
-                if shift {
-                    out.push(Action::Key {
-                        qnum: QNUM_SHIFT_L,
-                        down: false,
-                    });
-                }
-            }
-            return;
-        }
-        let cp = u32::from(ch);
-        let keysym = match cp {
-            0x20..=0x7e | 0xa0..=0xff => cp,
-            0x08 => 0xff08, // BackSpace
-            0x09 => 0xff09, // Tab
-            0x0d => 0xff0d, // Return
-            0x1b => 0xff1b, // Escape
-            _ => 0x0100_0000 | cp,
-        };
-        let Some((qnum, shift)) = keysym_to_qnum(keysym) else {
-            trace!(ch, "unicode character not on the US layout: dropped");
-            return;
-        };
-        // A bounded list: a client that never releases cannot grow it.
-        if self.unicode_held.len() >= 16 {
-            return;
-        }
-        self.unicode_held.push((ch, qnum, shift));
-        if shift {
-            out.push(Action::Key {
-                qnum: QNUM_SHIFT_L,
-                down: true,
-            });
-        }
-        out.push(Action::Key { qnum, down: true });
-    }
 }
 
-/// The LED bits a Synchronize event asks for.
-fn sync_leds(flags: SynchronizeFlags) -> u32 {
-    let mut leds = 0;
-    if flags.contains(SynchronizeFlags::SCROLL_LOCK) {
-        leds |= led::SCROLL;
-    }
-    if flags.contains(SynchronizeFlags::NUM_LOCK) {
-        leds |= led::NUM;
-    }
-    if flags.contains(SynchronizeFlags::CAPS_LOCK) {
-        leds |= led::CAPS;
-    }
-    leds
+/// The X11 keysym of a UTF-16 code unit (Latin-1 is the keysym itself; controls have their own).
+fn unicode_keysym(ch: u16) -> Option<u32> {
+    let cp = u32::from(ch);
+    Some(match cp {
+        0x20..=0x7e | 0xa0..=0xff => cp,
+        0x08 => 0xff08, // BackSpace
+        0x09 => 0xff09, // Tab
+        0x0d => 0xff0d, // Return
+        0x1b => 0xff1b, // Escape
+        // Surrogate halves are not characters on their own.
+        0xd800..=0xdfff => return None,
+        _ => 0x0100_0000 | cp,
+    })
 }
 
-/// Wheel rotation: 9-bit two's complement units in the low flag bits, 120 per notch; positive is
-/// away from the user (up) or to the right.
-fn wheel(flags: u16, horizontal: bool, out: &mut Vec<Action>) {
-    let raw = i32::from(flags & 0x1ff);
-    let units = if raw & 0x100 != 0 { raw - 0x200 } else { raw };
+/// Wheel rotation in units, 120 per notch; positive is away from the user (up) or to the right.
+fn wheel(units: i32, horizontal: bool, out: &mut Vec<Action>) {
     if units == 0 {
         return;
     }
-    let steps = ((units.abs() + WHEEL_DELTA / 2) / WHEEL_DELTA).clamp(1, MAX_WHEEL_STEPS);
+    let max = i32::try_from(MAX_WHEEL_STEPS).unwrap_or(10);
+    let steps = ((units.saturating_abs() + WHEEL_DELTA / 2) / WHEEL_DELTA).clamp(1, max);
     let b = match (horizontal, units > 0) {
         (false, true) => button::WHEEL_UP,
         (false, false) => button::WHEEL_DOWN,
@@ -282,32 +352,51 @@ const LOCKS: [(u8, u32); 3] = [
 
 /// Applies one session's input to the guest until the channel closes; everything still held is
 /// released when it does.
-pub async fn drive(sink: InputSink, mut events: mpsc::Receiver<Event>) {
-    let mut input: ViewerInput = sink.viewer();
+pub async fn drive(
+    mut input: ViewerInput,
+    control: ConsoleControl,
+    mut rx: mpsc::Receiver<Inbound>,
+) {
     let mut translator = Translator::new();
+    let mut events = Vec::new();
     let mut actions = Vec::new();
-    while let Some(event) = events.recv().await {
+    while let Some(inbound) = rx.recv().await {
+        events.clear();
+        match inbound {
+            Inbound::FastPath(pdu) => match ironrdp::core::decode::<FastPathInput>(&pdu) {
+                Ok(decoded) => {
+                    for e in decoded.input_events() {
+                        from_fast_path(e, &mut events);
+                    }
+                }
+                Err(e) => debug!(error = %e, "undecodable fast-path input dropped"),
+            },
+            Inbound::Event(e) => events.push(e),
+        }
         actions.clear();
-        translator.translate(&event, &mut actions);
+        for e in &events {
+            translator.translate(e, &mut actions);
+        }
         for action in &actions {
-            apply(&sink, &mut input, *action).await;
+            apply(&control, &mut input, *action).await;
         }
     }
+    trace!("RDP input ended");
 }
 
-async fn apply(sink: &InputSink, input: &mut ViewerInput, action: Action) {
+async fn apply(control: &ConsoleControl, input: &mut ViewerInput, action: Action) {
     match action {
         Action::Key { qnum, down } => input.key(qnum, down).await,
+        Action::Keysym { keysym, down } => input.keysym(keysym, down).await,
         Action::Buttons(mask) => input.buttons(mask).await,
-        Action::Wheel(b) => input.wheel(b).await,
+        Action::Wheel(b) => input.wheel(b, 1).await,
         Action::Absolute { x, y } => input.pointer(x, y),
         Action::Relative { dx, dy } => input.relative(dx, dy),
         Action::SyncLocks(wanted) => {
-            let have = sink.leds();
+            let have = control.leds();
             for (code, bit) in LOCKS {
                 if (have ^ wanted) & bit != 0 {
-                    input.key(u32::from(code), true).await;
-                    input.key(u32::from(code), false).await;
+                    input.tap(u32::from(code)).await;
                 }
             }
         }
@@ -319,16 +408,21 @@ mod tests {
     use super::*;
     use ironrdp::pdu::input::{MousePdu, MouseRelPdu, MouseXPdu};
 
-    fn run(events: &[Event]) -> Vec<Action> {
+    /// Fast-path events through the typed events and the translator.
+    fn run(events: &[FastPathInputEvent]) -> Vec<Action> {
+        let mut typed = Vec::new();
+        for e in events {
+            from_fast_path(e, &mut typed);
+        }
         let mut t = Translator::new();
         let mut out = Vec::new();
-        for e in events {
+        for e in &typed {
             t.translate(e, &mut out);
         }
         out
     }
 
-    fn key(code: u8, flags: KeyboardFlags) -> Event {
+    fn key(code: u8, flags: KeyboardFlags) -> FastPathInputEvent {
         FastPathInputEvent::KeyboardEvent(flags, code)
     }
 
@@ -336,7 +430,7 @@ mod tests {
         Action::Key { qnum, down }
     }
 
-    fn mouse(flags: PointerFlags, x: u16, y: u16) -> Event {
+    fn mouse(flags: PointerFlags, x: u16, y: u16) -> FastPathInputEvent {
         FastPathInputEvent::MouseEvent(MousePdu {
             flags,
             number_of_wheel_rotation_units: 0,
@@ -496,26 +590,24 @@ mod tests {
     }
 
     #[test]
-    fn unicode_through_the_layout_with_shift() {
+    fn unicode_becomes_keysyms() {
         let down = KeyboardFlags::empty();
         let up = KeyboardFlags::RELEASE;
         let got = run(&[
             FastPathInputEvent::UnicodeKeyboardEvent(down, u16::from(b'A')),
             FastPathInputEvent::UnicodeKeyboardEvent(up, u16::from(b'A')),
-            FastPathInputEvent::UnicodeKeyboardEvent(down, u16::from(b'a')),
-            FastPathInputEvent::UnicodeKeyboardEvent(up, u16::from(b'a')),
-            FastPathInputEvent::UnicodeKeyboardEvent(down, 0x20ac), // € is not on a US layout
-            FastPathInputEvent::UnicodeKeyboardEvent(up, 0x20ac),
+            FastPathInputEvent::UnicodeKeyboardEvent(down, 0x0d),
+            FastPathInputEvent::UnicodeKeyboardEvent(down, 0x20ac),
+            FastPathInputEvent::UnicodeKeyboardEvent(down, 0xd83d), // a lone surrogate
         ]);
+        let ks = |keysym, down| Action::Keysym { keysym, down };
         assert_eq!(
             got,
             [
-                k(QNUM_SHIFT_L, true),
-                k(0x1e, true),
-                k(0x1e, false),
-                k(QNUM_SHIFT_L, false),
-                k(0x1e, true),
-                k(0x1e, false)
+                ks(0x41, true),
+                ks(0x41, false),
+                ks(0xff0d, true),
+                ks(0x0100_20ac, true)
             ]
         );
     }
@@ -526,5 +618,36 @@ mod tests {
             SynchronizeFlags::NUM_LOCK | SynchronizeFlags::CAPS_LOCK,
         )]);
         assert_eq!(got, [Action::SyncLocks(led::NUM | led::CAPS)]);
+    }
+
+    #[test]
+    fn decodes_fast_path_input_with_every_flag() {
+        // Two events: E1-flagged Ctrl (Pause prefix), then a middle-button press at 7,9.
+        let pdu = [
+            0x08, 11, // header: 2 events, length 11
+            0x04, 0x1d, // scancode event, flags EXTENDED1
+            0x20, 0x00, 0xc0, 7, 0, 9, 0, // mouse event, flags DOWN|MIDDLE
+        ];
+        let input: FastPathInput = ironrdp::core::decode(&pdu).expect("decodes");
+        let mut events = Vec::new();
+        for e in input.input_events() {
+            from_fast_path(e, &mut events);
+        }
+        assert_eq!(
+            events,
+            [
+                Event::Key {
+                    code: 0x1d,
+                    extended: false,
+                    extended1: true,
+                    down: true
+                },
+                Event::Move { x: 7, y: 9 },
+                Event::Button {
+                    button: button::MIDDLE,
+                    down: true
+                }
+            ]
+        );
     }
 }

@@ -1,28 +1,38 @@
 //! The RDP server: ironrdp-server sessions fed from the shared framebuffer, behind our own
 //! accept loop so several clients can be connected at once.
 //!
-//! `RdpServer` is not `Send`, so every session lives on one dedicated thread running a
-//! current-thread runtime with a `LocalSet`; encoding happens on that runtime's blocking pool.
+//! `RdpServer` is not `Send`, so all sessions share one dedicated "rdp" thread running a
+//! current-thread runtime with a `LocalSet`; ironrdp encodes on that runtime's blocking pool.
 //! Each session gets its own `RdpServer` (its own encoder state and diff copy of the screen).
+//!
+//! Modules: `framing` (pure PDU framing, both directions), `transport` (TLS and the byte
+//! stream under ironrdp), `login` (the shared failed-login limit), `input` (typed events →
+//! guest input), `display` (framebuffer → bitmaps), `sound`, `audio_input` + `dvc_tap`
+//! (microphone), `session` (one client and the connection policy).
 
 pub mod audio_input;
 pub mod display;
 pub mod dvc_tap;
+pub mod framing;
 pub mod input;
+pub mod login;
 pub mod session;
 pub mod sound;
 pub mod transport;
 
+use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, error, info, info_span};
 
-use crate::qemu::source::Desktop;
+use crate::net::accept_bounded;
+use crate::session::Desktop;
+use crate::session::auth::Auth;
+use crate::session::stats::Counters;
 use crate::tls::TlsIdentity;
 
 /// Clients connected (or connecting) at once; more wait in the kernel's backlog.
@@ -54,43 +64,26 @@ pub enum Security {
 pub struct RdpConfig {
     pub tls: TlsIdentity,
     pub security: Security,
-    /// `None` only when the operator opted out of authentication (then `security` is TLS).
-    pub credentials: Option<(String, String)>,
+    /// Who may log in; shared with the VNC and web listeners (one failed-login limit). Without
+    /// credentials (`--insecure-no-auth`) `security` must be TLS.
+    pub auth: Arc<Auth>,
     pub policy: Policy,
     /// Time from TCP accept to an activated desktop (including typing a password).
     pub handshake_timeout: Duration,
-    /// Counters over every session (logs, tests, benchmarks).
-    pub stats: Arc<RdpStats>,
-}
-
-/// What the RDP server has sent, summed over sessions.
-#[derive(Debug, Default)]
-pub struct RdpStats {
-    /// Batches of damage sent (each one or more bitmaps): the frame rate clients see.
-    pub frames: std::sync::atomic::AtomicU64,
-    pub bitmaps: std::sync::atomic::AtomicU64,
-    /// Bytes written to clients after TLS.
-    pub bytes_out: std::sync::atomic::AtomicU64,
-    /// PCM bytes handed to rdpsnd (waves), over all sessions.
-    pub audio_bytes: std::sync::atomic::AtomicU64,
-    /// Bytes of those waves on the wire (smaller than `audio_bytes` with Opus).
-    pub audio_wire_bytes: std::sync::atomic::AtomicU64,
-    /// How long guest sound waited in this server before its wave was handed to ironrdp.
-    pub audio_wait: crate::qemu::audio::AudioWait,
-    /// Waves dropped because their client had stopped reading.
-    pub audio_dropped: std::sync::atomic::AtomicU64,
+    /// Counters summed over every session (logs, tests, benchmarks).
+    pub stats: Arc<Counters>,
 }
 
 impl RdpConfig {
-    pub fn new(tls: TlsIdentity, credentials: Option<(String, String)>) -> Self {
+    pub fn new(tls: TlsIdentity, auth: Arc<Auth>) -> Self {
         Self {
             tls,
-            security: if credentials.is_some() {
+            security: if auth.required() {
                 Security::Nla
             } else {
                 Security::Tls
             },
-            credentials,
+            auth,
             policy: Policy::Share,
             handshake_timeout: Duration::from_secs(30),
             stats: Arc::default(),
@@ -113,14 +106,17 @@ pub fn spawn(
     cfg: Arc<RdpConfig>,
     desktop: Desktop,
     stop: CancellationToken,
-) -> Result<()> {
-    if cfg.security == Security::Nla && cfg.credentials.is_none() {
-        anyhow::bail!("NLA needs credentials: set a password or choose --rdp-security tls");
+) -> io::Result<()> {
+    if cfg.security == Security::Nla && !cfg.auth.required() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "NLA needs credentials: set a password or choose --rdp-security tls",
+        ));
     }
     // rustls is built with two crypto providers in this graph (ironrdp's and ours); anything
     // that asks for the process default must not panic on the ambiguity.
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let listener = listener.into_std().context("RDP listener")?;
+    let listener = listener.into_std()?;
     std::thread::Builder::new()
         .name("rdp".into())
         .spawn(move || {
@@ -141,8 +137,7 @@ pub fn spawn(
                     Err(e) => error!(error = %e, "RDP listener unusable"),
                 }
             });
-        })
-        .context("RDP thread")?;
+        })?;
     Ok(())
 }
 
@@ -160,9 +155,7 @@ async fn accept_loop(
         policy = ?cfg.policy,
         "RDP listening"
     );
-    while let Some((permit, stream, peer)) =
-        crate::viewers::accept_bounded(&listener, &slots, &stop).await
-    {
+    while let Some((permit, stream, peer)) = accept_bounded(&listener, &slots, &stop).await {
         let span = info_span!("rdp", client = %peer);
         let session = session::Session {
             cfg: Arc::clone(&cfg),
@@ -172,7 +165,7 @@ async fn accept_loop(
         };
         tokio::task::spawn_local(
             async move {
-                session.run(stream).await;
+                session.run(stream, peer).await;
                 drop(permit);
             }
             .instrument(span),

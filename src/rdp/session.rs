@@ -1,15 +1,12 @@
 //! One RDP client: its own `RdpServer`, the TLS/input tap under it, a deadline until the desktop
 //! is activated, and the connection policy applied once the client has logged in.
 
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use ironrdp::pdu::input::fast_path::{FastPathInputEvent, KeyboardFlags, SynchronizeFlags};
-use ironrdp::pdu::input::mouse::PointerFlags;
-use ironrdp::pdu::input::mouse_rel::PointerRelFlags;
-use ironrdp::pdu::input::{MousePdu, MouseRelPdu};
-use ironrdp::server::{
+use ironrdp_server::{
     Credentials, KeyboardEvent, MouseEvent, RdpServer, RdpServerInputHandler, TransportTls,
 };
 use tokio::net::TcpStream;
@@ -20,11 +17,17 @@ use tracing::{debug, info, warn};
 
 use super::display::Display;
 use super::dvc_tap::DvcTap;
-use super::input::{self, Event};
+use super::input::{self, Event, Inbound};
+use super::login::Login;
 use super::sound::SoundFactory;
-use super::transport::{RdpStream, Traffic};
+use super::transport::RdpStream;
 use super::{Policy, RdpConfig, Security};
-use crate::qemu::source::Desktop;
+use crate::qemu::input::button;
+use crate::session::Desktop;
+use crate::session::stats::{Counters, ViewerStats};
+
+/// Input events queued per session before the connection's own are dropped.
+const INPUT_QUEUE: usize = 1024;
 
 /// Activated sessions, for the connection policy.
 #[derive(Clone, Default)]
@@ -82,23 +85,24 @@ pub struct Session {
 }
 
 impl Session {
-    pub async fn run(self, stream: TcpStream) {
+    pub async fn run(self, stream: TcpStream, peer: SocketAddr) {
         let id = self.registry.next.fetch_add(1, Ordering::Relaxed);
         let started = Instant::now();
-        let (events_tx, events_rx) = mpsc::channel::<Event>(1024);
-        tokio::spawn(input::drive(self.desktop.input.clone(), events_rx));
+        let stats = ViewerStats::new(&self.cfg.stats);
+        let (input_tx, input_rx) = mpsc::channel::<Inbound>(INPUT_QUEUE);
+        tokio::spawn(input::drive(
+            self.desktop.viewer_input(),
+            self.desktop.control.clone(),
+            input_rx,
+        ));
         let (activated_tx, mut activated) = watch::channel(false);
         let display = Display::new(
             self.desktop.fb.clone(),
-            self.desktop.input.clone(),
+            self.desktop.control.clone(),
             activated_tx,
-            Arc::clone(&self.cfg.stats),
+            stats.clone(),
         );
         let acceptor = TlsAcceptor::from(Arc::clone(&self.cfg.tls.config));
-        let traffic = Arc::new(Traffic {
-            total: Some(Arc::clone(&self.cfg.stats)),
-            ..Traffic::default()
-        });
         let builder = RdpServer::builder().with_addr(([127, 0, 0, 1], 0));
         let builder = match self.cfg.security {
             Security::Nla => builder.with_hybrid(acceptor.clone(), self.cfg.tls.public_key.clone()),
@@ -106,26 +110,28 @@ impl Session {
         };
         let mut server = builder
             .with_input_handler(SlowPathInput {
-                events: events_tx.clone(),
-                last: (0, 0),
+                events: input_tx.clone(),
+                stats: stats.clone(),
             })
             .with_display_handler(display)
             .with_sound_factory(Some(Box::new(SoundFactory::new(
                 self.desktop.audio.clone(),
-                Arc::clone(&self.cfg.stats),
-                Arc::clone(&traffic),
+                stats.clone(),
             ))))
             .build();
-        server.set_credentials(self.cfg.credentials.as_ref().map(|(u, p)| Credentials {
-            username: u.clone(),
-            password: p.clone(),
+        let auth = &self.cfg.auth;
+        server.set_credentials(auth.credentials().map(|c| Credentials {
+            username: auth.rdp_username().to_owned(),
+            password: c.password.clone(),
             domain: None,
         }));
-        let stream = RdpStream::new(
+        let login = Login::new(Arc::clone(auth), peer.ip(), self.cfg.security);
+        let mut stream = RdpStream::new(
             stream,
             acceptor,
-            events_tx,
-            Arc::clone(&traffic),
+            input_tx,
+            stats.clone(),
+            login,
             DvcTap::new(self.desktop.mic.clone()),
         );
 
@@ -159,7 +165,7 @@ impl Session {
             }
         };
         tokio::select! {
-            r = server.run_connection_with(stream, TransportTls::AlreadyDone) => match r {
+            r = server.run_connection_with(&mut stream, TransportTls::AlreadyDone) => match r {
                 Ok(()) => debug!(session = id, "RDP client left"),
                 Err(e) => info!(session = id, error = format!("{e:#}"), "RDP connection ended"),
             },
@@ -167,11 +173,13 @@ impl Session {
             () = token.cancelled() => debug!(session = id, "RDP session closed"),
         }
         self.registry.remove(id);
+        let own = stats.own();
         info!(
             session = id,
             secs = started.elapsed().as_secs(),
-            bytes_out = traffic.bytes_out.load(Ordering::Relaxed),
-            bytes_in = traffic.bytes_in.load(Ordering::Relaxed),
+            login = ?stream.login().outcome(),
+            bytes_out = Counters::get(&own.bytes_out),
+            bytes_in = Counters::get(&own.bytes_in),
             "RDP session over"
         );
     }
@@ -179,105 +187,74 @@ impl Session {
 
 /// Input ironrdp decoded itself (slow-path Input Event PDUs, which FreeRDP and mstsc do not use
 /// once fast-path input is negotiated). Its conversions lose the E1 flag, the middle button and
-/// the horizontal wheel; what survives is re-expressed as fast-path events.
+/// the horizontal wheel; what survives becomes typed events for the same translator.
 struct SlowPathInput {
-    events: mpsc::Sender<Event>,
-    last: (u16, u16),
+    events: mpsc::Sender<Inbound>,
+    stats: ViewerStats,
 }
 
 impl SlowPathInput {
     fn send(&self, e: Event) {
-        if self.events.try_send(e).is_err() {
-            warn!("RDP input queue full: event dropped");
+        self.stats.add(|c| &c.input_events, 1);
+        if self.events.try_send(Inbound::Event(e)).is_err() {
+            self.stats.add(|c| &c.input_dropped, 1);
         }
-    }
-
-    fn mouse_at(&self, flags: PointerFlags) -> Event {
-        FastPathInputEvent::MouseEvent(MousePdu {
-            flags,
-            number_of_wheel_rotation_units: 0,
-            x_position: self.last.0,
-            y_position: self.last.1,
-        })
-    }
-
-    fn rel(&self, flags: PointerRelFlags) -> Event {
-        FastPathInputEvent::MouseEventRel(MouseRelPdu {
-            flags,
-            x_delta: 0,
-            y_delta: 0,
-        })
     }
 }
 
 impl RdpServerInputHandler for SlowPathInput {
     fn keyboard(&mut self, event: KeyboardEvent) {
-        let key = |code, extended: bool, up: bool| {
-            let mut f = KeyboardFlags::empty();
-            f.set(KeyboardFlags::EXTENDED, extended);
-            f.set(KeyboardFlags::RELEASE, up);
-            FastPathInputEvent::KeyboardEvent(f, code)
+        let key = |code, extended, down| Event::Key {
+            code,
+            extended,
+            extended1: false,
+            down,
         };
-        let e = match event {
-            KeyboardEvent::Pressed { code, extended } => key(code, extended, false),
-            KeyboardEvent::Released { code, extended } => key(code, extended, true),
-            KeyboardEvent::UnicodePressed(c) => {
-                FastPathInputEvent::UnicodeKeyboardEvent(KeyboardFlags::empty(), c)
-            }
-            KeyboardEvent::UnicodeReleased(c) => {
-                FastPathInputEvent::UnicodeKeyboardEvent(KeyboardFlags::RELEASE, c)
-            }
-            KeyboardEvent::Synchronize(f) => {
-                FastPathInputEvent::SyncEvent(SynchronizeFlags::from_bits_truncate(f.bits()))
-            }
-        };
-        self.send(e);
+        self.send(match event {
+            KeyboardEvent::Pressed { code, extended } => key(code, extended, true),
+            KeyboardEvent::Released { code, extended } => key(code, extended, false),
+            KeyboardEvent::UnicodePressed(ch) => Event::Unicode { ch, down: true },
+            KeyboardEvent::UnicodeReleased(ch) => Event::Unicode { ch, down: false },
+            KeyboardEvent::Synchronize(f) => Event::Sync(input::sync_leds(f)),
+        });
     }
 
     fn mouse(&mut self, event: MouseEvent) {
-        let down = PointerFlags::DOWN;
-        let e = match event {
-            MouseEvent::Move { x, y } => {
-                self.last = (x, y);
-                self.mouse_at(PointerFlags::MOVE)
-            }
-            MouseEvent::LeftPressed => self.mouse_at(PointerFlags::LEFT_BUTTON | down),
-            MouseEvent::LeftReleased => self.mouse_at(PointerFlags::LEFT_BUTTON),
-            MouseEvent::RightPressed => self.mouse_at(PointerFlags::RIGHT_BUTTON | down),
-            MouseEvent::RightReleased => self.mouse_at(PointerFlags::RIGHT_BUTTON),
-            MouseEvent::MiddlePressed => self.mouse_at(PointerFlags::MIDDLE_BUTTON_OR_WHEEL | down),
-            MouseEvent::MiddleReleased => self.mouse_at(PointerFlags::MIDDLE_BUTTON_OR_WHEEL),
-            MouseEvent::Button4Pressed => {
-                self.rel(PointerRelFlags::XBUTTON1 | PointerRelFlags::DOWN)
-            }
-            MouseEvent::Button4Released => self.rel(PointerRelFlags::XBUTTON1),
-            MouseEvent::Button5Pressed => {
-                self.rel(PointerRelFlags::XBUTTON2 | PointerRelFlags::DOWN)
-            }
-            MouseEvent::Button5Released => self.rel(PointerRelFlags::XBUTTON2),
-            MouseEvent::VerticalScroll { value } => {
-                // Back to the 9-bit wire form the translator reads.
-                let units = (value.clamp(-255, 255) as u16) & 0x1ff;
-                self.mouse_at(PointerFlags::from_bits_retain(
-                    PointerFlags::VERTICAL_WHEEL.bits() | units,
-                ))
-            }
+        let press = |button, down| Event::Button { button, down };
+        self.send(match event {
+            MouseEvent::Move { x, y } => Event::Move { x, y },
+            MouseEvent::LeftPressed => press(button::LEFT, true),
+            MouseEvent::LeftReleased => press(button::LEFT, false),
+            MouseEvent::RightPressed => press(button::RIGHT, true),
+            MouseEvent::RightReleased => press(button::RIGHT, false),
+            MouseEvent::MiddlePressed => press(button::MIDDLE, true),
+            MouseEvent::MiddleReleased => press(button::MIDDLE, false),
+            MouseEvent::Button4Pressed => press(button::SIDE, true),
+            MouseEvent::Button4Released => press(button::SIDE, false),
+            MouseEvent::Button5Pressed => press(button::EXTRA, true),
+            MouseEvent::Button5Released => press(button::EXTRA, false),
+            MouseEvent::VerticalScroll { value } => Event::Wheel {
+                horizontal: false,
+                units: i32::from(value),
+            },
             MouseEvent::Scroll { x, y } => {
-                let (flag, v) = if y != 0 {
-                    (PointerFlags::VERTICAL_WHEEL, y)
+                if y != 0 {
+                    Event::Wheel {
+                        horizontal: false,
+                        units: y,
+                    }
                 } else {
-                    (PointerFlags::HORIZONTAL_WHEEL, x)
-                };
-                let units = (v.clamp(-255, 255) as u16) & 0x1ff;
-                self.mouse_at(PointerFlags::from_bits_retain(flag.bits() | units))
+                    Event::Wheel {
+                        horizontal: true,
+                        units: x,
+                    }
+                }
             }
-            MouseEvent::RelMove { x, y } => FastPathInputEvent::MouseEventRel(MouseRelPdu {
-                flags: PointerRelFlags::MOVE,
-                x_delta: x.clamp(-32768, 32767) as i16,
-                y_delta: y.clamp(-32768, 32767) as i16,
-            }),
-        };
-        self.send(e);
+            MouseEvent::RelMove { x, y } => Event::Relative {
+                dx: x.clamp(-32768, 32767) as i16,
+                dy: y.clamp(-32768, 32767) as i16,
+            },
+        });
     }
 }
 
@@ -303,21 +280,44 @@ mod tests {
     }
 
     #[test]
-    fn slow_path_wheel_keeps_direction() {
-        let (tx, mut rx) = mpsc::channel(4);
+    fn slow_path_input_becomes_typed_events() {
+        let (tx, mut rx) = mpsc::channel(8);
         let mut h = SlowPathInput {
             events: tx,
-            last: (0, 0),
+            stats: ViewerStats::new(&Arc::default()),
         };
         h.mouse(MouseEvent::VerticalScroll { value: -120 });
-        let Ok(FastPathInputEvent::MouseEvent(m)) = rx.try_recv() else {
-            panic!("no event");
-        };
-        let mut out = Vec::new();
-        input::Translator::new().translate(&FastPathInputEvent::MouseEvent(m), &mut out);
+        h.mouse(MouseEvent::MiddlePressed);
+        h.keyboard(KeyboardEvent::Pressed {
+            code: 0x48,
+            extended: true,
+        });
+        let got: Vec<Event> = std::iter::from_fn(|| match rx.try_recv() {
+            Ok(Inbound::Event(e)) => Some(e),
+            _ => None,
+        })
+        .collect();
         assert_eq!(
-            out,
-            [input::Action::Wheel(crate::qemu::input::button::WHEEL_DOWN)]
+            got,
+            [
+                Event::Wheel {
+                    horizontal: false,
+                    units: -120
+                },
+                Event::Button {
+                    button: button::MIDDLE,
+                    down: true
+                },
+                Event::Key {
+                    code: 0x48,
+                    extended: true,
+                    extended1: false,
+                    down: true
+                }
+            ]
         );
+        let mut actions = Vec::new();
+        input::Translator::new().translate(&got[0], &mut actions);
+        assert_eq!(actions, [input::Action::Wheel(button::WHEEL_DOWN)]);
     }
 }

@@ -5,21 +5,18 @@
 //! is already in the samples (applied where QEMU hands them over), so it reaches every client,
 //! also those without rdpsnd's VOLUME capability.
 
-use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use ironrdp::rdpsnd::pdu::{AudioFormat, WaveFormat};
 use ironrdp::rdpsnd::server::{RdpsndError, RdpsndServerHandler, RdpsndServerMessage};
-use ironrdp::server::{ServerEvent, ServerEventSender, SoundServerFactory};
+use ironrdp_server::{ServerEvent, ServerEventSender, SoundServerFactory};
 use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::RdpStats;
-use super::transport::Traffic;
+use crate::pcm::{ClientFormat, Converter};
 use crate::qemu::audio::{AudioEvent, AudioHub};
-use crate::vnc::audio::{ClientFormat, Converter};
+use crate::session::stats::{Counters, ViewerStats};
 
 /// Milliseconds of sound per wave.
 const WAVE_MS: usize = 40;
@@ -58,18 +55,16 @@ fn pcm(rate: u32) -> AudioFormat {
 pub struct SoundFactory {
     hub: AudioHub,
     events: Option<mpsc::UnboundedSender<ServerEvent>>,
-    stats: Arc<RdpStats>,
-    traffic: Arc<Traffic>,
+    stats: ViewerStats,
 }
 
 impl SoundFactory {
-    /// `traffic` is the session's: its output counter tells whether the client is reading.
-    pub fn new(hub: AudioHub, stats: Arc<RdpStats>, traffic: Arc<Traffic>) -> Self {
+    /// `stats` are the session's: its output counter tells whether the client is reading.
+    pub fn new(hub: AudioHub, stats: ViewerStats) -> Self {
         Self {
             hub,
             events: None,
             stats,
-            traffic,
         }
     }
 }
@@ -87,8 +82,7 @@ impl SoundServerFactory for SoundFactory {
             events: self.events.clone(),
             formats: vec![opus(), pcm(48_000), pcm(44_100)],
             running: None,
-            stats: Arc::clone(&self.stats),
-            traffic: Arc::clone(&self.traffic),
+            stats: self.stats.clone(),
         })
     }
 }
@@ -98,8 +92,7 @@ pub struct Sound {
     events: Option<mpsc::UnboundedSender<ServerEvent>>,
     formats: Vec<AudioFormat>,
     running: Option<CancellationToken>,
-    stats: Arc<RdpStats>,
-    traffic: Arc<Traffic>,
+    stats: ViewerStats,
 }
 
 impl std::fmt::Debug for Sound {
@@ -157,11 +150,10 @@ impl RdpsndServerHandler for Sound {
         let token = CancellationToken::new();
         self.running = Some(token.clone());
         let rx = self.hub.subscribe();
-        let stats = Arc::clone(&self.stats);
-        let traffic = Arc::clone(&self.traffic);
+        let stats = self.stats.clone();
         tokio::spawn(async move {
             tokio::select! {
-                () = pump(rx, events, rate, codec, &stats, &traffic) => {}
+                () = pump(rx, events, rate, codec, &stats) => {}
                 () = token.cancelled() => {}
             }
         });
@@ -225,8 +217,7 @@ async fn pump(
     events: mpsc::UnboundedSender<ServerEvent>,
     rate: u32,
     mut codec: Codec,
-    stats: &RdpStats,
-    traffic: &Traffic,
+    stats: &ViewerStats,
 ) {
     let dst = ClientFormat {
         sample: 3, // S16
@@ -271,11 +262,11 @@ async fn pump(
                 oldest.replace(newest)
             };
             if !stall.admit(
-                traffic.bytes_out.load(Ordering::Relaxed),
+                Counters::get(&stats.own().bytes_out),
                 chunk.len(),
                 max_unwritten,
             ) {
-                stats.audio_dropped.fetch_add(1, Ordering::Relaxed);
+                stats.add(|c| &c.audio_dropped, 1);
                 continue;
             }
             let Some(wave) = codec.code(chunk, &mut packet) else {
@@ -283,18 +274,14 @@ async fn pump(
             };
             // The wave's timestamp is in milliseconds and wraps, as MS-RDPEA says.
             let ts = start.elapsed().as_millis() as u32;
-            stats
-                .audio_bytes
-                .fetch_add(wave_bytes as u64, Ordering::Relaxed);
-            stats
-                .audio_wire_bytes
-                .fetch_add(wave.len() as u64, Ordering::Relaxed);
+            stats.add(|c| &c.audio_bytes, wave_bytes as u64);
+            stats.add(|c| &c.audio_wire_bytes, wave.len() as u64);
             let msg = RdpsndServerMessage::Wave(wave, ts);
             if events.send(ServerEvent::Rdpsnd(msg)).is_err() {
                 return;
             }
             if let Some(since) = since {
-                stats.audio_wait.record(since);
+                stats.audio_sent(since);
             }
         }
     }
@@ -348,8 +335,8 @@ mod tests {
 
     #[test]
     fn offers_opus_then_pcm_48k() {
-        let f =
-            SoundFactory::new(AudioHub::default(), Arc::default(), Arc::default()).build_backend();
+        let f = SoundFactory::new(AudioHub::default(), ViewerStats::new(&Default::default()))
+            .build_backend();
         let formats = f.get_formats();
         assert_eq!(formats[0].format, WaveFormat::OPUS);
         assert_eq!(formats[0].n_avg_bytes_per_sec * 8, OPUS_BITRATE);

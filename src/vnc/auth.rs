@@ -1,31 +1,9 @@
-//! Credentials: the VNC password (RFC 6143 §7.2.2 VNC Authentication, DES challenge-response)
-//! and a per-address limit on failed logins.
-
-use std::collections::HashMap;
-use std::net::IpAddr;
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+//! VNC authentication (RFC 6143 §7.2.2): DES challenge-response with the password as key.
+//! Credentials and the failed-login limit are shared with the other front ends
+//! ([`crate::session::auth`]).
 
 use des::Des;
 use des::cipher::{BlockEncrypt, KeyInit, generic_array::GenericArray};
-
-/// VNC authentication only uses the first 8 bytes of a password.
-pub const VNC_PASSWORD_LEN: usize = 8;
-
-/// A new random password of letters and digits, for when the operator gave none.
-pub fn generate_password() -> String {
-    const ALPHABET: &[u8] = b"abcdefghijkmnpqrstuvwxyzABCDEFGHJKLMNPQRSTUVWXYZ23456789";
-    let mut bytes = [0u8; 16];
-    if getrandom::fill(&mut bytes).is_err() {
-        // No entropy source is not a reason to run without a password; use time as a fallback.
-        let t = Instant::now().elapsed().as_nanos() ^ u128::from(std::process::id());
-        bytes.copy_from_slice(&t.to_le_bytes());
-    }
-    bytes[..VNC_PASSWORD_LEN]
-        .iter()
-        .map(|b| ALPHABET[usize::from(*b) % ALPHABET.len()] as char)
-        .collect()
-}
 
 /// A fresh 16-byte challenge.
 pub fn challenge() -> [u8; 16] {
@@ -56,67 +34,6 @@ pub fn vnc_response(password: &str, challenge: &[u8; 16]) -> [u8; 16] {
     out
 }
 
-/// Compares without an early exit.
-pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-/// Failed logins per address: after `max_failures` within `window`, the address is refused
-/// until the window has passed since its last failure.
-pub struct LoginLimiter {
-    max_failures: u32,
-    window: Duration,
-    failures: Mutex<HashMap<IpAddr, (u32, Instant)>>,
-}
-
-impl Default for LoginLimiter {
-    fn default() -> Self {
-        Self::new(5, Duration::from_secs(60))
-    }
-}
-
-impl LoginLimiter {
-    pub fn new(max_failures: u32, window: Duration) -> Self {
-        Self {
-            max_failures,
-            window,
-            failures: Mutex::new(HashMap::new()),
-        }
-    }
-
-    /// Whether `addr` may try now.
-    pub fn allowed(&self, addr: IpAddr) -> bool {
-        let mut map = self.failures.lock().unwrap_or_else(|p| p.into_inner());
-        match map.get(&addr) {
-            Some(&(n, last)) if last.elapsed() < self.window => n < self.max_failures,
-            Some(_) => {
-                map.remove(&addr);
-                true
-            }
-            None => true,
-        }
-    }
-
-    pub fn failed(&self, addr: IpAddr) {
-        let mut map = self.failures.lock().unwrap_or_else(|p| p.into_inner());
-        // Bound the table: forget stale entries when it grows.
-        if map.len() > 4096 {
-            let window = self.window;
-            map.retain(|_, (_, last)| last.elapsed() < window);
-        }
-        let e = map.entry(addr).or_insert((0, Instant::now()));
-        e.0 = e.0.saturating_add(1);
-        e.1 = Instant::now();
-    }
-
-    pub fn succeeded(&self, addr: IpAddr) {
-        self.failures
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&addr);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -132,27 +49,5 @@ mod tests {
         assert_ne!(r, vnc_response("passwore", &challenge));
         // Only 8 characters count.
         assert_eq!(vnc_response("password-long", &challenge), r);
-    }
-
-    #[test]
-    fn limiter_blocks_after_failures() {
-        let l = LoginLimiter::new(2, Duration::from_secs(60));
-        let a: IpAddr = "127.0.0.1".parse().unwrap();
-        let b: IpAddr = "127.0.0.2".parse().unwrap();
-        assert!(l.allowed(a));
-        l.failed(a);
-        assert!(l.allowed(a));
-        l.failed(a);
-        assert!(!l.allowed(a));
-        assert!(l.allowed(b));
-        l.succeeded(a);
-        assert!(l.allowed(a));
-    }
-
-    #[test]
-    fn generated_passwords_differ() {
-        let p = generate_password();
-        assert_eq!(p.len(), VNC_PASSWORD_LEN);
-        assert_ne!(p, generate_password());
     }
 }

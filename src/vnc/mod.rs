@@ -1,14 +1,23 @@
-//! Our RFB (VNC) server: `proto` decodes client messages (no I/O); `encode`, `hextile`, `tight`
-//! and `pseudo` turn pixels and state into RFB bytes; `auth` holds credentials; `conn` runs one
-//! client (handshake, VeNCrypt, update loop); `server` accepts them.
+//! Our RFB (VNC) server. `proto` decodes client messages (no I/O); `handshake` runs versions,
+//! security types and VeNCrypt; `session` is one client's message loop; `update` plans an
+//! update (pure), `encoder` turns it into bytes through `encode` (ZRLE and pixel helpers),
+//! `hextile`, `tight` and `pseudo`; `scroll` finds CopyRects; `server` accepts clients.
 pub mod audio;
 pub mod auth;
-pub mod conn;
+pub mod caps;
+pub mod config;
 pub mod encode;
+pub mod encoder;
+pub mod extras;
+pub mod handshake;
 pub mod hextile;
-pub mod keymap;
 pub mod proto;
 pub mod pseudo;
 pub mod scroll;
 pub mod server;
+pub mod session;
 pub mod tight;
+pub mod update;
+
+pub use config::{SharePolicy, VncConfig};
+pub use handshake::ConnError;

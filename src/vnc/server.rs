@@ -1,6 +1,7 @@
 //! The VNC accept loop: one task per client, bounded in number, each with its own damage
 //! tracking and output, so a slow or hostile client never holds up the others or QEMU.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
@@ -8,9 +9,11 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use super::conn::{ConnError, VncConfig, serve};
-use crate::qemu::source::Desktop;
-use crate::viewers::accept_bounded;
+use super::config::VncConfig;
+use super::handshake::ConnError;
+use super::session::serve;
+use crate::net::{Io, accept_bounded};
+use crate::session::Desktop;
 
 /// Most clients served at once; more wait in the kernel backlog.
 pub const MAX_CLIENTS: usize = 64;
@@ -24,7 +27,8 @@ pub async fn run(
 ) {
     let slots = Arc::new(Semaphore::new(MAX_CLIENTS));
     if let Ok(addr) = listener.local_addr() {
-        info!(%addr, auth = if cfg.password.is_some() { "vnc" } else { "none" }, "VNC server listening");
+        let auth = if cfg.auth.required() { "vnc" } else { "none" };
+        info!(%addr, auth, "VNC server listening");
     }
     while let Some((permit, stream, peer)) = accept_bounded(&listener, &slots, &stop).await {
         let (cfg, desktop, stop) = (Arc::clone(&cfg), desktop.clone(), stop.clone());
@@ -32,17 +36,27 @@ pub async fn run(
             async move {
                 let _permit = permit;
                 info!("VNC client connected");
-                let result = tokio::select! {
-                    r = serve(stream, peer, cfg, desktop) => r,
-                    () = stop.cancelled() => Ok(()),
-                };
-                match result {
-                    Ok(()) => info!("VNC client disconnected"),
-                    Err(ConnError::Io(e)) => debug!(error = %e, "VNC client connection ended"),
-                    Err(e) => warn!(error = %e, "VNC client refused or dropped"),
+                tokio::select! {
+                    () = serve_client(stream, peer, cfg, desktop) => {}
+                    () = stop.cancelled() => {}
                 }
             }
             .instrument(info_span!("vnc", %peer)),
         );
+    }
+}
+
+/// Serves one client on any byte stream (TCP here, a WebSocket pipe for the browser) and logs
+/// how it ended.
+pub async fn serve_client<S: Io + 'static>(
+    stream: S,
+    peer: SocketAddr,
+    cfg: Arc<VncConfig>,
+    desktop: Desktop,
+) {
+    match serve(stream, peer, cfg, desktop).await {
+        Ok(()) => info!("VNC client disconnected"),
+        Err(ConnError::Io(e)) => debug!(error = %e, "VNC client connection ended"),
+        Err(e) => warn!(error = %e, "VNC client refused or dropped"),
     }
 }

@@ -15,19 +15,20 @@ use axum::extract::{Extension, State};
 use axum::http::{StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
+use futures_util::future::BoxFuture;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
 use hyper_util::service::TowerToHyperService;
+use tokio::io::DuplexStream;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tower_http::services::ServeDir;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::qemu::source::Desktop;
+use crate::net::{Io, accept_bounded};
+use crate::session::Desktop;
 use crate::tls::TlsIdentity;
-use crate::viewers::accept_bounded;
-use crate::vnc::conn::{Io, VncConfig};
 
 const INDEX: &str = include_str!("../../web/index.html");
 const APP_JS: &str = include_str!("../../web/app.js");
@@ -42,6 +43,11 @@ const MAX_CONNECTIONS: usize = 256;
 /// Time for a TLS handshake and for a request's headers (slow-loris guard).
 const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// Serves one browser viewer's RFB byte stream (the WebSocket's payload) to its end. The
+/// listeners' wiring plugs the VNC server in; this module never depends on it.
+pub type StreamServer =
+    Arc<dyn Fn(DuplexStream, SocketAddr) -> BoxFuture<'static, ()> + Send + Sync>;
+
 /// What the web listener serves.
 #[derive(Clone)]
 pub struct WebConfig {
@@ -49,20 +55,24 @@ pub struct WebConfig {
     pub novnc: Option<PathBuf>,
     /// HTTPS when set (the browser then uses `wss://`).
     pub tls: Option<TlsIdentity>,
-    /// VNC settings for connections arriving over WebSocket (no VeNCrypt: TLS is outside).
-    pub vnc: Arc<VncConfig>,
 }
 
 #[derive(Clone)]
 struct AppState {
-    vnc: Arc<VncConfig>,
+    rfb: StreamServer,
     desktop: Desktop,
     novnc_ok: bool,
     viewers: Arc<Semaphore>,
 }
 
-/// Serves HTTP(S) on `listener` until `stop`.
-pub async fn run(listener: TcpListener, cfg: WebConfig, desktop: Desktop, stop: CancellationToken) {
+/// Serves HTTP(S) on `listener` until `stop`; WebSocket byte streams go to `rfb`.
+pub async fn run(
+    listener: TcpListener,
+    cfg: WebConfig,
+    desktop: Desktop,
+    rfb: StreamServer,
+    stop: CancellationToken,
+) {
     let novnc_ok = cfg
         .novnc
         .as_ref()
@@ -71,7 +81,7 @@ pub async fn run(listener: TcpListener, cfg: WebConfig, desktop: Desktop, stop: 
         warn!(dir = ?cfg.novnc, "noVNC assets not found: the page will explain how to get them (see README)");
     }
     let state = AppState {
-        vnc: cfg.vnc,
+        rfb,
         desktop,
         novnc_ok,
         viewers: Arc::new(Semaphore::new(MAX_VIEWERS)),
@@ -188,18 +198,14 @@ fn upgrade(st: AppState, ws: WebSocketUpgrade, peer: SocketAddr) -> Response {
             async move {
                 let _slot = slot;
                 info!("browser connected over WebSocket");
-                let stream = ws::into_stream(socket);
-                match crate::vnc::conn::serve(stream, peer, st.vnc, st.desktop).await {
-                    Ok(()) => info!("browser disconnected"),
-                    Err(e) => info!(error = %e, "browser connection ended"),
-                }
+                (st.rfb)(ws::into_stream(socket), peer).await;
+                info!("browser disconnected");
             }
             .instrument(info_span!("vnc-ws", %peer))
         })
 }
 
-/// Ready once QEMU is attached and a frame has arrived (a surface exists).
-/// Ready once QEMU's display is attached. Known problems (see [`crate::health::Health`]) follow
+/// Ready once QEMU's display is attached and a surface exists. Known problems (see [`crate::health::Health`]) follow
 /// as "warning:" lines: missing audio leaves the desktop usable, so it does not make us unready.
 async fn readyz(State(st): State<AppState>) -> Response {
     let (w, h) = st.desktop.fb.size();

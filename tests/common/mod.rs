@@ -201,6 +201,7 @@ pub mod libvirt;
 pub mod pulse;
 pub mod qemu;
 pub mod rdp;
+pub mod rfb;
 pub mod x11;
 
 /// Logs of the code under test on stderr, filtered by `VDI_TEST_LOG` (off when unset).

@@ -8,8 +8,9 @@ use std::time::Duration;
 
 use super::x11::Xvfb;
 use super::{Proc, wait_until};
-use vdi_sidecar::qemu::source::Desktop;
 use vdi_sidecar::rdp::RdpConfig;
+use vdi_sidecar::session::Desktop;
+use vdi_sidecar::session::auth::Auth;
 use vdi_sidecar::tls::{TlsIdentity, default_names};
 
 pub const USER: &str = "vdi";
@@ -30,7 +31,7 @@ pub fn serve(cfg: RdpConfig, desktop: Desktop) -> (u16, tokio_util::sync::Cancel
 /// NLA with [`USER`] / [`PASSWORD`] and a generated certificate.
 pub fn config() -> RdpConfig {
     let tls = TlsIdentity::generate(&default_names(&[])).expect("certificate");
-    RdpConfig::new(tls, Some((USER.into(), PASSWORD.into())))
+    RdpConfig::new(tls, Arc::new(Auth::user_password(USER, PASSWORD)))
 }
 
 /// `xfreerdp3 +auth-only`: connection, TLS, NLA and licensing, no window. Returns whether it

@@ -1,13 +1,15 @@
-//! X11 keysyms (plain RFB KeyEvent) to QEMU key numbers, for clients that do not send QEMU
-//! extended key events. The table is generated (tools/gen-keymap.py) for a US layout; keys it
-//! cannot reach (AltGr levels, non-US characters) are dropped with a trace line.
+//! X11 keysyms to QEMU key numbers: plain RFB KeyEvents from clients that do not send QEMU
+//! extended key events, and RDP Unicode key events. The table is generated (tools/gen-keymap.py)
+//! for a US layout; keys it cannot reach (AltGr levels, non-US characters) are dropped with a
+//! trace line.
 
 #[rustfmt::skip]
 #[path = "keymap_us.rs"]
 mod keymap_us;
 
-/// Left Shift's QEMU key number.
+/// Left and right Shift's QEMU key numbers.
 pub const QNUM_SHIFT_L: u32 = 0x2a;
+pub const QNUM_SHIFT_R: u32 = 0x36;
 
 pub const XK_SHIFT_L: u32 = 0xffe1;
 pub const XK_SHIFT_R: u32 = 0xffe2;

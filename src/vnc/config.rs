@@ -1,0 +1,90 @@
+//! What every VNC connection of a listener shares: credentials (shared with the other front
+//! ends), TLS, the share policy and the session registry that lets an exclusive client end the
+//! others, and the counters.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use crate::session::auth::Auth;
+use crate::session::stats::Counters;
+use crate::tls::TlsIdentity;
+
+/// Time a client has to finish the handshake (including typing a password into a dialog).
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What a non-shared (exclusive) ClientInit may do to the viewers already connected.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum SharePolicy {
+    /// Every viewer shares the desktop; the exclusive flag is ignored (the default: a VM desktop
+    /// is often watched by several people).
+    #[default]
+    ForceShared,
+    /// RFC 6143 behaviour: an exclusive client disconnects the others.
+    AllowExclusive,
+}
+
+/// What every connection shares.
+pub struct VncConfig {
+    /// Who may log in; shared with the RDP and web listeners (one failed-login limit).
+    pub auth: Arc<Auth>,
+    pub desktop_name: String,
+    /// Enables VeNCrypt (TLS) when set.
+    pub tls: Option<TlsIdentity>,
+    /// Offer only VeNCrypt: no password or desktop ever crosses the network in clear.
+    pub require_tls: bool,
+    pub share: SharePolicy,
+    /// A client that has not finished the handshake by then is dropped (slow-loris guard).
+    pub handshake_timeout: Duration,
+    /// What was sent, summed over all connections (logs, tests, benchmarks).
+    pub stats: Arc<Counters>,
+    pub(super) sessions: Sessions,
+}
+
+impl VncConfig {
+    pub fn new(auth: Arc<Auth>, desktop_name: impl Into<String>) -> Self {
+        Self {
+            auth,
+            desktop_name: desktop_name.into(),
+            tls: None,
+            require_tls: false,
+            share: SharePolicy::default(),
+            handshake_timeout: HANDSHAKE_TIMEOUT,
+            stats: Arc::default(),
+            sessions: Sessions::default(),
+        }
+    }
+}
+
+/// Numbers sessions so an exclusive client can end the ones that came before it.
+pub(super) struct Sessions {
+    next: AtomicU64,
+    /// Every session with an id below this value must end.
+    evict_below: watch::Sender<u64>,
+}
+
+impl Default for Sessions {
+    fn default() -> Self {
+        Self {
+            next: AtomicU64::new(1),
+            evict_below: watch::Sender::new(0),
+        }
+    }
+}
+
+impl Sessions {
+    /// A new session's id, and the signal that tells it to end.
+    pub(super) fn join(&self) -> (u64, watch::Receiver<u64>) {
+        (
+            self.next.fetch_add(1, Ordering::Relaxed),
+            self.evict_below.subscribe(),
+        )
+    }
+
+    /// Ends every session that joined before `id`.
+    pub(super) fn evict_before(&self, id: u64) {
+        self.evict_below.send_replace(id);
+    }
+}
