@@ -126,18 +126,25 @@ impl Limits {
         }
     }
 
-    /// The cgroup's memory use now (what the limit is compared with), if known.
+    /// The cgroup's working set now (usage less inactive page cache, which the kernel reclaims
+    /// before it kills: what kubelet compares with the limit too), if known.
     pub fn memory_usage(&self) -> Option<u64> {
         let dir = self.memory_dir.as_ref()?;
-        let file = match self.version {
-            Some(Version::V1) => "memory.usage_in_bytes",
-            _ => "memory.current",
+        let (file, inactive) = match self.version {
+            Some(Version::V1) => ("memory.usage_in_bytes", "total_inactive_file"),
+            _ => ("memory.current", "inactive_file"),
         };
-        std::fs::read_to_string(dir.join(file))
+        let usage: u64 = std::fs::read_to_string(dir.join(file))
             .ok()?
             .trim()
             .parse()
-            .ok()
+            .ok()?;
+        let stat = std::fs::read_to_string(dir.join("memory.stat")).unwrap_or_default();
+        let cache = stat
+            .lines()
+            .find_map(|l| l.strip_prefix(inactive)?.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+        Some(usage.saturating_sub(cache))
     }
 
     /// Threads worth running CPU-bound work on: the quota rounded up, at most the CPUs there are.
@@ -178,7 +185,10 @@ fn controller_dir(cgroup: &str, mountinfo: &str, controller: Option<&str>) -> Op
         ok.then_some((root, mount))
     })?;
     // Inside a cgroup namespace the path is relative to the mount's root.
-    let rel = path.strip_prefix(root).unwrap_or(path).trim_start_matches('/');
+    let rel = path
+        .strip_prefix(root)
+        .unwrap_or(path)
+        .trim_start_matches('/');
     let mount = PathBuf::from(mount);
     Some(Dir {
         path: if rel.is_empty() {
@@ -216,11 +226,23 @@ mod tests {
             cgroup,
             MOUNTS_V1,
             fs(&[
-                ("/sys/fs/cgroup/memory/pod/sidecar/memory.limit_in_bytes", "64000000\n"),
-                ("/sys/fs/cgroup/memory/pod/memory.limit_in_bytes", "128000000\n"),
-                ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "9223372036854771712\n"),
+                (
+                    "/sys/fs/cgroup/memory/pod/sidecar/memory.limit_in_bytes",
+                    "64000000\n",
+                ),
+                (
+                    "/sys/fs/cgroup/memory/pod/memory.limit_in_bytes",
+                    "128000000\n",
+                ),
+                (
+                    "/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                    "9223372036854771712\n",
+                ),
                 ("/sys/fs/cgroup/cpu/pod/sidecar/cpu.cfs_quota_us", "-1\n"),
-                ("/sys/fs/cgroup/cpu/pod/sidecar/cpu.cfs_period_us", "100000\n"),
+                (
+                    "/sys/fs/cgroup/cpu/pod/sidecar/cpu.cfs_period_us",
+                    "100000\n",
+                ),
                 ("/sys/fs/cgroup/cpu/pod/cpu.cfs_quota_us", "20000\n"),
                 ("/sys/fs/cgroup/cpu/pod/cpu.cfs_period_us", "100000\n"),
             ]),

@@ -17,8 +17,11 @@ use crate::hook::domain::RewriteOptions;
 use crate::rdp::{Policy, RdpConfig, Security};
 use crate::serve;
 use crate::session::auth::{Auth, Credentials, generate_password};
+use crate::session::budget::Budget;
 use crate::tls::{TlsIdentity, default_names};
 use crate::viewers::Viewers;
+use crate::vnc::config::DEFAULT_FRAME_BYTES;
+use crate::vnc::share::Groups;
 use crate::vnc::{SharePolicy, VncConfig};
 use crate::web::WebConfig;
 
@@ -216,6 +219,12 @@ impl ViewerArgs {
             password,
         })));
         let tls = tls_identity(self)?;
+        let budget = Budget::detect();
+        // One set of shared encodings for the console, whichever listener a viewer comes by.
+        let groups = Groups::new(
+            budget.limits.workers(),
+            budget.frame_bytes(DEFAULT_FRAME_BYTES),
+        );
         let share = if self.vnc_allow_exclusive {
             SharePolicy::AllowExclusive
         } else {
@@ -226,12 +235,14 @@ impl ViewerArgs {
             cfg.tls = Some(tls.clone());
             cfg.require_tls = self.vnc_require_tls;
             cfg.share = share;
+            cfg.groups = Arc::clone(&groups);
             (addr, Arc::new(cfg))
         });
         let web = http_addr.map(|addr| {
             // noVNC speaks VNC authentication; the TLS is the page's HTTPS around it.
             let mut vnc = VncConfig::new(Arc::clone(&auth), name);
             vnc.share = share;
+            vnc.groups = Arc::clone(&groups);
             let web = WebConfig {
                 novnc: Some(self.web_root.clone()),
                 tls: (!self.http_insecure).then(|| tls.clone()),
@@ -248,7 +259,12 @@ impl ViewerArgs {
             }
             (addr, Arc::new(cfg))
         });
-        Ok(Viewers { vnc, rdp, web })
+        Ok(Viewers {
+            vnc,
+            rdp,
+            web,
+            budget: Some(budget),
+        })
     }
 }
 
@@ -501,6 +517,10 @@ mod tests {
             .unwrap();
         let (vnc, rdp, web) = (v.vnc.unwrap().1, v.rdp.unwrap().1, v.web.unwrap().2);
         assert!(Arc::ptr_eq(&vnc.auth, &rdp.auth) && Arc::ptr_eq(&vnc.auth, &web.auth));
+        assert!(
+            Arc::ptr_eq(&vnc.groups, &web.groups),
+            "VNC and web viewers share encodings"
+        );
         assert_eq!(rdp.auth.rdp_username(), "alice");
         assert_eq!(rdp.security, Security::Nla);
         let none = ViewerArgs::default()

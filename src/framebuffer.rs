@@ -206,6 +206,11 @@ impl Framebuffer {
         }
     }
 
+    /// Whether both handles are the same console's model.
+    pub fn same(&self, other: &Framebuffer) -> bool {
+        Arc::ptr_eq(&self.state, &other.state)
+    }
+
     pub fn counters(&self) -> &PathCounters {
         &self.counters
     }
@@ -431,8 +436,7 @@ impl Framebuffer {
         Viewer {
             fb: self.clone(),
             rx: self.notify.subscribe(),
-            seen_seq: None,
-            seen_generation: u64::MAX,
+            seen: None,
         }
     }
 }
@@ -583,23 +587,89 @@ fn blit_changed(
     Ok(out)
 }
 
+/// Where a consumer stands in the framebuffer's history: the surface generation and the damage
+/// sequence number it has seen. Positions are plain values, so several consumers (a shared
+/// encoding and the viewers it serves) can compare them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Position {
+    pub generation: u64,
+    pub seq: u64,
+}
+
 /// What a viewer must send next.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Damage {
     pub width: u32,
     pub height: u32,
-    /// The surface was replaced (new size, or re-attached): resend everything, announce the size.
+    /// The surface was replaced (new size, or re-attached), or the consumer fell behind the log:
+    /// resend everything, announce the size.
     pub new_surface: bool,
     pub attached: bool,
     pub rects: Vec<Rect>,
+    /// The position this damage brings a consumer to.
+    pub to: Position,
 }
 
-/// One consumer's view of the framebuffer.
+impl Framebuffer {
+    /// The newest position (what [`Framebuffer::damage_since`] would bring a consumer to).
+    pub fn position(&self) -> Position {
+        let st = self.lock();
+        Position {
+            generation: st.generation,
+            seq: st.seq,
+        }
+    }
+
+    /// Everything damaged after `since` (all of the surface when `since` is `None`, from another
+    /// generation, or older than the log).
+    pub fn damage_since(&self, since: Option<Position>) -> Damage {
+        let st = self.lock();
+        damage_locked(&st, since)
+    }
+
+    /// Calls `row` with each row of `rect` (clipped), under one lock; returns the clipped rect.
+    pub fn with_rows(&self, rect: Rect, row: impl FnMut(&[u32])) -> Rect {
+        self.read_rows(rect, row)
+    }
+}
+
+fn damage_locked(st: &State, since: Option<Position>) -> Damage {
+    let full = || vec![Rect::full(st.width, st.height)];
+    let same = since.filter(|p| p.generation == st.generation);
+    let (new_surface, rects) = match same {
+        None => (true, full()),
+        Some(p) => match st.log.front() {
+            // Fell behind the log: everything.
+            Some(&(first, _)) if first > p.seq + 1 => (true, full()),
+            _ => (
+                false,
+                st.log
+                    .iter()
+                    .filter(|(s, _)| *s > p.seq)
+                    .map(|(_, r)| clip(*r, st.width, st.height))
+                    .filter(|r| r.w > 0 && r.h > 0)
+                    .collect(),
+            ),
+        },
+    };
+    Damage {
+        width: st.width,
+        height: st.height,
+        new_surface,
+        attached: st.attached,
+        rects,
+        to: Position {
+            generation: st.generation,
+            seq: st.seq,
+        },
+    }
+}
+
+/// One consumer's view of the framebuffer: its position and a change notification.
 pub struct Viewer {
     fb: Framebuffer,
     rx: watch::Receiver<u64>,
-    seen_seq: Option<u64>,
-    seen_generation: u64,
+    seen: Option<Position>,
 }
 
 impl Viewer {
@@ -607,12 +677,13 @@ impl Viewer {
         &self.fb
     }
 
-    /// Waits until something changed since the last [`Viewer::take_damage`].
+    /// Waits until something changed since the last [`Viewer::take_damage`] (or the last
+    /// [`Viewer::seen`]).
     ///
     /// # Cancel safety
     /// Cancel safe: nothing is consumed until `take_damage`.
     pub async fn changed(&mut self) {
-        if self.seen_seq != Some(*self.rx.borrow()) {
+        if self.seen.map(|p| p.seq) != Some(*self.rx.borrow()) {
             return;
         }
         // The sender lives as long as the framebuffer, which this viewer holds.
@@ -623,32 +694,15 @@ impl Viewer {
     pub fn take_damage(&mut self) -> Damage {
         let st = self.fb.lock();
         let _ = self.rx.borrow_and_update();
-        let new_surface = st.generation != self.seen_generation;
-        let full = || vec![Rect::full(st.width, st.height)];
-        let rects = if new_surface {
-            full()
-        } else {
-            let since = self.seen_seq.unwrap_or(0);
-            match st.log.front() {
-                Some(&(first, _)) if first > since + 1 => full(), // fell behind the log
-                _ => st
-                    .log
-                    .iter()
-                    .filter(|(s, _)| *s > since)
-                    .map(|(_, r)| clip(*r, st.width, st.height))
-                    .filter(|r| r.w > 0 && r.h > 0)
-                    .collect(),
-            }
-        };
-        self.seen_seq = Some(st.seq);
-        self.seen_generation = st.generation;
-        Damage {
-            width: st.width,
-            height: st.height,
-            new_surface,
-            attached: st.attached,
-            rects,
-        }
+        let d = damage_locked(&st, self.seen);
+        self.seen = Some(d.to);
+        d
+    }
+
+    /// Records that the consumer is at `pos` (it was brought there by someone else's damage),
+    /// so [`Viewer::changed`] waits for anything newer.
+    pub fn seen(&mut self, pos: Position) {
+        self.seen = Some(pos);
     }
 }
 

@@ -5,6 +5,7 @@
 //! `bus` runs; the display source and servers attach to that bus.
 
 pub mod bus;
+pub mod cgroup;
 pub mod config;
 pub mod demo;
 pub mod framebuffer;

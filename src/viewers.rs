@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use crate::qemu::source::Consoles;
 use crate::rdp::RdpConfig;
 use crate::session::Desktop;
+use crate::session::budget::Budget;
 use crate::vnc::VncConfig;
 use crate::web::{StreamServer, WebConfig};
 
@@ -23,6 +24,8 @@ pub struct Viewers {
     /// The web listener, and the VNC settings for connections over its WebSocket (no VeNCrypt:
     /// the page's HTTPS is the TLS).
     pub web: Option<(SocketAddr, WebConfig, Arc<VncConfig>)>,
+    /// What viewers may cost (unlimited unless set).
+    pub budget: Option<Arc<Budget>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -67,7 +70,10 @@ impl Viewers {
             Some((addr, cfg, vnc)) => Some((bind(*addr).await?, cfg.clone(), Arc::clone(vnc))),
             None => None,
         };
-        let desktop = Desktop::primary(consoles);
+        let mut desktop = Desktop::primary(consoles);
+        if let Some(b) = &self.budget {
+            desktop.budget = Arc::clone(b);
+        }
         let mut at = Listening::default();
         if let Some((listener, cfg)) = vnc {
             at.vnc = listener.local_addr().ok();

@@ -19,6 +19,7 @@ fn allowed() -> BTreeMap<&'static str, &'static [&'static str]> {
     ];
     BTreeMap::from([
         ("pixman", &[][..]),
+        ("cgroup", &[][..]),
         ("pcm", &[][..]),
         ("net", &[][..]),
         ("health", &[][..]),
@@ -27,7 +28,10 @@ fn allowed() -> BTreeMap<&'static str, &'static [&'static str]> {
         ("framebuffer", &["pixman"][..]),
         ("hook", &["health"][..]),
         ("qemu", &["framebuffer", "pixman", "pcm", "health"][..]),
-        ("session", &["qemu", "framebuffer", "health", "pcm"][..]),
+        (
+            "session",
+            &["qemu", "framebuffer", "health", "pcm", "cgroup"][..],
+        ),
         ("vnc", FRONT),
         ("rdp", FRONT),
         ("web", FRONT),

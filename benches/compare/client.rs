@@ -73,6 +73,8 @@ pub struct Run {
     pub qemu_rss_kib: f64,
     pub mine: bool,
     pub viewers: usize,
+    /// Updates per second each viewer saw.
+    pub per_viewer: Vec<f64>,
 }
 
 impl Run {
@@ -182,6 +184,7 @@ pub async fn measure(
         run.updates += f[0];
         run.bytes += f[1];
         run.secs = run.secs.max(f[2]);
+        run.per_viewer.push(f[0] / f[2].max(1e-9));
         let _ = c.wait().await;
     }
     let elapsed = t0.elapsed().as_secs_f64();

@@ -9,12 +9,14 @@
 //! `cargo bench --bench compare` runs the full table; `cargo test` runs it as a smoke test
 //! (small mode, one short round: the table must come out complete, nothing is timed).
 //! Options after `--`: `--secs N` (window), `--rounds N`, `--samples N` (latency),
-//! `--sizes 1280x800,1920x1080`, `--no-rdp`, `--memory-only`, `--audio-only`.
+//! `--sizes 1280x800,1920x1080`, `--no-rdp`, `--memory-only`, `--audio-only`, `--budget-only`.
 
 mod audio;
+mod budget;
 mod client;
 mod guest;
 mod rdp;
+mod resets;
 mod stats;
 
 use std::net::SocketAddr;
@@ -50,6 +52,7 @@ struct Opts {
     /// Only the memory rows (at the last size).
     memory_only: bool,
     audio_only: bool,
+    budget_only: bool,
 }
 
 impl Opts {
@@ -66,6 +69,7 @@ impl Opts {
                 rdp: true,
                 memory_only: false,
                 audio_only: false,
+                budget_only: false,
             }
         } else {
             Opts {
@@ -77,6 +81,7 @@ impl Opts {
                 rdp: true,
                 memory_only: false,
                 audio_only: false,
+                budget_only: false,
             }
         };
         let mut it = args.iter().skip(1);
@@ -98,6 +103,7 @@ impl Opts {
                 "--no-rdp" => o.rdp = false,
                 "--memory-only" => o.memory_only = true,
                 "--audio-only" => o.audio_only = true,
+                "--budget-only" => o.budget_only = true,
                 _ => {} // --bench and libtest's own flags
             }
         }
@@ -125,6 +131,75 @@ fn main() -> Result<()> {
         .block_on(run(opts))
 }
 
+/// The display device of the benchmark VM.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Video {
+    /// QEMU's std VGA: QEMU (and its VNC) finds changes by polling on its refresh timer.
+    StdVga,
+    /// virtio-gpu: the guest pushes updates (the fbdev emulation flushes them).
+    VirtioGpu,
+}
+
+/// How to start the benchmark VM (again).
+struct QemuCfg {
+    kernel_dir: PathBuf,
+    dir: PathBuf,
+    bus_address: String,
+    vnc_display: u16,
+}
+
+impl QemuCfg {
+    /// QEMU with both its own `-vnc` and `-display dbus` on our bus, and the guest's serial.
+    async fn start(&self, video: Video) -> Result<(tokio::process::Child, Guest)> {
+        let serial = self.dir.join(format!("serial-{video:?}.sock"));
+        let _ = std::fs::remove_file(&serial);
+        let display: &[&str] = match video {
+            Video::StdVga => &["-vga", "std"],
+            Video::VirtioGpu => &["-vga", "none", "-device", "virtio-gpu-pci"],
+        };
+        let qemu = Command::new("qemu-system-x86_64")
+            .args([
+                "-accel",
+                "tcg",
+                "-m",
+                "256",
+                "-nodefaults",
+                "-name",
+                "vdi-bench",
+            ])
+            .args(display)
+            .args(["-device", "qemu-xhci", "-device", "usb-tablet"])
+            .arg("-kernel")
+            .arg(self.kernel_dir.join("vmlinuz"))
+            .arg("-initrd")
+            .arg(self.kernel_dir.join("initrd.gz"))
+            .args(["-append", "console=ttyS0 quiet"])
+            .args([
+                "-audiodev",
+                "dbus,id=snd0,out.frequency=48000",
+                "-device",
+                "intel-hda",
+                "-device",
+                "hda-duplex,audiodev=snd0",
+            ])
+            .arg("-display")
+            .arg(format!("dbus,addr={},audiodev=snd0", self.bus_address))
+            .args([
+                "-vnc",
+                &format!("127.0.0.1:{},audiodev=snd0", self.vnc_display),
+            ])
+            .arg("-serial")
+            .arg(format!("unix:{},server=on,wait=off", serial.display()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .context("qemu-system-x86_64 (install QEMU 10 from bookworm-backports)")?;
+        let guest = Guest::connect(&serial).await?;
+        Ok((qemu, guest))
+    }
+}
+
 /// Everything the run needs: the bus, QEMU, the guest's serial, our servers.
 struct Rig {
     guest: Guest,
@@ -137,6 +212,10 @@ struct Rig {
     rdp: SocketAddr,
     rdp_cfg: Arc<RdpConfig>,
     vnc_cfg: Arc<VncConfig>,
+    /// Our in-process server's console model (frames for the resets rows).
+    fb: vdi_sidecar::framebuffer::Framebuffer,
+    qemu: tokio::process::Child,
+    qemu_cfg: QemuCfg,
     /// Key presses so far (they alternate between two keys, see `client::latency`).
     keys: usize,
 }
@@ -162,56 +241,21 @@ async fn run(opts: Opts) -> Result<()> {
         vnc: Some((loopback, Arc::clone(&vnc_cfg))),
         rdp: opts.rdp.then(|| (loopback, Arc::clone(&rdp_cfg))),
         web: None,
+        budget: None,
     };
     let at = viewers.start(&consoles, &stop).await?;
     let ours = at.vnc.context("our VNC server")?;
     let rdp = at.rdp.unwrap_or(loopback);
 
     let qemu_vnc = free_vnc_display()?;
-    let serial = dir.path().join("serial.sock");
-    let mut qemu = Command::new("qemu-system-x86_64")
-        .args([
-            "-accel",
-            "tcg",
-            "-m",
-            "256",
-            "-nodefaults",
-            "-name",
-            "vdi-bench",
-        ])
-        .args([
-            "-vga",
-            "std",
-            "-device",
-            "qemu-xhci",
-            "-device",
-            "usb-tablet",
-        ])
-        .arg("-kernel")
-        .arg(kernel_dir.join("vmlinuz"))
-        .arg("-initrd")
-        .arg(kernel_dir.join("initrd.gz"))
-        .args(["-append", "console=ttyS0 quiet"])
-        .args([
-            "-audiodev",
-            "dbus,id=snd0,out.frequency=48000",
-            "-device",
-            "intel-hda",
-            "-device",
-            "hda-duplex,audiodev=snd0",
-        ])
-        .arg("-display")
-        .arg(format!("dbus,addr={},audiodev=snd0", bus.address()))
-        .args(["-vnc", &format!("127.0.0.1:{qemu_vnc},audiodev=snd0")])
-        .arg("-serial")
-        .arg(format!("unix:{},server=on,wait=off", serial.display()))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .context("qemu-system-x86_64 (install QEMU 10 from bookworm-backports)")?;
+    let qemu_cfg = QemuCfg {
+        kernel_dir: kernel_dir.clone(),
+        dir: dir.path().to_owned(),
+        bus_address: bus.address().to_owned(),
+        vnc_display: qemu_vnc,
+    };
+    let (qemu, guest) = qemu_cfg.start(Video::StdVga).await?;
     let qemu_pid = qemu.id().context("QEMU pid")?;
-    let guest = Guest::connect(&serial).await?;
     let mut rig = Rig {
         guest,
         qemu_pid,
@@ -222,12 +266,15 @@ async fn run(opts: Opts) -> Result<()> {
         rdp,
         rdp_cfg,
         vnc_cfg,
+        fb: consoles.primary(),
         keys: 0,
+        qemu,
+        qemu_cfg,
     };
     let table = measure_all(&mut rig, &opts).await;
     stop.cancel();
-    let _ = qemu.start_kill();
-    let _ = qemu.wait().await;
+    let _ = rig.qemu.start_kill();
+    let _ = rig.qemu.wait().await;
     display.abort();
     bus.stop().await;
     let table = table?;
@@ -288,6 +335,12 @@ async fn measure_all(rig: &mut Rig, opts: &Opts) -> Result<Table> {
         memory_rows(rig, opts, last, &mut table).await?;
         return Ok(table);
     }
+    if opts.budget_only {
+        show_test_image(rig, last.0, last.1).await?;
+        budget::rows(rig, opts, last, &mut table).await?;
+        many_viewers(rig, opts, &mut table).await?;
+        return Ok(table);
+    }
     for &(w, h) in &opts.sizes {
         show_test_image(rig, w, h).await?;
         let size = format!("{w}x{h}");
@@ -314,15 +367,63 @@ async fn measure_all(rig: &mut Rig, opts: &Opts) -> Result<Table> {
         let (us, them) = latency_pair(rig, opts).await?;
         table.pair_values(Row::latency(&size, "median"), median(&us), median(&them));
         table.pair_values(Row::latency(&size, "p95"), p95(&us), p95(&them));
+        let ratio = median(&us) / median(&them).max(1e-9);
+        table.target(
+            format!("key-to-pixel median ours/QEMU <= 1.0 on std VGA, {size}"),
+            ratio <= 1.0,
+            format!("{ratio:.2}"),
+        );
         if (w, h) == last {
             memory_rows(rig, opts, (w, h), &mut table).await?;
+            budget::rows(rig, opts, (w, h), &mut table).await?;
+            let fb = rig.fb.clone();
+            resets::rows(rig, opts, &fb, &mut table).await?;
             if opts.rdp {
                 rdp::rows(rig, opts, (w, h), &mut table).await?;
             }
             audio::rows(rig, opts, &mut table).await?;
         }
     }
+    many_viewers(rig, opts, &mut table).await?;
+    virtio_latency(rig, opts, &mut table).await?;
     Ok(table)
+}
+
+/// Key-to-pixel with the VM rebooted on virtio-gpu: the guest pushes its updates, which reach
+/// us over D-Bus at once, while QEMU's own VNC sends them on its refresh timer.
+async fn virtio_latency(rig: &mut Rig, opts: &Opts, table: &mut Table) -> Result<()> {
+    let _ = rig.qemu.start_kill();
+    let _ = rig.qemu.wait().await;
+    let (qemu, guest) = rig.qemu_cfg.start(Video::VirtioGpu).await?;
+    rig.qemu_pid = qemu.id().context("QEMU pid")?;
+    rig.qemu = qemu;
+    rig.guest = guest;
+    rig.guest.wait_ready(Duration::from_secs(120)).await?;
+    rig.guest.cmd("display fb", "display").await?;
+    rig.guest.cmd("keybox on", "keybox").await?;
+    rig.guest.cmd("fill 1", "fill").await?;
+    let (w, h) = rig.fb.size();
+    for addr in [rig.ours, rig.theirs] {
+        client::wait_size(addr, w, h, Duration::from_secs(60)).await?;
+    }
+    let (us, them) = latency_pair(rig, opts).await?;
+    let size = format!("{w}x{h}, virtio-gpu");
+    let ratio = median(&us) / median(&them).max(1e-9);
+    table.pair_values(Row::latency(&size, "median"), median(&us), median(&them));
+    table.pair_values(Row::latency(&size, "p95"), p95(&us), p95(&them));
+    table.target(
+        "key-to-pixel median ours/QEMU <= 0.7 on virtio-gpu".into(),
+        ratio <= 0.7,
+        format!("{ratio:.2}"),
+    );
+    Ok(())
+}
+
+/// 50 viewers at 1024x768 (3 at 640x480 in smoke mode).
+async fn many_viewers(rig: &mut Rig, opts: &Opts, table: &mut Table) -> Result<()> {
+    let size = if opts.full { (1024, 768) } else { (640, 480) };
+    show_test_image(rig, size.0, size.1).await?;
+    budget::fifty(rig, opts, size, table).await
 }
 
 async fn show_test_image(rig: &mut Rig, w: u32, h: u32) -> Result<()> {
@@ -451,6 +552,11 @@ async fn memory_rows(
         };
         let idle = stats::rss_kib(pid)? as f64 / 1024.0;
         table.memory(size, 0, idle, 0.0);
+        table.target(
+            "idle sidecar RSS <= 20 MiB".into(),
+            idle <= 20.0,
+            format!("{idle:.1} MiB"),
+        );
         for viewers in [1usize, 4] {
             let before_q = stats::rss_kib(rig.qemu_pid)?;
             let (us, them) = alternate(rig, &one, "video", window, Enc::Zrle, viewers).await?;
@@ -459,6 +565,13 @@ async fn memory_rows(
                 - before_q as f64)
                 / 1024.0;
             table.memory(size, viewers, ours, qemu_growth);
+            if viewers == 4 {
+                table.target(
+                    format!("RSS with 4 viewers at {size} (no cgroup) <= 64 MiB"),
+                    ours <= 64.0,
+                    format!("{ours:.1} MiB"),
+                );
+            }
         }
         anyhow::Ok(())
     }

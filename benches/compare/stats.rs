@@ -155,6 +155,12 @@ pub struct Table {
     vnc: Vec<Line>,
     memory: Vec<Line>,
     rdp: Vec<Line>,
+    /// Rows under KubeVirt's sidecar budget and with many viewers (ours, QEMU: NaN when the row
+    /// has only our value).
+    budget: Vec<Line>,
+    /// The targets the issue sets, met or not, with what was measured.
+    targets: Vec<(String, bool, String)>,
+    notes: Vec<String>,
 }
 
 impl Table {
@@ -178,6 +184,31 @@ impl Table {
             a: ours_mib,
             b: qemu_growth_mib,
         });
+    }
+
+    pub fn budget(&mut self, row: Row, ours: f64, qemu: f64) {
+        self.budget.push(Line {
+            row,
+            a: ours,
+            b: qemu,
+        });
+    }
+
+    /// A budget row with only our value (the cgroup is ours).
+    pub fn budget_single(&mut self, row: Row, ours: f64) {
+        self.budget.push(Line {
+            row,
+            a: ours,
+            b: f64::NAN,
+        });
+    }
+
+    pub fn target(&mut self, what: String, met: bool, measured: String) {
+        self.targets.push((what, met, measured));
+    }
+
+    pub fn note(&mut self, text: String) {
+        self.notes.push(text);
     }
 
     pub fn rdp(&mut self, row: Row, rdp: f64, vnc: f64) {
@@ -206,6 +237,28 @@ impl Table {
                 &self.rdp,
             );
         }
+        if !self.budget.is_empty() {
+            println!();
+            section(
+                "budget and many viewers",
+                "vdi-sidecar",
+                "QEMU -vnc",
+                "ours/QEMU",
+                &self.budget,
+            );
+        }
+        if !self.targets.is_empty() {
+            println!("\n| target | met | measured |\n|---|---|---|");
+            for (what, met, measured) in &self.targets {
+                println!(
+                    "| {what} | {} | {measured} |",
+                    if *met { "yes" } else { "NO" }
+                );
+            }
+        }
+        for n in &self.notes {
+            println!("\nnote: {n}");
+        }
     }
 
     /// Every row has both values: the smoke test's only assertion.
@@ -213,6 +266,7 @@ impl Table {
         let lines = self.vnc.iter().chain(&self.memory).chain(&self.rdp);
         let missing: Vec<&str> = lines
             .filter(|l| !l.a.is_finite() || !l.b.is_finite())
+            .chain(self.budget.iter().filter(|l| !l.a.is_finite()))
             .map(|l| l.row.label.as_str())
             .collect();
         if (self.memory.is_empty() && self.vnc.is_empty()) || !missing.is_empty() {
@@ -226,7 +280,7 @@ fn section(title: &str, a: &str, b: &str, ratio: &str, lines: &[Line]) {
     println!("| {title:<50} | {a:>14} | {b:>14} | {ratio:>9} |");
     println!("|{:-<52}|{:->16}|{:->16}|{:->11}|", "", "", "", "");
     for l in lines {
-        let r = if l.b.abs() > 1e-9 && !ratio.is_empty() {
+        let r = if l.b.abs() > 1e-9 && l.b.is_finite() && !ratio.is_empty() {
             let better = if l.row.higher_is_better {
                 l.a >= l.b
             } else {
@@ -236,9 +290,14 @@ fn section(title: &str, a: &str, b: &str, ratio: &str, lines: &[Line]) {
         } else {
             String::new()
         };
+        let b = if l.b.is_finite() {
+            format!("{:>10.2} {:<3}", l.b, l.row.unit)
+        } else {
+            format!("{:>14}", "—")
+        };
         println!(
-            "| {:<50} | {:>10.2} {:<3} | {:>10.2} {:<3} | {r:>9} |",
-            l.row.label, l.a, l.row.unit, l.b, l.row.unit
+            "| {:<50} | {:>10.2} {:<3} | {b} | {r:>9} |",
+            l.row.label, l.a, l.row.unit
         );
     }
 }

@@ -256,6 +256,7 @@ impl OutFrames {
 pub mod ntstatus {
     pub const LOGON_FAILURE: u32 = 0xC000_006D;
     pub const ACCOUNT_LOCKED_OUT: u32 = 0xC000_0234;
+    pub const NO_MEMORY: u32 = 0xC000_0017;
 }
 
 /// Splits a DER SEQUENCE into its elements' (tag, content).

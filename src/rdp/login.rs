@@ -25,6 +25,8 @@ pub enum Outcome {
     Failed,
     /// Refused before trying: too many failures from this address.
     Limited,
+    /// Refused before trying: the sidecar is at its memory limit.
+    OverBudget,
 }
 
 /// One connection's login, as the transport sees it.
@@ -35,6 +37,7 @@ pub struct Login {
     credssp_started: bool,
     out: CredsspWatch,
     outcome: Outcome,
+    over_budget: bool,
 }
 
 impl Login {
@@ -46,7 +49,15 @@ impl Login {
             credssp_started: false,
             out: CredsspWatch::default(),
             outcome: Outcome::Pending,
+            over_budget: false,
         }
+    }
+
+    /// The viewer must be turned away: the memory budget has no room for it. NLA clients are
+    /// told `STATUS_NO_MEMORY` in CredSSP (FreeRDP logs the status), TLS clients are closed.
+    pub fn refuse_over_budget(mut self) -> Self {
+        self.over_budget = true;
+        self
     }
 
     pub fn outcome(&self) -> Outcome {
@@ -65,6 +76,7 @@ impl Login {
                 warn!("RDP login failed");
             }
             Outcome::Limited => info!("RDP client refused: too many failed logins"),
+            Outcome::OverBudget => warn!("RDP client refused: memory limit"),
             Outcome::Pending => {}
         }
     }
@@ -76,13 +88,18 @@ impl Login {
             return None;
         }
         self.credssp_started = true;
-        if self.auth.allowed(self.peer) {
+        let status = if self.over_budget {
+            self.settle(Outcome::OverBudget);
+            ntstatus::NO_MEMORY
+        } else if !self.auth.allowed(self.peer) {
+            self.settle(Outcome::Limited);
+            ntstatus::ACCOUNT_LOCKED_OUT
+        } else {
             return None;
-        }
-        self.settle(Outcome::Limited);
+        };
         // Answer in the client's CredSSP version (errorCode exists from version 3 on).
         let version = ts_request_status(der).map_or(6, |(v, _)| v.clamp(3, 6));
-        Some(ts_request_refusal(version, ntstatus::ACCOUNT_LOCKED_OUT))
+        Some(ts_request_refusal(version, status))
     }
 
     /// Bytes ironrdp wrote before the MCS connection (CredSSP replies).
@@ -104,13 +121,17 @@ impl Login {
     /// An inbound TPKT (the MCS connection). `false` when the client is refused and the
     /// connection must close.
     pub fn tpkt(&mut self, tpkt: &[u8]) -> bool {
+        if self.over_budget {
+            self.settle(Outcome::OverBudget);
+            return false;
+        }
         match self.security {
             Security::Nla => {
                 if self.credssp_started {
                     // CredSSP is over and the client goes on: its password was right.
                     self.settle(Outcome::Succeeded);
                 }
-                self.outcome != Outcome::Limited
+                !matches!(self.outcome, Outcome::Limited | Outcome::OverBudget)
             }
             Security::Tls => self.client_info(tpkt),
         }

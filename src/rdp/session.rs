@@ -24,6 +24,7 @@ use super::transport::RdpStream;
 use super::{Policy, RdpConfig, Security};
 use crate::qemu::input::button;
 use crate::session::Desktop;
+use crate::session::budget::rdp_viewer_cost;
 use crate::session::stats::{Counters, ViewerStats};
 
 /// Input events queued per session before the connection's own are dropped.
@@ -125,7 +126,12 @@ impl Session {
             password: c.password.clone(),
             domain: None,
         }));
-        let login = Login::new(Arc::clone(auth), peer.ip(), self.cfg.security);
+        let mut login = Login::new(Arc::clone(auth), peer.ip(), self.cfg.security);
+        let (w, h) = self.desktop.fb.size();
+        if let Err(e) = self.desktop.budget.admit(rdp_viewer_cost(w, h)) {
+            warn!(session = id, "{e}");
+            login = login.refuse_over_budget();
+        }
         let mut stream = RdpStream::new(
             stream,
             acceptor,

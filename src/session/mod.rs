@@ -4,9 +4,12 @@
 //! counters ([`stats`]). Front ends (vnc/, rdp/, web/) build on this and never on each other.
 
 pub mod auth;
+pub mod budget;
 pub mod input;
 pub mod keymap;
 pub mod stats;
+
+use std::sync::Arc;
 
 use crate::framebuffer::Framebuffer;
 use crate::health::Health;
@@ -29,6 +32,8 @@ pub struct Desktop {
     /// The guest's microphone, for viewers that record.
     pub mic: MicHub,
     pub health: Health,
+    /// Memory and CPU limits: whether another viewer fits.
+    pub budget: Arc<budget::Budget>,
 }
 
 impl Desktop {
@@ -41,6 +46,7 @@ impl Desktop {
             audio: consoles.audio(),
             mic: consoles.mic(),
             health: consoles.health(),
+            budget: budget::Budget::unlimited(),
         }
     }
 

@@ -17,6 +17,8 @@ pub struct Counters {
     pub copy_rects: AtomicU64,
     /// Updates that resent lossy areas losslessly once the screen was still.
     pub lossless_refreshes: AtomicU64,
+    /// Updates a viewer that fell behind the shared encoding got for itself.
+    pub catch_ups: AtomicU64,
     /// Bytes written to and read from the client (after TLS).
     pub bytes_out: AtomicU64,
     pub bytes_in: AtomicU64,

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
+use super::share::Groups;
 use crate::session::auth::Auth;
 use crate::session::stats::Counters;
 use crate::tls::TlsIdentity;
@@ -40,8 +41,14 @@ pub struct VncConfig {
     pub handshake_timeout: Duration,
     /// What was sent, summed over all connections (logs, tests, benchmarks).
     pub stats: Arc<Counters>,
+    /// The shared encodings (and encoder pool) of the console; give every listener serving it
+    /// the same one so their viewers share.
+    pub groups: Arc<Groups>,
     pub(super) sessions: Sessions,
 }
+
+/// Encoded frames a group keeps, in bytes, when the budget says nothing tighter.
+pub const DEFAULT_FRAME_BYTES: usize = 12 * 1024 * 1024;
 
 impl VncConfig {
     pub fn new(auth: Arc<Auth>, desktop_name: impl Into<String>) -> Self {
@@ -53,6 +60,10 @@ impl VncConfig {
             share: SharePolicy::default(),
             handshake_timeout: HANDSHAKE_TIMEOUT,
             stats: Arc::default(),
+            groups: Groups::new(
+                std::thread::available_parallelism().map_or(1, |n| n.get()),
+                DEFAULT_FRAME_BYTES,
+            ),
             sessions: Sessions::default(),
         }
     }

@@ -90,11 +90,16 @@ fn cpixel_range(pf: &PixelFormat) -> std::ops::Range<usize> {
     0..bytes
 }
 
-/// A ZRLE encoder: one zlib stream for the life of the connection (§7.7.6).
+/// A ZRLE encoder. RFB has one zlib stream per connection (§7.7.6), but each rectangle here is
+/// a fresh raw-deflate stream ending in a sync flush: appended to what a client's inflater has
+/// seen (once it got the zlib header, [`super::frame::ZLIB_HEADER`]) it decodes the same for
+/// every client, which is what lets one encoding serve many viewers.
 pub struct Zrle {
     z: Compress,
     tile: Vec<u8>,
     px: Vec<u8>,
+    /// Start every rectangle with a fresh stream (shareable); off only to measure the cost.
+    reset: bool,
 }
 
 impl Default for Zrle {
@@ -124,9 +129,20 @@ fn push_rle_len(out: &mut Vec<u8>, len: usize) {
 impl Zrle {
     pub fn new(level: u32) -> Self {
         Self {
-            z: Compress::new(Compression::new(level.min(9)), true),
+            z: Compress::new(Compression::new(level.min(9)), false),
             tile: Vec::new(),
             px: Vec::new(),
+            reset: true,
+        }
+    }
+
+    /// One continuous stream for every rectangle, as a per-connection RFB server would keep it
+    /// (its own zlib header first): not shareable; for measuring what the resets cost.
+    pub fn continuous(level: u32) -> Self {
+        Self {
+            z: Compress::new(Compression::new(level.min(9)), true),
+            reset: false,
+            ..Self::new(level)
         }
     }
 
@@ -261,6 +277,11 @@ impl Zrle {
         let len_at = out.len();
         out.extend_from_slice(&[0; 4]);
         let start = out.len();
+        // No back-reference into an earlier rectangle: a client that did not receive it can
+        // still decode this one.
+        if self.reset {
+            self.z.reset();
+        }
         deflate_sync(&mut self.z, &self.tile, out);
         let len = u32::try_from(out.len() - start).unwrap_or(u32::MAX);
         out[len_at..len_at + 4].copy_from_slice(&len.to_be_bytes());
@@ -410,7 +431,8 @@ mod tests {
     #[test]
     fn zrle_round_trips_across_tile_kinds_and_rects() {
         let mut enc = Zrle::default();
-        let mut dec = Decompress::new(true);
+        // Each rectangle is raw deflate on its own; one inflater reads them all in a row.
+        let mut dec = Decompress::new(false);
         let (w, h) = (150, 70);
         let noise: Vec<u32> = (0..w * h)
             .map(|i| (i as u32).wrapping_mul(2_654_435_761) & 0xff_ffff)

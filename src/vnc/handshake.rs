@@ -13,6 +13,7 @@ use super::config::VncConfig;
 use super::proto::ProtoError;
 use crate::net::Io;
 use crate::session::auth::{RATE_LIMITED, constant_time_eq};
+use crate::session::budget::Refused;
 
 /// Security types (RFC 6143 §7.2, rfbproto "VeNCrypt").
 const SEC_NONE: u8 = 1;
@@ -55,6 +56,8 @@ pub enum ConnError {
     Refused(&'static str),
     #[error("another viewer connected exclusively")]
     Evicted,
+    #[error(transparent)]
+    OverBudget(Refused),
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -108,10 +111,12 @@ enum Inner {
 
 /// Runs the handshake up to and including ClientInit; returns the stream to go on with and the
 /// shared flag.
+/// `over_budget`: the viewer cannot be admitted; it is told why instead of the security types.
 pub async fn handshake<S: Io + 'static>(
     mut s: S,
     cfg: &VncConfig,
     peer: SocketAddr,
+    over_budget: Option<Refused>,
 ) -> Result<(Box<dyn Io>, bool), ConnError> {
     s.write_all(b"RFB 003.008\n").await?;
     let mut v = [0u8; 12];
@@ -131,33 +136,37 @@ pub async fn handshake<S: Io + 'static>(
         });
     }
     let limited = !cfg.auth.allowed(peer.ip());
+    // Refusals before authentication: the reason goes where the security types would.
+    let early: Option<(String, ConnError)> = match over_budget {
+        Some(r) => Some((r.to_string(), ConnError::OverBudget(r))),
+        None if limited => Some((RATE_LIMITED.to_owned(), ConnError::RateLimited)),
+        None => None,
+    };
     let chosen = if version == Version::V3_3 {
         // 3.3: the server decides (no VeNCrypt there); a failure is 0 followed by a reason.
         let pick = offered.iter().copied().find(|&t| t != SEC_VENCRYPT);
-        let refusal = if limited {
-            Some(RATE_LIMITED)
-        } else if pick.is_none() {
-            Some("this server requires VeNCrypt (TLS); use an RFB 3.7 or newer client")
-        } else {
-            None
-        };
-        if let Some(reason) = refusal {
+        let refusal = early.or_else(|| {
+            pick.is_none().then(|| {
+                (
+                    "this server requires VeNCrypt (TLS); use an RFB 3.7 or newer client"
+                        .to_owned(),
+                    ConnError::Refused("RFB 3.3 client but TLS is required"),
+                )
+            })
+        });
+        if let Some((reason, err)) = refusal {
             s.write_all(&0u32.to_be_bytes()).await?;
-            send_failure(&mut s, reason).await?;
-            return Err(if limited {
-                ConnError::RateLimited
-            } else {
-                ConnError::Refused("RFB 3.3 client but TLS is required")
-            });
+            send_failure(&mut s, &reason).await?;
+            return Err(err);
         }
         let pick = pick.unwrap_or(SEC_NONE);
         s.write_all(&u32::from(pick).to_be_bytes()).await?;
         pick
     } else {
-        if limited {
+        if let Some((reason, err)) = early {
             s.write_all(&[0]).await?;
-            send_failure(&mut s, RATE_LIMITED).await?;
-            return Err(ConnError::RateLimited);
+            send_failure(&mut s, &reason).await?;
+            return Err(err);
         }
         let mut list = vec![offered.len() as u8];
         list.extend_from_slice(&offered);

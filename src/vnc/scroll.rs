@@ -27,7 +27,7 @@ pub fn row_hash(row: &[u32]) -> RowHash {
 }
 
 /// One viewer's knowledge of its own screen, row by row.
-#[derive(Default)]
+#[derive(Debug, Default)]
 pub struct RowHashes {
     rows: Vec<RowHash>,
 }

@@ -10,32 +10,32 @@ use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{broadcast, watch};
 use tokio::time::Instant;
-use tracing::{debug, info, trace, warn};
+use tracing::{debug, info, trace};
 
 use super::audio::Sound;
 use super::caps::ClientCaps;
 use super::config::{SharePolicy, VncConfig};
-use super::encoder::{self, UpdateJob};
+use super::delivery::{Fetched, Place};
 use super::extras::{self, Told};
+use super::frame::{EncodedRect, ZLIB_HEADER};
 use super::handshake::{ConnError, handshake};
 use super::proto::{ClientMsg, PixelFormat, decode};
 use super::pseudo;
-use super::scroll::{RowHashes, row_hash};
-use super::update::{self, Source};
+use super::share::{Frame, Kind};
 use crate::framebuffer::{Rect, Viewer};
 use crate::net::Io;
 use crate::qemu::audio::AudioEvent;
 use crate::qemu::input::button;
 use crate::session::Desktop;
+use crate::session::budget::vnc_viewer_cost;
 use crate::session::input::ViewerInput;
 use crate::session::stats::ViewerStats;
 
-/// How long the screen must stay still before JPEG areas are resent losslessly.
-const LOSSLESS_REFRESH: Duration = Duration::from_millis(150);
 /// How often LED and pointer-mode changes (which come without damage) are looked at.
 const CONTROL_POLL: Duration = Duration::from_millis(250);
-/// An update this large is logged: something is wrong with the plan or the client's request.
-const HUGE_UPDATE: usize = 64 * 1024 * 1024;
+/// Small rectangles are gathered into one write up to this size; larger ones go straight from
+/// the shared frame.
+const WRITE_BATCH: usize = 64 * 1024;
 
 /// Serves one accepted connection to the end: handshake, then the session.
 pub async fn serve<S: Io + 'static>(
@@ -44,11 +44,13 @@ pub async fn serve<S: Io + 'static>(
     cfg: Arc<VncConfig>,
     desktop: Desktop,
 ) -> Result<(), ConnError> {
-    let (io, shared) =
-        match tokio::time::timeout(cfg.handshake_timeout, handshake(s, &cfg, peer)).await {
-            Ok(r) => r?,
-            Err(_) => return Err(ConnError::Timeout),
-        };
+    let (w, h) = desktop.fb.size();
+    let over_budget = desktop.budget.admit(vnc_viewer_cost(w, h)).err();
+    let hs = handshake(s, &cfg, peer, over_budget);
+    let (io, shared) = match tokio::time::timeout(cfg.handshake_timeout, hs).await {
+        Ok(r) => r?,
+        Err(_) => return Err(ConnError::Timeout),
+    };
     let (id, evict) = cfg.sessions.join();
     if !shared && cfg.share == SharePolicy::AllowExclusive {
         info!("exclusive client: disconnecting the other viewers");
@@ -85,14 +87,10 @@ struct Session {
     continuous: Option<Rect>,
     /// The next update must be complete (new pixel format, new size).
     force_full: bool,
-    /// When to resend JPEG areas losslessly (the screen has been still since).
-    refresh_at: Option<Instant>,
-    /// Areas last sent as JPEG.
-    lossy: Vec<Rect>,
-    /// What the client's screen shows, row by row (for CopyRect).
-    rows: RowHashes,
-    /// Encoder state and buffers; `None` only while an update is encoded off this task.
-    job: Option<UpdateJob>,
+    /// Where this viewer stands in the shared encoding of its group.
+    place: Place,
+    /// The client's ZRLE inflater has had its zlib header.
+    zlib_started: bool,
     sound: Sound,
     inbuf: BytesMut,
     /// Replies to client messages, written after each batch.
@@ -112,14 +110,11 @@ impl Session {
             (0, _) | (_, 0) => (640, 480),
             size => size,
         };
-        let mut rows = RowHashes::default();
-        rows.reset(height);
         Self {
             io,
             viewer: desktop.fb.viewer(),
             input: desktop.viewer_input(),
             stats: ViewerStats::new(&cfg.stats),
-            job: Some(UpdateJob::new(desktop.fb.clone())),
             cfg,
             desktop,
             id,
@@ -131,9 +126,8 @@ impl Session {
             pending: None,
             continuous: None,
             force_full: false,
-            refresh_at: None,
-            lossy: Vec::new(),
-            rows,
+            place: Place::default(),
+            zlib_started: false,
             sound: Sound::default(),
             inbuf: BytesMut::with_capacity(4096),
             out: Vec::with_capacity(4096),
@@ -153,7 +147,7 @@ impl Session {
         loop {
             self.send_update_if_due().await?;
             let waiting = self.pending.is_some() || self.continuous.is_some();
-            let refresh_at = self.refresh_at;
+            let refresh_at = self.place.refresh_at.map(Instant::from_std);
             let polls = waiting && (self.caps.led_state || self.caps.pointer_motion);
             tokio::select! {
                 n = self.io.read_buf(&mut self.inbuf) => {
@@ -201,74 +195,145 @@ impl Session {
         let Some((incremental, region)) = target else {
             return Ok(());
         };
-        let Some(mut job) = self.job.take() else {
-            return Ok(());
-        };
-        let damage = self.viewer.take_damage();
-        let resized = damage.width != 0
-            && damage.height != 0
-            && (damage.width, damage.height) != (self.width, self.height);
+        let (fw, fh) = self.desktop.fb.size();
+        let resized = fw != 0 && fh != 0 && (fw, fh) != (self.width, self.height);
         if resized && (self.caps.desktop_size || self.caps.ext_desktop_size) {
-            self.job = Some(job);
-            return self.announce_size(damage.width, damage.height).await;
+            return self.announce_size(fw, fh).await;
         }
-        let full = !incremental || damage.new_surface;
-        job.extras.clear();
-        job.n_extras = self.told.write(
+        if !incremental {
+            self.place.forget();
+        }
+        let mut extras = Vec::new();
+        let n_extras = self.told.write(
             &self.caps,
             &self.desktop,
-            &job.pf,
+            &self.place.pf,
             (self.width, self.height),
             &self.cfg.desktop_name,
-            &mut job.extras,
+            &mut extras,
         );
-        let mut rects = update::update_rects(&damage, full, region, self.width, self.height);
-        // Nothing changed since the JPEG went out: now send those areas losslessly.
-        let refresh = rects.is_empty() && self.refresh_at.is_some_and(|t| t <= Instant::now());
-        let mut saved_quality = None;
-        if refresh {
-            self.refresh_at = None;
-            rects = std::mem::take(&mut self.lossy);
-            update::merge_overlaps(&mut rects);
-            saved_quality = job.encoders.set_jpeg(None);
-        } else if full {
-            self.lossy.clear();
+        let whole = region.x == 0
+            && region.y == 0
+            && region.w >= self.width
+            && region.h >= self.height
+            && !resized;
+        let group = self
+            .place
+            .group(&self.caps, &self.cfg.groups, &self.desktop.fb);
+        let fetched = if whole {
+            self.place
+                .next_frame(&group, incremental, n_extras > 0, &mut self.viewer)
+                .await
+        } else {
+            // A part of the screen (or a surface the client cannot be told about): this
+            // viewer's own encoding, and its place in the chain is kept.
+            let size = (self.width, self.height);
+            Fetched::Frame(
+                self.place
+                    .private_region(&group, region, incremental, size)
+                    .await,
+            )
+        };
+        match fetched {
+            Fetched::Frame(frame) => {
+                if frame.kind == Kind::CatchUp && whole {
+                    self.stats.add(|c| &c.catch_ups, 1);
+                }
+                self.send(&frame, &extras, n_extras).await
+            }
+            Fetched::Nothing => {
+                if n_extras > 0 {
+                    self.write_update(&[], &extras, n_extras).await?;
+                    self.pending = None;
+                }
+                Ok(())
+            }
         }
-        let asked_full = self.pending.is_some_and(|r| !r.incremental);
-        if rects.is_empty() && job.n_extras == 0 && !asked_full {
-            self.job = Some(job);
+    }
+
+    /// Sends `frame` with this viewer's pseudo-rectangles first, and counts it.
+    async fn send(
+        &mut self,
+        frame: &Frame,
+        extras: &[u8],
+        n_extras: usize,
+    ) -> Result<(), ConnError> {
+        let rects = &frame.encoded.rects;
+        if rects.is_empty() && n_extras == 0 && self.pending.is_some_and(|r| r.incremental) {
             return Ok(());
         }
-        self.plan(&mut job, &rects, !full);
-        let copies = job
-            .parts
-            .iter()
-            .filter(|p| matches!(p.1, Source::CopyFrom(_)))
-            .count() as u64;
-        let mut job = encoder::encode(job).await;
-        if let Some(q) = saved_quality {
-            job.encoders.set_jpeg(q);
-        }
+        self.write_update(rects, extras, n_extras).await?;
         self.stats.add(|c| &c.updates, 1);
-        self.stats.add(|c| &c.rects, job.parts.len() as u64);
-        self.stats.add(|c| &c.jpeg_rects, job.lossy.len() as u64);
-        self.stats.add(|c| &c.copy_rects, copies);
-        if refresh {
+        self.stats.add(|c| &c.rects, rects.len() as u64);
+        let jpeg = rects.iter().filter(|r| r.lossy.is_some()).count();
+        self.stats.add(|c| &c.jpeg_rects, jpeg as u64);
+        self.stats.add(|c| &c.copy_rects, frame.copies as u64);
+        if frame.kind == Kind::Refresh {
             self.stats.add(|c| &c.lossless_refreshes, 1);
-        } else if !job.lossy.is_empty() {
-            self.lossy.extend_from_slice(&job.lossy);
-            update::cap_rects(&mut self.lossy);
-            self.refresh_at = Some(Instant::now() + LOSSLESS_REFRESH);
         }
-        if job.out.len() > HUGE_UPDATE {
-            warn!(bytes = job.out.len(), "very large update");
-        }
-        let result = self.write(&job.out).await;
-        self.job = Some(job);
-        result?;
         self.pending = None;
         self.force_full = false;
         Ok(())
+    }
+
+    /// Writes one FramebufferUpdate: the header, `extras` (`n_extras` pseudo-rectangles), then
+    /// the shared rectangles, gathered into bounded writes.
+    async fn write_update(
+        &mut self,
+        rects: &[EncodedRect],
+        extras: &[u8],
+        n_extras: usize,
+    ) -> Result<(), ConnError> {
+        let count = rects.len() + n_extras;
+        let last_rect = self.caps.last_rect && count >= usize::from(u16::MAX);
+        let mut out = std::mem::take(&mut self.out);
+        out.clear();
+        pseudo::update_header(
+            &mut out,
+            if last_rect {
+                u16::MAX
+            } else {
+                u16::try_from(count).unwrap_or(u16::MAX)
+            },
+        );
+        out.extend_from_slice(extras);
+        let mut result = Ok(());
+        for (i, r) in rects.iter().enumerate() {
+            if !last_rect && i + n_extras >= usize::from(u16::MAX) {
+                break;
+            }
+            let mut bytes = &r.bytes[..];
+            if r.zrle && !self.zlib_started && bytes.len() >= 16 {
+                // The client's inflater starts with the zlib header, inside its first rect.
+                let len = u32::from_be_bytes([bytes[12], bytes[13], bytes[14], bytes[15]]);
+                out.extend_from_slice(&bytes[..12]);
+                out.extend_from_slice(&len.saturating_add(2).to_be_bytes());
+                out.extend_from_slice(&ZLIB_HEADER);
+                bytes = &bytes[16..];
+                self.zlib_started = true;
+            }
+            if out.len() + bytes.len() <= WRITE_BATCH {
+                out.extend_from_slice(bytes);
+                continue;
+            }
+            if let Err(e) = self.write(&out).await {
+                result = Err(e);
+                break;
+            }
+            out.clear();
+            if let Err(e) = self.write(bytes).await {
+                result = Err(e);
+                break;
+            }
+        }
+        if result.is_ok() {
+            if last_rect {
+                pseudo::last_rect(&mut out);
+            }
+            result = self.write(&out).await;
+        }
+        self.out = out;
+        Ok(result?)
     }
 
     /// The size change goes alone; the client asks again for the new surface.
@@ -282,39 +347,11 @@ impl Session {
             pseudo::desktop_size(&mut out, width, height);
         }
         self.told.layout = false;
-        self.rows.reset(height);
+        self.place.forget();
         self.write(&out).await?;
         self.pending = None;
         self.force_full = true;
         Ok(())
-    }
-
-    /// Decides the update's parts: a single full-width band may be a scroll (CopyRects, when
-    /// the client takes them); anything else is read from the framebuffer as it is encoded.
-    fn plan(&mut self, job: &mut UpdateJob, rects: &[Rect], incremental: bool) {
-        job.parts.clear();
-        if !self.caps.copy_rect {
-            job.parts
-                .extend(rects.iter().map(|r| (*r, Source::Framebuffer)));
-            return;
-        }
-        if let Some(band) = update::single_band(rects, self.width)
-            && job.fb.read_rect(band, &mut job.band.pixels) == band
-        {
-            job.band.rect = band;
-            let hashes: Vec<_> = job
-                .band
-                .pixels
-                .chunks_exact(band.w as usize)
-                .map(row_hash)
-                .collect();
-            update::plan_band(band, &hashes, incremental, &mut self.rows, &mut job.parts);
-            return;
-        }
-        for r in rects {
-            self.rows.forget(r);
-            job.parts.push((*r, Source::Framebuffer));
-        }
     }
 
     /// Handles every complete message read so far; replies go out after each.
@@ -336,11 +373,10 @@ impl Session {
     async fn handle(&mut self, msg: ClientMsg) -> Result<(), ConnError> {
         match msg {
             ClientMsg::SetPixelFormat(p) => {
-                if let Some(job) = self.job.as_mut() {
-                    job.pf = p;
-                }
+                self.place.pf = p;
                 // Cached colour bytes are in the old format: resend everything.
                 self.force_full = true;
+                self.place.forget();
             }
             ClientMsg::SetEncodings(list) => self.set_encodings(&list),
             ClientMsg::UpdateRequest {
@@ -450,10 +486,6 @@ impl Session {
     fn set_encodings(&mut self, list: &[i32]) {
         let before = std::mem::replace(&mut self.caps, ClientCaps::from_list(list));
         let caps = &self.caps;
-        if let Some(job) = self.job.as_mut() {
-            job.encoders.configure(caps);
-            job.last_rect = caps.last_rect;
-        }
         debug!(?caps, "encodings set");
         self.told = Told::after_set_encodings(&before, caps, &mut self.out);
     }

@@ -29,6 +29,16 @@ const STREAM_INDEXED: usize = 2;
 /// TigerVNC's mapping of the 0–9 quality level to libjpeg quality.
 const JPEG_QUALITY: [u8; 10] = [15, 29, 41, 42, 62, 77, 79, 86, 92, 100];
 
+/// The JPEG quality (1–100) for a client's quality level (0–9) or fine-grained quality (0–100,
+/// TurboVNC style, which wins); neither means lossless only.
+pub fn jpeg_quality(level: Option<u8>, fine: Option<u8>) -> Option<u8> {
+    match (fine, level) {
+        (Some(q), _) => Some(q.clamp(1, 100)),
+        (None, Some(l)) => Some(JPEG_QUALITY[usize::from(l.min(9))]),
+        (None, None) => None,
+    }
+}
+
 /// Splits a rectangle into pieces a Tight decoder accepts.
 pub fn split(r: Rect, out: &mut Vec<Rect>) {
     let mut x = r.x;
@@ -47,6 +57,8 @@ pub fn split(r: Rect, out: &mut Vec<Rect>) {
 
 pub struct Tight {
     streams: [Compress; 4],
+    /// Reset a stream for every rectangle (shareable); off only to measure the cost.
+    reset: bool,
     /// JPEG quality (1–100) when the client allows lossy compression.
     jpeg_quality: Option<u8>,
     scratch: Vec<u8>,
@@ -68,10 +80,20 @@ impl Tight {
         let z = || Compress::new(Compression::new(level.min(9)), true);
         Self {
             streams: [z(), z(), z(), z()],
+            reset: true,
             jpeg_quality: quality.map(|q| JPEG_QUALITY[usize::from(q.min(9))]),
             scratch: Vec::new(),
             zbuf: Vec::new(),
             palette: Vec::with_capacity(257),
+        }
+    }
+
+    /// Streams that live as long as the connection, as a per-connection server keeps them: not
+    /// shareable; for measuring what the resets cost.
+    pub fn continuous(level: u32, quality: Option<u8>) -> Self {
+        Self {
+            reset: false,
+            ..Self::new(level, quality)
         }
     }
 
@@ -83,11 +105,7 @@ impl Tight {
     /// Sets the JPEG quality from the client's level (0–9) or fine-grained quality (0–100,
     /// TurboVNC style, which wins); neither means lossless only.
     pub fn set_quality(&mut self, level: Option<u8>, fine: Option<u8>) {
-        self.jpeg_quality = match (fine, level) {
-            (Some(q), _) => Some(q.clamp(1, 100)),
-            (None, Some(l)) => Some(JPEG_QUALITY[usize::from(l.min(9))]),
-            (None, None) => None,
-        };
+        self.jpeg_quality = jpeg_quality(level, fine);
     }
 
     /// Encodes one rectangle (already `split`) of canonical pixels, without its header; true
@@ -117,7 +135,7 @@ impl Tight {
             n @ 2..=256 if n <= max_palette => {
                 let mono = n == 2;
                 let stream = if mono { STREAM_MONO } else { STREAM_INDEXED };
-                out.push(((stream as u8) << 4) | EXPLICIT_FILTER);
+                out.push(((stream as u8) << 4) | EXPLICIT_FILTER | self.reset_bit(stream));
                 out.push(FILTER_PALETTE);
                 out.push((n - 1) as u8);
                 for &c in &self.palette {
@@ -176,12 +194,19 @@ impl Tight {
     }
 
     fn full_colour(&mut self, pf: &PixelFormat, pixels: &[u32], out: &mut Vec<u8>) {
-        out.push((STREAM_FULL as u8) << 4);
+        out.push(((STREAM_FULL as u8) << 4) | self.reset_bit(STREAM_FULL));
         self.scratch.clear();
         for &p in pixels {
             put_tpixel(pf, p, &mut self.scratch);
         }
         self.compressed(STREAM_FULL, out);
+    }
+
+    /// Compression-control bit asking the client to reset `stream`'s inflater: every rectangle
+    /// starts a new zlib stream, so its bytes decode the same for every client (encode once,
+    /// send to many) and rectangles can be encoded in parallel.
+    fn reset_bit(&self, stream: usize) -> u8 {
+        if self.reset { 1 << stream } else { 0 }
     }
 
     /// The distinct colours, sorted, stopping once there are more than `max`.
@@ -202,14 +227,19 @@ impl Tight {
         }
     }
 
-    /// Appends `scratch` as Tight data: raw when short, else length + zlib (sync flush).
+    /// Appends `scratch` as Tight data: raw when short, else length + a new zlib stream (the
+    /// control byte told the client to reset its inflater for `stream`).
     fn compressed(&mut self, stream: usize, out: &mut Vec<u8>) {
         if self.scratch.len() < MIN_TO_COMPRESS {
             out.extend_from_slice(&self.scratch);
             return;
         }
         self.zbuf.clear();
-        deflate_sync(&mut self.streams[stream], &self.scratch, &mut self.zbuf);
+        let z = &mut self.streams[stream];
+        if self.reset {
+            z.reset();
+        }
+        deflate_sync(z, &self.scratch, &mut self.zbuf);
         compact_len(self.zbuf.len(), out);
         out.extend_from_slice(&self.zbuf);
     }
@@ -301,6 +331,11 @@ mod tests {
                 return (px, data.len() - r.len() + n);
             }
             let stream = usize::from((ctl >> 4) & 3);
+            for i in 0..4 {
+                if ctl & (1 << i) != 0 {
+                    self.z[i] = Decompress::new(true);
+                }
+            }
             let mut palette = Vec::new();
             if ctl & EXPLICIT_FILTER != 0 {
                 assert_eq!(r[0], FILTER_PALETTE);

@@ -155,6 +155,7 @@ pub fn plan_band(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::framebuffer::Position;
     use crate::vnc::scroll::row_hash;
 
     fn r(x: u32, y: u32, w: u32, h: u32) -> Rect {
@@ -168,6 +169,10 @@ mod tests {
             height: 100,
             new_surface: false,
             attached: true,
+            to: Position {
+                generation: 1,
+                seq: 1,
+            },
             rects: vec![
                 r(0, 0, 100, 100),
                 r(0, 0, 100, 100),
@@ -196,6 +201,10 @@ mod tests {
             height: 100,
             new_surface: false,
             attached: true,
+            to: Position {
+                generation: 1,
+                seq: 1,
+            },
             rects: (0..40).map(|i| r(i * 2, i * 2, 1, 1)).collect(),
         };
         assert_eq!(

@@ -28,6 +28,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::net::{Io, accept_bounded};
 use crate::session::Desktop;
+use crate::session::budget::vnc_viewer_cost;
 use crate::tls::TlsIdentity;
 
 const INDEX: &str = include_str!("../../web/index.html");
@@ -191,6 +192,13 @@ fn upgrade(st: AppState, ws: WebSocketUpgrade, peer: SocketAddr) -> Response {
         warn!(%peer, "browser refused: {MAX_VIEWERS} viewers already connected");
         return (StatusCode::SERVICE_UNAVAILABLE, "too many viewers\n").into_response();
     };
+    // The VNC session behind the socket is admitted (and counted) by the VNC server; a browser
+    // that would be refused there is told here, as HTTP.
+    let (w, h) = st.desktop.fb.size();
+    if let Err(e) = st.desktop.budget.check(vnc_viewer_cost(w, h)) {
+        warn!(%peer, "browser refused: {e}");
+        return (StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")).into_response();
+    }
     ws.protocols(["binary"])
         .max_message_size(MAX_WS_MESSAGE)
         .max_frame_size(MAX_WS_MESSAGE)
@@ -205,8 +213,9 @@ fn upgrade(st: AppState, ws: WebSocketUpgrade, peer: SocketAddr) -> Response {
         })
 }
 
-/// Ready once QEMU's display is attached and a surface exists. Known problems (see [`crate::health::Health`]) follow
-/// as "warning:" lines: missing audio leaves the desktop usable, so it does not make us unready.
+/// Ready once QEMU's display is attached and a surface exists. Known problems (see
+/// [`crate::health::Health`]) follow as "warning:" lines: missing audio leaves the desktop
+/// usable, so it does not make us unready.
 async fn readyz(State(st): State<AppState>) -> Response {
     let (w, h) = st.desktop.fb.size();
     let mut body = if st.desktop.fb.is_attached() && w > 0 && h > 0 {

@@ -1,0 +1,338 @@
+//! The sidecar inside the budget KubeVirt gives a hook sidecar on VMIs with dedicated CPUs:
+//! 200m CPU and 64,000,000 bytes of memory. A real `vdi-sidecar bridge` runs in a cgroup (v1
+//! `cpu` and `memory`, made here as root) while the guest animates full screen; viewers of
+//! both servers at once; and 50 viewers without a cgroup to see what sharing saves.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use tokio::process::{Child, Command};
+
+use crate::client::{self, Enc};
+use crate::stats::{Row, Table, median};
+use crate::{Opts, Rig, alternate};
+
+/// KubeVirt's sidecar resources for dedicated-CPU VMIs (requests = limits).
+pub const MEMORY_LIMIT: u64 = 64_000_000;
+pub const CPU_LIMIT: f64 = 0.2;
+
+/// A cgroup (v1) of ours with a memory limit and a CPU quota, removed when dropped.
+pub struct Cgroup {
+    memory: PathBuf,
+    cpu: PathBuf,
+}
+
+impl Cgroup {
+    pub fn create(name: &str, memory: u64, cpus: f64) -> Result<Self> {
+        let memory_dir = PathBuf::from("/sys/fs/cgroup/memory").join(name);
+        let cpu_dir = PathBuf::from("/sys/fs/cgroup/cpu").join(name);
+        for d in [&memory_dir, &cpu_dir] {
+            std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+        }
+        let cg = Self {
+            memory: memory_dir,
+            cpu: cpu_dir,
+        };
+        let period = 100_000u64;
+        cg.write_cpu("cpu.cfs_period_us", &period.to_string())?;
+        cg.write_cpu(
+            "cpu.cfs_quota_us",
+            &((cpus * period as f64) as u64).to_string(),
+        )?;
+        cg.write_memory("memory.limit_in_bytes", &memory.to_string())?;
+        // Swap would hide the limit: the limit on memory+swap is the same.
+        let _ = cg.write_memory("memory.memsw.limit_in_bytes", &memory.to_string());
+        Ok(cg)
+    }
+
+    fn write_memory(&self, file: &str, value: &str) -> Result<()> {
+        std::fs::write(self.memory.join(file), value).with_context(|| format!("writing {file}"))
+    }
+
+    fn write_cpu(&self, file: &str, value: &str) -> Result<()> {
+        std::fs::write(self.cpu.join(file), value).with_context(|| format!("writing {file}"))
+    }
+
+    fn read(&self, file: &str) -> u64 {
+        std::fs::read_to_string(self.memory.join(file))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Starts `program` with `args` inside the cgroup (it joins before it allocates anything).
+    pub fn spawn(&self, program: &str, args: &[String]) -> Result<Child> {
+        let script = format!(
+            "echo $$ > {}/cgroup.procs && echo $$ > {}/cgroup.procs && exec \"$@\"",
+            self.memory.display(),
+            self.cpu.display()
+        );
+        Command::new("sh")
+            .args(["-c", &script, "sh", program])
+            .args(args)
+            .env("VDI_LOG", "warn")
+            .env("MALLOC_ARENA_MAX", "2")
+            .env("MALLOC_MMAP_THRESHOLD_", "131072")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting the bridge in the cgroup")
+    }
+
+    /// Peak memory since the last reset, in bytes.
+    pub fn peak(&self) -> u64 {
+        self.read("memory.max_usage_in_bytes")
+    }
+
+    pub fn reset_peak(&self) {
+        let _ = self.write_memory("memory.max_usage_in_bytes", "0");
+    }
+
+    /// Times the limit was hit (the kernel reclaimed, or failed to charge).
+    pub fn limit_hits(&self) -> u64 {
+        self.read("memory.failcnt")
+    }
+
+    /// Processes the OOM killer killed in the cgroup.
+    pub fn oom_kills(&self) -> u64 {
+        std::fs::read_to_string(self.memory.join("memory.oom_control"))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("oom_kill ")?.trim().parse().ok())
+            })
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        // Empty once its processes are gone (kill_on_drop); rmdir may need a moment.
+        for _ in 0..50 {
+            let a = std::fs::remove_dir(&self.memory);
+            let b = std::fs::remove_dir(&self.cpu);
+            if (a.is_ok() || !self.memory.exists()) && (b.is_ok() || !self.cpu.exists()) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// A `vdi-sidecar bridge` on the rig's bus, listening for VNC on a free port.
+async fn bridge(rig: &Rig, cgroup: Option<&Cgroup>) -> Result<(Child, SocketAddr)> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let args: Vec<String> = [
+        "bridge",
+        "--dbus-address",
+        &rig.bus_address,
+        "--vnc",
+        &format!("127.0.0.1:{port}"),
+        "--rdp",
+        "none",
+        "--http",
+        "none",
+        "--insecure-no-auth",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let exe = env!("CARGO_BIN_EXE_vdi-sidecar");
+    let child = match cgroup {
+        Some(cg) => cg.spawn(exe, &args)?,
+        None => Command::new(exe)
+            .args(&args)
+            .env("VDI_LOG", "warn")
+            .env("MALLOC_ARENA_MAX", "2")
+            .env("MALLOC_MMAP_THRESHOLD_", "131072")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()?,
+    };
+    Ok((child, SocketAddr::from(([127, 0, 0, 1], port))))
+}
+
+/// The bridge's own pid (under `sh -c … exec` it is the same process).
+fn pid_of(child: &Child) -> Result<u32> {
+    child.id().context("bridge pid")
+}
+
+/// Rows for the sidecar under 200m / 64M: per-viewer updates/s, peak memory and limit hits
+/// for 1, 4 and 16 viewers of a full-screen animation, Tight+JPEG (noVNC) and ZRLE
+/// (gtk-vnc), next to QEMU's own VNC with as many viewers (QEMU is not in the cgroup).
+pub async fn rows(rig: &mut Rig, opts: &Opts, size: (u32, u32), table: &mut Table) -> Result<()> {
+    let name = format!("vdi-bench-{}", std::process::id());
+    let cg = match Cgroup::create(&name, MEMORY_LIMIT, CPU_LIMIT) {
+        Ok(cg) => cg,
+        Err(e) => {
+            table.note(format!(
+                "budget rows skipped: cannot make a cgroup ({e:#}); run as root on cgroup v1"
+            ));
+            return Ok(());
+        }
+    };
+    let (mut child, addr) = bridge(rig, Some(&cg)).await?;
+    let pid = pid_of(&child)?;
+    client::wait_size(addr, size.0, size.1, Duration::from_secs(60)).await?;
+    let saved = (rig.ours, rig.ours_pid);
+    (rig.ours, rig.ours_pid) = (addr, pid);
+    let viewer_counts: &[usize] = if opts.full { &[1, 4, 16] } else { &[1, 2] };
+    let sz = format!("{}x{}", size.0, size.1);
+    let result = async {
+        let window = Duration::from_secs_f64(opts.secs);
+        for enc in [Enc::TightJpeg, Enc::Zrle] {
+            for &viewers in viewer_counts {
+                cg.reset_peak();
+                let hits0 = cg.limit_hits();
+                let (us, them) = alternate(rig, opts, "video", window, enc, viewers).await?;
+                let alive = child.try_wait()?.is_none();
+                let min = |runs: &[client::Run]| {
+                    median(
+                        &runs
+                            .iter()
+                            .map(|r| r.per_viewer.iter().copied().fold(f64::INFINITY, f64::min))
+                            .collect::<Vec<_>>(),
+                    )
+                };
+                let label = |what: &str| {
+                    format!(
+                        "{what}, {}, {viewers} viewer(s), {sz}, 200m/64M",
+                        enc.name()
+                    )
+                };
+                table.budget(
+                    Row::other(label("updates/s per viewer, slowest"), "fps", true),
+                    min(&us),
+                    min(&them),
+                );
+                let peak = cg.peak() as f64 / 1e6;
+                let hits = (cg.limit_hits() - hits0) as f64;
+                table.budget_single(
+                    Row::other(label("peak memory (limit 64 MB)"), "MB", false),
+                    peak,
+                );
+                table.budget_single(Row::other(label("memory limit hits"), "", false), hits);
+                table.target(
+                    label("never OOM-killed"),
+                    alive && cg.oom_kills() == 0,
+                    format!("alive: {alive}, OOM kills: {}", cg.oom_kills()),
+                );
+                if viewers == 4 {
+                    table.target(
+                        label("peak memory < 64 MB"),
+                        peak < 64.0,
+                        format!("{peak:.1} MB"),
+                    );
+                    if enc == Enc::TightJpeg {
+                        let slowest = min(&us);
+                        table.target(
+                            label("every viewer >= 10 updates/s"),
+                            slowest >= 10.0,
+                            format!("{slowest:.1} updates/s"),
+                        );
+                    }
+                }
+                if !alive {
+                    bail!("the bridge died under the budget (OOM-killed?)");
+                }
+            }
+        }
+        anyhow::Ok(())
+    }
+    .await;
+    (rig.ours, rig.ours_pid) = saved;
+    let _ = child.start_kill();
+    let _ = child.wait().await;
+    result
+}
+
+/// 50 viewers (no cgroup): how CPU grows with viewers when they share encodings, per-viewer
+/// updates/s and RSS, next to QEMU's own VNC with as many.
+pub async fn fifty(rig: &mut Rig, opts: &Opts, size: (u32, u32), table: &mut Table) -> Result<()> {
+    let (mut child, addr) = bridge(rig, None).await?;
+    let pid = pid_of(&child)?;
+    client::wait_size(addr, size.0, size.1, Duration::from_secs(60)).await?;
+    let saved = (rig.ours, rig.ours_pid);
+    (rig.ours, rig.ours_pid) = (addr, pid);
+    let many = if opts.full { 50 } else { 3 };
+    let sz = format!("{}x{}", size.0, size.1);
+    let result = async {
+        let window = Duration::from_secs_f64(opts.secs);
+        let one = Opts {
+            rounds: 1,
+            sizes: Vec::new(),
+            ..*opts
+        };
+        let (us1, them1) = alternate(rig, &one, "video", window, Enc::Zrle, 1).await?;
+        let (us, them) = alternate(rig, &one, "video", window, Enc::Zrle, many).await?;
+        let cpu = |r: &client::Run| {
+            if r.mine {
+                r.our_cpu + r.qemu_cpu
+            } else {
+                r.qemu_cpu
+            }
+            .max(1e-3)
+                / r.secs.max(1e-3)
+        };
+        let ratio = |a: &[client::Run], b: &[client::Run]| {
+            median(&a.iter().map(cpu).collect::<Vec<_>>())
+                / median(&b.iter().map(cpu).collect::<Vec<_>>())
+        };
+        let label = |what: &str| format!("{what}, ZRLE, {many} viewers, {sz}");
+        let ours_ratio = ratio(&us, &us1);
+        table.budget(
+            Row::other(
+                label(&format!("CPU of {many} viewers / CPU of 1")),
+                "x",
+                false,
+            ),
+            ours_ratio,
+            ratio(&them, &them1),
+        );
+        let spread = |runs: &[client::Run], f: fn(&[f64]) -> f64| {
+            median(&runs.iter().map(|r| f(&r.per_viewer)).collect::<Vec<_>>())
+        };
+        let lowest = |v: &[f64]| v.iter().copied().fold(f64::INFINITY, f64::min);
+        table.budget(
+            Row::other(label("updates/s per viewer, slowest"), "fps", true),
+            spread(&us, lowest),
+            spread(&them, lowest),
+        );
+        table.budget(
+            Row::other(label("updates/s per viewer, median"), "fps", true),
+            spread(&us, median),
+            spread(&them, median),
+        );
+        let rss = us.iter().map(|r| r.our_rss_kib).fold(0.0, f64::max) / 1024.0;
+        table.budget_single(Row::other(label("RSS"), "MiB", false), rss);
+        if opts.full {
+            let slowest = spread(&us, lowest);
+            table.target(
+                label("every viewer >= 5 updates/s"),
+                slowest >= 5.0,
+                format!("{slowest:.1}"),
+            );
+            table.target(label("RSS < 256 MiB"), rss < 256.0, format!("{rss:.1} MiB"));
+            table.target(
+                label("CPU(50) <= 5 x CPU(1)"),
+                ours_ratio <= 5.0,
+                format!("{ours_ratio:.2} x"),
+            );
+        }
+        anyhow::Ok(())
+    }
+    .await;
+    (rig.ours, rig.ours_pid) = saved;
+    let _ = child.start_kill();
+    let _ = child.wait().await;
+    result
+}

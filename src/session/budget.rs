@@ -1,0 +1,190 @@
+//! Admission under the memory limit. A sidecar in a 64M cgroup must never be OOM-killed (the
+//! desktop would vanish for everyone), so a new viewer is refused, with a reason its client
+//! shows, when what the cgroup uses plus what that viewer will cost would come too close to the
+//! limit. Without a limit nobody is refused here (the listeners' own caps still apply).
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tracing::{info, warn};
+
+use crate::cgroup::Limits;
+
+/// Admissions this recent are counted on top of the measured use: their memory may not be
+/// allocated yet (50 viewers connecting at once must not all pass the same measurement).
+const SETTLE: Duration = Duration::from_secs(5);
+
+/// Why a viewer was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the desktop is at its memory limit ({used_mb} of {limit_mb} MB in use); try again later")]
+pub struct Refused {
+    pub used_mb: u64,
+    pub limit_mb: u64,
+}
+
+/// The process's resource budget, shared by every listener.
+#[derive(Debug)]
+pub struct Budget {
+    pub limits: Limits,
+    /// Memory kept free below the limit (allocator slack, the kernel's share, dbus-daemon).
+    headroom: u64,
+    recent: Mutex<VecDeque<(Instant, u64)>>,
+    refused: std::sync::atomic::AtomicU64,
+}
+
+impl Budget {
+    pub fn new(limits: Limits) -> Arc<Self> {
+        let headroom = limits.memory.map_or(0, |m| (m / 8).max(6 << 20));
+        Arc::new(Self {
+            limits,
+            headroom,
+            recent: Mutex::new(VecDeque::new()),
+            refused: Default::default(),
+        })
+    }
+
+    /// No limits (tests, and machines without cgroups).
+    pub fn unlimited() -> Arc<Self> {
+        Self::new(Limits::none())
+    }
+
+    /// The limits of this process's cgroup, logged.
+    pub fn detect() -> Arc<Self> {
+        let limits = Limits::detect();
+        info!(
+            memory_limit = ?limits.memory,
+            cpu_limit = ?limits.cpus,
+            cgroup = ?limits.version,
+            encoder_threads = limits.workers(),
+            "resource limits"
+        );
+        Self::new(limits)
+    }
+
+    /// Viewers refused so far.
+    pub fn refused(&self) -> u64 {
+        self.refused.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Memory in use now: the cgroup's working set, or this process's RSS.
+    pub fn usage(&self) -> u64 {
+        self.limits.memory_usage().unwrap_or_else(rss)
+    }
+
+    /// Whether a viewer expected to cost `estimate` bytes would be admitted now (nothing is
+    /// reserved).
+    pub fn check(&self, estimate: u64) -> Result<(), Refused> {
+        self.decide(estimate, false)
+    }
+
+    /// Admits a viewer expected to cost `estimate` bytes, or says why not.
+    pub fn admit(&self, estimate: u64) -> Result<(), Refused> {
+        self.decide(estimate, true)
+    }
+
+    fn decide(&self, estimate: u64, reserve: bool) -> Result<(), Refused> {
+        let Some(limit) = self.limits.memory else {
+            return Ok(());
+        };
+        let now = Instant::now();
+        let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        while recent
+            .front()
+            .is_some_and(|(t, _)| now.duration_since(*t) > SETTLE)
+        {
+            recent.pop_front();
+        }
+        let pending: u64 = recent.iter().map(|(_, b)| b).sum();
+        let used = self.usage();
+        if used + pending + estimate + self.headroom > limit {
+            self.refused
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            warn!(
+                used,
+                pending, estimate, limit, "viewer refused: memory limit"
+            );
+            return Err(Refused {
+                used_mb: (used + pending) >> 20,
+                limit_mb: limit >> 20,
+            });
+        }
+        if reserve {
+            recent.push_back((now, estimate));
+        }
+        Ok(())
+    }
+
+    /// Bytes of encoded frames a shared encoding may keep: a fraction of what the limit leaves.
+    pub fn frame_bytes(&self, default: usize) -> usize {
+        match self.limits.memory {
+            Some(limit) => usize::try_from(limit / 8)
+                .unwrap_or(default)
+                .min(default)
+                .max(1 << 20),
+            None => default,
+        }
+    }
+}
+
+/// This process's resident set, from `/proc/self/statm` (0 if unreadable).
+pub fn rss() -> u64 {
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map_or(0, |pages| pages * 4096)
+}
+
+/// What one viewer is expected to cost at a `width`x`height` surface: its connection and
+/// session (buffers, TLS), and its share of frames it may hold while writing.
+pub fn vnc_viewer_cost(width: u32, height: u32) -> u64 {
+    (2 << 20) + u64::from(width) * u64::from(height)
+}
+
+/// An RDP session keeps its own copy of the screen and RemoteFX buffers (ironrdp-server).
+pub fn rdp_viewer_cost(width: u32, height: u32) -> u64 {
+    (4 << 20) + 3 * 4 * u64::from(width) * u64::from(height)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limited(memory: u64) -> Arc<Budget> {
+        let mut limits = Limits::none();
+        limits.memory = Some(memory);
+        Budget::new(limits)
+    }
+
+    #[test]
+    fn no_limit_admits_everyone() {
+        let b = Budget::unlimited();
+        for _ in 0..1000 {
+            assert!(b.admit(1 << 30).is_ok());
+        }
+    }
+
+    #[test]
+    fn a_burst_of_viewers_is_counted_before_it_allocates() {
+        // A limit just above what this test process uses: a few small viewers fit, a burst of
+        // them does not, and the refusal says why.
+        let used = rss();
+        let b = limited(used + (64 << 20));
+        let mut admitted = 0;
+        let mut refused = None;
+        for _ in 0..100 {
+            match b.admit(4 << 20) {
+                Ok(()) => admitted += 1,
+                Err(e) => {
+                    refused = Some(e);
+                    break;
+                }
+            }
+        }
+        assert!((5..16).contains(&admitted), "{admitted} admitted");
+        let e = refused.expect("refused");
+        assert!(e.to_string().contains("memory limit"), "{e}");
+        assert_eq!(b.refused(), 1);
+        assert!(b.frame_bytes(12 << 20) <= 12 << 20);
+    }
+}
