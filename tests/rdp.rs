@@ -603,6 +603,27 @@ async fn raw_credssp_failures_hit_the_login_limit_vnc_shares() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_over_the_memory_limit_is_told_no_memory() {
+    let (consoles, task) = Consoles::new();
+    tokio::spawn(task);
+    let mut limits = vdi_sidecar::cgroup::Limits::none();
+    limits.memory = Some(vdi_sidecar::session::budget::rss() / 2);
+    let mut desktop = Desktop::primary(&consoles);
+    desktop.budget = vdi_sidecar::session::budget::Budget::new(limits);
+    let (port, stop) = serve(config(), desktop);
+    assert_eq!(credssp_attempt(port).await, Some(ntstatus::NO_MEMORY));
+    let (ok, log) = tokio::task::spawn_blocking(move || auth_only(port, USER, PASSWORD, &[]))
+        .await
+        .expect("auth");
+    assert!(!ok, "admitted over the limit:\n{log}");
+    assert!(
+        log.contains("NO_MEMORY"),
+        "FreeRDP was not told why:\n{log}"
+    );
+    stop.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn freerdp_failing_nla_five_times_is_turned_away_until_the_window_passes() {
     let (consoles, task) = Consoles::new();
     tokio::spawn(task);

@@ -352,3 +352,78 @@ async fn fifty_viewers_connecting_during_a_mode_change_share_key_frames() {
     c.set_encodings(&[enc::ZRLE, enc::DESKTOP_SIZE]).await;
     converge(&mut c, &srv.fb, "viewer after the storm").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn viewers_over_the_memory_limit_are_told_why() {
+    use vdi_sidecar::cgroup::Limits;
+    use vdi_sidecar::session::budget::Budget;
+    use vdi_sidecar::viewers::Viewers;
+    use vdi_sidecar::web::WebConfig;
+    let (consoles, input_task) = Consoles::new();
+    tokio::spawn(input_task);
+    paint(&consoles.primary(), 320, 240, 0);
+    // A limit this process is already over: nobody fits.
+    let mut limits = Limits::none();
+    limits.memory = Some(rss() / 2);
+    let budget = Budget::new(limits);
+    let auth = Arc::new(Auth::open());
+    let loopback: std::net::SocketAddr = "127.0.0.1:0".parse().expect("addr");
+    let viewers = Viewers {
+        vnc: Some((
+            loopback,
+            Arc::new(VncConfig::new(Arc::clone(&auth), "full")),
+        )),
+        web: Some((
+            loopback,
+            WebConfig {
+                novnc: None,
+                tls: None,
+            },
+            Arc::new(VncConfig::new(Arc::clone(&auth), "full")),
+        )),
+        rdp: None,
+        budget: Some(Arc::clone(&budget)),
+    };
+    let at = viewers
+        .start(&consoles, &tokio_util::sync::CancellationToken::new())
+        .await
+        .expect("listen");
+    // VNC: the reason comes where the security types would (RFB 3.8 and 3.3).
+    for version in ["003.008", "003.003"] {
+        let mut s = TcpStream::connect(at.vnc.expect("vnc"))
+            .await
+            .expect("connect");
+        let refused = rfb::handshake(&mut s, version, None, true).await;
+        let reason = refused.err().unwrap_or_default();
+        assert!(reason.contains("memory limit"), "{version}: {reason:?}");
+    }
+    // The browser: HTTP 503 with the reason, before the WebSocket.
+    let web = at.web.expect("web");
+    let body = tokio::task::spawn_blocking(move || {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(web).expect("connect");
+        s.write_all(
+            b"GET /websockify HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+              Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+        )
+        .expect("request");
+        s.set_read_timeout(Some(Duration::from_secs(2)))
+            .expect("timeout");
+        let mut out = Vec::new();
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = s.read(&mut buf) {
+            out.extend_from_slice(&buf[..n]);
+            if n == 0 || out.windows(12).any(|w| w == b"memory limit") {
+                break;
+            }
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    })
+    .await
+    .expect("http");
+    assert!(
+        body.starts_with("HTTP/1.1 503") && body.contains("memory limit"),
+        "{body}"
+    );
+    assert!(budget.refused() >= 2);
+}

@@ -294,8 +294,9 @@ async fn key_to_pixel(addr: SocketAddr, n: usize, first: usize) -> Result<Vec<f6
     c.update().await?;
     let mut out = Vec::with_capacity(n);
     for i in 0..n {
-        // Quiet first: nothing else may be changing when the key goes down.
-        loop {
+        // Quiet first: nothing else may be changing when the key goes down (a few seconds at
+        // most: a screen that never settles is measured anyway).
+        for _ in 0..20 {
             c.request(true).await?;
             match tokio::time::timeout(Duration::from_millis(300), c.update()).await {
                 Ok(u) => {
@@ -304,7 +305,9 @@ async fn key_to_pixel(addr: SocketAddr, n: usize, first: usize) -> Result<Vec<f6
                 Err(_) => break,
             }
         }
-        // The incremental request from the quiet loop is still outstanding.
+        // The incremental request from the quiet loop is still outstanding (or the last
+        // update answered it: ask again, harmlessly).
+        c.request(true).await?;
         let key: u32 = if (first + i).is_multiple_of(2) {
             0x61
         } else {

@@ -37,6 +37,7 @@
 #include <fcntl.h>
 #include <linux/fb.h>
 #include <linux/input.h>
+#include <linux/kd.h>
 #include <math.h>
 #include <sound/asound.h>
 #include <poll.h>
@@ -203,6 +204,18 @@ static int open_fb(void) {
     d.pixels = mmap(NULL, d.map_len, PROT_READ | PROT_WRITE, MAP_SHARED, d.fb_fd, 0);
     if (d.pixels == MAP_FAILED) { say("ERR fb mmap: %s", strerror(errno)); return -1; }
     d.kind = 2;
+    /* The console must not draw on our pixels (fbcon's blinking cursor would be a stream of
+     * updates): graphics mode on the active VT, and no blink in any case. */
+    int tty = open("/dev/tty0", O_RDWR);
+    if (tty >= 0) {
+        ioctl(tty, KDSETMODE, KD_GRAPHICS);
+        close(tty);
+    }
+    int blink = open("/sys/class/graphics/fbcon/cursor_blink", O_WRONLY);
+    if (blink >= 0) {
+        if (write(blink, "0", 1) < 0) { /* nothing to do */ }
+        close(blink);
+    }
     return 0;
 }
 
