@@ -63,25 +63,17 @@ impl Cgroup {
             .unwrap_or(0)
     }
 
-    /// Starts `program` with `args` inside the cgroup (it joins before it allocates anything).
-    pub fn spawn(&self, program: &str, args: &[String]) -> Result<Child> {
+    /// `program` with `args`, to run inside the cgroup (it joins before it allocates anything:
+    /// `sh` moves itself in, then execs the program in place).
+    pub fn command(&self, program: &str, args: &[String]) -> Command {
         let script = format!(
             "echo $$ > {}/cgroup.procs && echo $$ > {}/cgroup.procs && exec \"$@\"",
             self.memory.display(),
             self.cpu.display()
         );
-        Command::new("sh")
-            .args(["-c", &script, "sh", program])
-            .args(args)
-            .env("VDI_LOG", "warn")
-            .env("MALLOC_ARENA_MAX", "2")
-            .env("MALLOC_MMAP_THRESHOLD_", "131072")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .context("starting the bridge in the cgroup")
+        let mut c = Command::new("sh");
+        c.args(["-c", &script, "sh", program]).args(args);
+        c
     }
 
     /// Peak memory since the last reset, in bytes.
@@ -124,8 +116,9 @@ impl Drop for Cgroup {
     }
 }
 
-/// A `vdi-sidecar bridge` on the rig's bus, listening for VNC on a free port.
-async fn bridge(rig: &Rig, cgroup: Option<&Cgroup>) -> Result<(Child, SocketAddr)> {
+/// A `vdi-sidecar bridge` on the rig's bus, listening for VNC on a free port, with the
+/// allocator settings the sidecar image runs it with (see Containerfile).
+pub async fn bridge(rig: &Rig, cgroup: Option<&Cgroup>) -> Result<(Child, SocketAddr)> {
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
@@ -145,19 +138,24 @@ async fn bridge(rig: &Rig, cgroup: Option<&Cgroup>) -> Result<(Child, SocketAddr
     .map(|s| s.to_string())
     .collect();
     let exe = env!("CARGO_BIN_EXE_vdi-sidecar");
-    let child = match cgroup {
-        Some(cg) => cg.spawn(exe, &args)?,
-        None => Command::new(exe)
-            .args(&args)
-            .env("VDI_LOG", "warn")
-            .env("MALLOC_ARENA_MAX", "2")
-            .env("MALLOC_MMAP_THRESHOLD_", "131072")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()?,
+    let mut cmd = match cgroup {
+        Some(cg) => cg.command(exe, &args),
+        None => {
+            let mut c = Command::new(exe);
+            c.args(&args);
+            c
+        }
     };
+    let child = cmd
+        .env("VDI_LOG", "warn")
+        .env("MALLOC_ARENA_MAX", "2")
+        .env("MALLOC_MMAP_THRESHOLD_", "131072")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .context("vdi-sidecar bridge")?;
     Ok((child, SocketAddr::from(([127, 0, 0, 1], port))))
 }
 

@@ -514,32 +514,8 @@ async fn memory_rows(
     table: &mut Table,
 ) -> Result<()> {
     let size = &format!("{w}x{h}");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    let mut bridge = Command::new(env!("CARGO_BIN_EXE_vdi-sidecar"))
-        .args(["bridge", "--dbus-address", &rig.bus_address])
-        .args([
-            "--vnc",
-            &format!("127.0.0.1:{port}"),
-            "--rdp",
-            "none",
-            "--http",
-            "none",
-        ])
-        .arg("--insecure-no-auth")
-        .env("VDI_LOG", "warn")
-        // As the sidecar image runs it (see Containerfile).
-        .env("MALLOC_ARENA_MAX", "2")
-        .env("MALLOC_MMAP_THRESHOLD_", "131072")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .context("vdi-sidecar bridge")?;
+    let (mut bridge, addr) = budget::bridge(rig, None).await?;
     let pid = bridge.id().context("bridge pid")?;
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
     client::wait_size(addr, w, h, Duration::from_secs(30)).await?;
     let saved = (rig.ours, rig.ours_pid);
     (rig.ours, rig.ours_pid) = (addr, pid);
