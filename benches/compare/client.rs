@@ -73,8 +73,10 @@ pub struct Run {
     pub qemu_rss_kib: f64,
     pub mine: bool,
     pub viewers: usize,
-    /// Updates per second each viewer saw.
+    /// Updates per second each admitted viewer saw.
     pub per_viewer: Vec<f64>,
+    /// Viewers the server turned away (over its memory limit) or never served a first screen.
+    pub refused: usize,
 }
 
 impl Run {
@@ -133,14 +135,31 @@ pub async fn measure(
         let out = BufReader::new(c.stdout.take().context("stdout")?).lines();
         children.push((c, out));
     }
-    for (_, out) in &mut children {
-        let line = tokio::time::timeout(Duration::from_secs(30), out.next_line())
-            .await
-            .context("client never got its first update")??
-            .unwrap_or_default();
+    let mut refused = 0;
+    let first_by = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut admitted = Vec::with_capacity(children.len());
+    for (mut c, mut out) in children {
+        // A viewer not served its first screen within a minute counts as turned away (a
+        // starved viewer is a result, not a broken run).
+        let Ok(line) = tokio::time::timeout_at(first_by, out.next_line()).await else {
+            refused += 1;
+            let _ = c.start_kill();
+            continue;
+        };
+        let line = line?.unwrap_or_default();
+        if line.starts_with("refused") {
+            refused += 1;
+            let _ = c.wait().await;
+            continue;
+        }
         if line != "ready" {
             bail!("client: {line}");
         }
+        admitted.push((c, out));
+    }
+    let mut children = admitted;
+    if children.is_empty() {
+        bail!("{addr}: all {viewers} viewers were refused");
     }
     let (cpu0, q0) = (stats::cpu_of(our_pid)?, stats::qemu_cpu(qemu_pid)?);
     let t0 = Instant::now();
@@ -153,7 +172,8 @@ pub async fn measure(
     }
     let mut run = Run {
         mine,
-        viewers,
+        viewers: children.len(),
+        refused,
         ..Run::default()
     };
     // Sample memory while the clients run.
@@ -262,7 +282,14 @@ pub fn child_main(args: &[String]) -> Result<()> {
 }
 
 async fn stream(addr: SocketAddr, enc: Enc, window: Duration) -> Result<()> {
-    let mut c = Rfb::connect(addr, enc).await?;
+    let mut c = match Rfb::connect(addr, enc).await {
+        Ok(c) => c,
+        Err(e) if e.downcast_ref::<Refused>().is_some() => {
+            println!("{e}");
+            return Ok(());
+        }
+        Err(e) => return Err(e),
+    };
     c.request(false).await?;
     c.update().await?;
     println!("ready");
@@ -345,6 +372,11 @@ impl Update {
     }
 }
 
+/// The server turned the viewer away, for this reason.
+#[derive(Debug, thiserror::Error)]
+#[error("refused: {0}")]
+pub struct Refused(pub String);
+
 /// A minimal RFB 3.8 client that reads every update in full and keeps its framing honest.
 pub struct Rfb {
     s: TcpStream,
@@ -360,6 +392,13 @@ impl Rfb {
         s.read_exact(&mut v).await?;
         s.write_all(b"RFB 003.008\n").await?;
         let n = s.read_u8().await?;
+        if n == 0 {
+            // A refusal (the sidecar over its memory limit): its reason follows.
+            let len = s.read_u32().await?.min(4096);
+            let mut reason = vec![0; len as usize];
+            s.read_exact(&mut reason).await?;
+            return Err(Refused(String::from_utf8_lossy(&reason).into_owned()).into());
+        }
         let mut types = vec![0; n.into()];
         s.read_exact(&mut types).await?;
         if !types.contains(&1) {

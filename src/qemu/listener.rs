@@ -5,7 +5,7 @@
 use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex};
 
-use serde_bytes::ByteBuf;
+use serde_bytes::Bytes;
 use tracing::{debug, trace, warn};
 
 use super::proxies::MAP_INTERFACE;
@@ -63,10 +63,11 @@ fn drop_map(map: &SharedMap) {
 
 #[zbus::interface(name = "org.qemu.Display1.Listener", spawn = false)]
 impl Listener {
-    fn scanout(&mut self, width: u32, height: u32, stride: u32, pixman_format: u32, data: ByteBuf) {
+    fn scanout(&mut self, width: u32, height: u32, stride: u32, pixman_format: u32, data: &Bytes) {
         drop_map(&self.map);
         PathCounters::bump(&self.fb.counters().scanout);
-        match self.fb.scanout(width, height, stride, pixman_format, &data) {
+        // `data` borrows from the message: a 1080p frame is not copied once more.
+        match self.fb.scanout(width, height, stride, pixman_format, data) {
             Ok(()) => debug!(
                 console = self.console,
                 width,
@@ -88,13 +89,13 @@ impl Listener {
         height: i32,
         stride: u32,
         pixman_format: u32,
-        data: ByteBuf,
+        data: &Bytes,
     ) {
         trace!(console = self.console, x, y, width, height, "Update");
         PathCounters::bump(&self.fb.counters().update);
         if let Err(e) = self
             .fb
-            .update(x, y, width, height, stride, pixman_format, &data, false)
+            .update(x, y, width, height, stride, pixman_format, data, false)
         {
             warn!(console = self.console, error = %e, "Update refused");
         }
@@ -141,8 +142,8 @@ impl Listener {
         });
     }
 
-    fn cursor_define(&mut self, width: i32, height: i32, hot_x: i32, hot_y: i32, data: ByteBuf) {
-        match cursor(width, height, hot_x, hot_y, &data) {
+    fn cursor_define(&mut self, width: i32, height: i32, hot_x: i32, hot_y: i32, data: &Bytes) {
+        match cursor(width, height, hot_x, hot_y, data) {
             Some(c) => self.fb.set_cursor(c),
             None => warn!(
                 console = self.console,

@@ -29,7 +29,8 @@ pub struct Budget {
     pub limits: Limits,
     /// Memory kept free below the limit (allocator slack, the kernel's share, dbus-daemon).
     headroom: u64,
-    recent: Mutex<VecDeque<(Instant, u64)>>,
+    /// Recent admissions: when, their estimate, and the usage measured then.
+    recent: Mutex<VecDeque<(Instant, u64, u64)>>,
     refused: std::sync::atomic::AtomicU64,
 }
 
@@ -84,19 +85,39 @@ impl Budget {
     }
 
     fn decide(&self, estimate: u64, reserve: bool) -> Result<(), Refused> {
+        if self.limits.memory.is_none() {
+            return Ok(());
+        }
+        self.decide_at(self.usage(), estimate, reserve, Instant::now())
+    }
+
+    /// [`Self::decide`] with the usage measured now.
+    fn decide_at(
+        &self,
+        used: u64,
+        estimate: u64,
+        reserve: bool,
+        now: Instant,
+    ) -> Result<(), Refused> {
         let Some(limit) = self.limits.memory else {
             return Ok(());
         };
-        let now = Instant::now();
         let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
         while recent
             .front()
-            .is_some_and(|(t, _)| now.duration_since(*t) > SETTLE)
+            .is_some_and(|(t, _, _)| now.duration_since(*t) > SETTLE)
         {
             recent.pop_front();
         }
-        let pending: u64 = recent.iter().map(|(_, b)| b).sum();
-        let used = self.usage();
+        // What recent viewers will still allocate: their estimates, less the growth measured
+        // since the first of them was admitted (that part is in `used` already).
+        let estimated: u64 = recent.iter().map(|(_, b, _)| b).sum();
+        let grown = recent
+            .iter()
+            .map(|(_, _, at)| *at)
+            .min()
+            .map_or(0, |at| used.saturating_sub(at));
+        let pending = estimated.saturating_sub(grown);
         if used + pending + estimate + self.headroom > limit {
             self.refused
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -110,7 +131,7 @@ impl Budget {
             });
         }
         if reserve {
-            recent.push_back((now, estimate));
+            recent.push_back((now, estimate, used));
         }
         Ok(())
     }
@@ -154,6 +175,21 @@ mod tests {
         let mut limits = Limits::none();
         limits.memory = Some(memory);
         Budget::new(limits)
+    }
+
+    #[test]
+    fn memory_recent_viewers_already_use_is_not_counted_twice() {
+        const MB: u64 = 1 << 20;
+        let b = limited(100 * MB); // 12.5 MB kept free
+        let t = Instant::now();
+        assert!(b.decide_at(10 * MB, 20 * MB, true, t).is_ok());
+        assert!(b.decide_at(10 * MB, 20 * MB, true, t).is_ok());
+        // They have allocated 30 of their 40 MB: 10 are still to come, not 40.
+        assert!(b.decide_at(40 * MB, 20 * MB, true, t).is_ok());
+        // Now 40 + 10 + 20 (still pending) + 20 + 12.5 is over.
+        assert!(b.decide_at(40 * MB, 20 * MB, true, t).is_err());
+        // Once they have settled only the measured use counts.
+        assert!(b.decide_at(60 * MB, 20 * MB, true, t + SETTLE * 2).is_ok());
     }
 
     #[test]
