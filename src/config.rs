@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use crate::bus::BusConfig;
 use crate::hook;
 use crate::hook::domain::RewriteOptions;
+use crate::modules;
 use crate::rdp::{Policy, RdpConfig, Security};
 use crate::serve;
 use crate::session::auth::{Auth, Credentials, generate_password};
@@ -43,10 +44,10 @@ pub struct RewriteArgs {
 impl RewriteArgs {
     pub fn options(&self, bus_address: String) -> RewriteOptions {
         RewriteOptions {
-            bus_address,
             drop_vnc: self.drop_vnc,
             audio: !self.no_audio,
             video_model: self.video_model.clone(),
+            ..RewriteOptions::new(bus_address)
         }
     }
 }
@@ -315,6 +316,14 @@ pub struct ServeArgs {
     pub bus_allow_uids: Vec<u32>,
     #[command(flatten)]
     pub rewrite: RewriteArgs,
+    /// Where QEMU's D-Bus display modules come from: `auto` (the image's pack matching the
+    /// launcher, or the launcher's own when the image has none), `none` (the launcher has them:
+    /// a custom launcher image), or a pack's name.
+    #[arg(long, env = "VDI_QEMU_MODULES", default_value = "auto")]
+    pub qemu_modules: String,
+    /// The image's module packs.
+    #[arg(long, env = "VDI_QEMU_MODULES_DIR", default_value = modules::DEFAULT_PACKS_DIR)]
+    pub qemu_modules_dir: PathBuf,
 }
 
 /// Where `serve` puts its sockets and what bus address it writes into the domain.
@@ -383,7 +392,25 @@ impl ServeArgs {
             "vdi-sidecar",
             env_password,
         )?;
+        let packs = modules::scan(&self.qemu_modules_dir)?;
+        let setting: modules::Setting = self.qemu_modules.parse().unwrap_or(modules::Setting::Auto);
+        tracing::info!(
+            dir = %self.qemu_modules_dir.display(),
+            packs = ?packs.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(),
+            setting = ?setting,
+            "QEMU module packs"
+        );
+        let compute_root = modules::compute_dir(&paths.qemu_bus_address)
+            .context("the QEMU bus address is not unix:path=…")?
+            .join(modules::SHARED_SUBDIR);
+        let modules = modules::Modules {
+            setting,
+            packs,
+            local_root: paths.bus_dir.join(modules::SHARED_SUBDIR),
+            compute_root,
+        };
         Ok(serve::ServeConfig {
+            modules: Arc::new(modules),
             viewers,
             bus: BusConfig {
                 dir: paths.bus_dir,

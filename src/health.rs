@@ -26,6 +26,8 @@ struct State {
     /// QEMU on our bus: `Some(has_audio)` once attached.
     qemu_audio: Option<bool>,
     warned: bool,
+    /// Why the last domain got no D-Bus display (no module pack for the launcher).
+    no_display: Option<String>,
 }
 
 /// Shared between the hook, the display source and the web probes.
@@ -44,6 +46,16 @@ impl Health {
         let mut st = self.lock();
         st.expect_audio = audio;
         st.defined_at = Some(Instant::now());
+        st.no_display = None;
+    }
+
+    /// The hook left the D-Bus display out of the domain, for `reason`: QEMU will not join our
+    /// bus, and that is not KubeVirt's doing.
+    pub fn display_left_out(&self, reason: String) {
+        let mut st = self.lock();
+        st.expect_audio = false;
+        st.defined_at = None;
+        st.no_display = Some(reason);
     }
 
     /// QEMU's display is attached; `audio`: it exports `/Audio` and our listener is registered.
@@ -64,6 +76,9 @@ impl Health {
     fn warnings_at(&self, now: Instant) -> Vec<String> {
         let mut st = self.lock();
         let mut out = Vec::new();
+        if let Some(why) = &st.no_display {
+            out.push(format!("no D-Bus display: {why}"));
+        }
         match (st.qemu_audio, st.defined_at) {
             (Some(false), _) if st.expect_audio => {
                 out.push(format!(
@@ -107,6 +122,15 @@ mod tests {
         let w = h.warnings();
         assert_eq!(w.len(), 1);
         assert!(w[0].contains("--mode plugin"), "{w:?}");
+    }
+
+    #[test]
+    fn a_display_left_out_is_said_and_not_blamed_on_kubevirt() {
+        let h = Health::default();
+        h.display_left_out("no pack for v1.7.0".into());
+        let later = Instant::now() + JOIN_DEADLINE + Duration::from_secs(1);
+        let w = h.warnings_at(later);
+        assert_eq!(w, ["no D-Bus display: no pack for v1.7.0"]);
     }
 
     #[test]

@@ -107,6 +107,8 @@ pub struct ServeConfig {
     pub bus: BusConfig,
     pub rewrite: RewriteOptions,
     pub mode: Mode,
+    /// QEMU's display modules (the launcher's own, or a pack of the image).
+    pub modules: std::sync::Arc<crate::modules::Modules>,
 }
 
 fn remove_stale(path: &Path) -> Result<(), Error> {
@@ -185,8 +187,9 @@ pub async fn run(cfg: ServeConfig, shutdown: CancellationToken) -> Result<(), Er
         });
     }
 
-    let service =
-        HookService::new(cfg.rewrite.clone(), shutdown.clone()).with_health(consoles.health());
+    let service = HookService::new(cfg.rewrite.clone(), shutdown.clone())
+        .with_health(consoles.health())
+        .with_modules(std::sync::Arc::clone(&cfg.modules));
     if cfg.mode == Mode::Hook {
         // The hazard of hook mode on KubeVirt >= 1.9 cannot be seen from in here at start-up (the
         // plugin sockets volume is not mounted in hook sidecars); its effects are, once QEMU

@@ -26,7 +26,8 @@ fn allowed() -> BTreeMap<&'static str, &'static [&'static str]> {
         ("tls", &[][..]),
         ("bus", &[][..]),
         ("framebuffer", &["pixman"][..]),
-        ("hook", &["health"][..]),
+        ("modules", &[][..]),
+        ("hook", &["health", "modules"][..]),
         ("qemu", &["framebuffer", "pixman", "pcm", "health"][..]),
         (
             "session",

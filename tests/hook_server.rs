@@ -25,6 +25,8 @@ fn expected(address: &str) -> String {
             drop_vnc: false,
             audio: true,
             video_model: "virtio".into(),
+            display: true,
+            qemu_env: Vec::new(),
         },
     )
     .expect("rewrite")

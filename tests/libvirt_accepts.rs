@@ -23,6 +23,8 @@ fn libvirt_validates_and_defines_every_rewritten_domain() {
         drop_vnc: false,
         audio: true,
         video_model: "virtio".into(),
+        display: true,
+        qemu_env: Vec::new(),
     };
     let dir = common::data_file("domains");
     let mut n = 0;
@@ -35,6 +37,23 @@ fn libvirt_validates_and_defines_every_rewritten_domain() {
                 "drop-vnc",
                 RewriteOptions {
                     drop_vnc: true,
+                    ..opts.clone()
+                },
+            ),
+            (
+                // A stock launcher: the module pack's environment in <qemu:commandline>.
+                "pack",
+                RewriteOptions {
+                    qemu_env: vec![
+                        (
+                            "QEMU_MODULE_DIR".into(),
+                            "/var/run/vdi/qemu-modules/p/modules".into(),
+                        ),
+                        (
+                            "LD_LIBRARY_PATH".into(),
+                            "/var/run/vdi/qemu-modules/p/lib".into(),
+                        ),
+                    ],
                     ..opts.clone()
                 },
             ),
@@ -69,6 +88,14 @@ fn libvirt_validates_and_defines_every_rewritten_domain() {
             let dump = virsh(&["dumpxml", "--inactive", &name]);
             let _ = virsh(&["undefine", &name]);
             let dump = String::from_utf8_lossy(&dump.stdout).into_owned();
+            if variant == "pack" {
+                assert!(
+                    dump.contains(
+                        "<qemu:env name='QEMU_MODULE_DIR' value='/var/run/vdi/qemu-modules/p/modules'/>"
+                    ) && dump.contains("<qemu:env name='LD_LIBRARY_PATH'"),
+                    "{name}: module environment lost:\n{dump}"
+                );
+            }
             assert!(
                 dump.contains(
                     "<graphics type='dbus' address='unix:path=/var/run/kubevirt-hooks/hook-sidecar-0/vdi/bus'"

@@ -24,28 +24,106 @@ fn libvirt_qemu_uid() -> u32 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn libvirt_boots_the_rewritten_domain_and_qemu_joins_our_bus() {
-    boots_through(false).await;
+    boots_through(false, Modules::Launcher).await;
 }
 
 /// The same through plugin mode's MutateDomain (KubeVirt ≥ 1.9).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn libvirt_boots_the_plugin_mode_domain_and_qemu_joins_our_bus() {
-    boots_through(true).await;
+    boots_through(true, Modules::Launcher).await;
 }
 
-async fn boots_through(plugin: bool) {
+/// A stock launcher: QEMU loads the D-Bus display from the pack the sidecar installed in the
+/// shared directory (its `/proc/<pid>/maps` shows `ui-dbus.so` mapped from there, though the
+/// system copy exists here too).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn libvirt_loads_the_display_modules_from_our_pack() {
+    boots_through(false, Modules::Pack).await;
+}
+
+/// A launcher no pack matches: no D-Bus display in the domain, the VM still starts, and the log
+/// and `/readyz` say which launcher was seen and which packs there are.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn libvirt_starts_the_vm_without_our_display_when_no_pack_matches() {
+    boots_through(false, Modules::NoMatch).await;
+}
+
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Modules {
+    /// The launcher has the modules (no packs in the image).
+    Launcher,
+    /// A pack matching the VMI's launcher.
+    Pack,
+    /// Packs, none for the VMI's launcher.
+    NoMatch,
+}
+
+const PACK: &str = "debian-e2e";
+const PACK_LAUNCHER: &str = "example/virt-launcher:v0.0.0-e2e";
+
+/// A pack of this machine's own QEMU modules (they match its QEMU build).
+fn debian_pack(root: &std::path::Path) {
+    let dir = root.join(PACK);
+    std::fs::create_dir_all(dir.join("modules")).expect("pack dir");
+    for m in vdi_sidecar::modules::REQUIRED {
+        std::fs::copy(
+            std::path::Path::new("/usr/lib/x86_64-linux-gnu/qemu").join(m),
+            dir.join("modules").join(m),
+        )
+        .unwrap_or_else(|e| panic!("{m}: {e} (install qemu-system-modules-opengl)"));
+    }
+    let manifest = serde_json::json!({"qemu": "debian", "launchers": ["v0.0.0-e2e"]});
+    std::fs::write(dir.join("pack.json"), manifest.to_string()).expect("pack.json");
+}
+
+fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .expect("write");
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("read");
+    out
+}
+
+async fn boots_through(plugin: bool, modules: Modules) {
     let _daemons = ensure();
     let guest = common::qemu::guest();
     let dir = tempfile::tempdir().expect("tempdir");
     let bus = dir.path().join("hooks/vdi/bus");
     let uid = libvirt_qemu_uid().to_string();
     let address = format!("unix:path={}", bus.display());
-    let mut args = vec!["--qemu-bus-address", &address, "--bus-allow-uid", &uid];
+    let packs = dir.path().join("packs");
+    let packs_arg = packs.display().to_string();
+    let http = format!(
+        "127.0.0.1:{}",
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port()
+    );
+    let mut args = vec![
+        "--qemu-bus-address",
+        &address,
+        "--bus-allow-uid",
+        &uid,
+        "--qemu-modules-dir",
+        &packs_arg,
+        "--http",
+        &http,
+        "--http-insecure",
+    ];
+    if modules != Modules::Launcher {
+        debian_pack(&packs);
+    }
     if plugin {
         args.extend(["--mode", "plugin", "--plugin-name", "vdi-e2e"]);
     }
     let sc = Sidecar::start_in(dir, &args, &[]);
-    let name = format!("vdi-e2e-{}-{plugin}", std::process::id());
+    let name = format!("vdi-e2e-{}-{plugin}-{modules:?}", std::process::id());
     // A KubeVirt-like domain for the test guest, with KubeVirt's own VNC graphics kept.
     let domain = format!(
         r#"<domain type="qemu">
@@ -73,7 +151,16 @@ async fn boots_through(plugin: bool) {
         k = guest.join("vmlinuz").display(),
         i = guest.join("initrd.gz").display(),
     );
-    let vmi = br#"{"metadata":{"name":"e2e","namespace":"default"}}"#.to_vec();
+    let launcher = match modules {
+        Modules::NoMatch => "example/virt-launcher:v0.0.0-other",
+        _ => PACK_LAUNCHER,
+    };
+    let vmi = serde_json::json!({
+        "metadata": {"name": "e2e", "namespace": "default"},
+        "status": {"launcherContainerImageVersion": launcher},
+    })
+    .to_string()
+    .into_bytes();
     let channel = uds_channel(&sc.socket()).await;
     let rewritten = if plugin {
         plugins::domain_hook_service_client::DomainHookServiceClient::new(channel)
@@ -120,13 +207,74 @@ async fn boots_through(plugin: bool) {
         cleanup();
         panic!("start: {}", String::from_utf8_lossy(&start.stderr));
     }
+    if modules == Modules::NoMatch {
+        let state = String::from_utf8_lossy(&virsh(&["domstate", &name]).stdout).into_owned();
+        let dump = String::from_utf8_lossy(&virsh(&["dumpxml", &name]).stdout).into_owned();
+        cleanup();
+        assert!(state.contains("running"), "{state}");
+        assert!(!dump.contains("type='dbus'"), "{dump}");
+        assert!(dump.contains("<graphics type='vnc'"), "{dump}");
+        let log = sc.log();
+        assert!(
+            log.lines().any(|l| l.contains("WARN")
+                && l.contains(
+                    "no QEMU module pack matches the launcher example/virt-launcher:v0.0.0-other"
+                )
+                && l.contains(PACK)),
+            "no warning naming the launcher and the packs:\n{log}"
+        );
+        let readyz = http_get(&http, "/readyz");
+        assert!(
+            readyz.contains("no D-Bus display") && readyz.contains("v0.0.0-other"),
+            "{readyz}"
+        );
+        return;
+    }
+    // Which ui-dbus.so QEMU mapped.
+    let pid = std::fs::read_to_string(format!("/run/libvirt/qemu/{name}.pid")).unwrap_or_default();
+    let maps_of_qemu =
+        || std::fs::read_to_string(format!("/proc/{}/maps", pid.trim())).unwrap_or_default();
     let attached = wait_until(Duration::from_secs(60), || {
         let log = sc.log();
         log.contains("listener registered")
             && (log.contains("Scanout") || log.contains("ScanoutMap"))
     });
     let dump = String::from_utf8_lossy(&virsh(&["dumpxml", &name]).stdout).into_owned();
+    let maps = maps_of_qemu();
     cleanup();
+    let ui_dbus: Vec<&str> = maps
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(5))
+        .filter(|p| p.ends_with("/ui-dbus.so"))
+        .collect();
+    let ours = sc
+        .dir
+        .path()
+        .join("hooks/vdi/qemu-modules")
+        .join(PACK)
+        .join("modules/ui-dbus.so");
+    match modules {
+        Modules::Pack => {
+            assert!(
+                ui_dbus.iter().all(|p| std::path::Path::new(p) == ours) && !ui_dbus.is_empty(),
+                "QEMU mapped {ui_dbus:?}, not {ours:?}"
+            );
+            assert!(
+                dump.contains(&format!(
+                    "<qemu:env name='QEMU_MODULE_DIR' value='{}'/>",
+                    ours.parent().expect("modules dir").display()
+                )),
+                "{dump}"
+            );
+        }
+        _ => {
+            assert!(
+                !ui_dbus.is_empty() && ui_dbus.iter().all(|p| p.starts_with("/usr/")),
+                "{ui_dbus:?}"
+            );
+            assert!(!dump.contains("QEMU_MODULE_DIR"), "{dump}");
+        }
+    }
     assert!(
         attached,
         "sidecar never attached to libvirt's QEMU:\n{}",

@@ -19,6 +19,10 @@ fn model() -> Value {
 
 fn attrs(e: &BytesStart) -> Vec<(String, String)> {
     e.attributes()
+        .filter(|a| {
+            a.as_ref()
+                .is_ok_and(|a| !a.key.into_inner().starts_with("xmlns"))
+        })
         .map(|a| {
             let a = a.expect("attribute");
             (
@@ -50,13 +54,16 @@ fn check(xml: &str, model: &Value) -> Result<usize, String> {
             _ => continue,
         };
         let name = e.name().into_inner().to_owned();
+        // libvirtxml models by local name in libvirt's namespaces (`qemu:env` is `env`).
+        let local = name.rsplit(':').next().unwrap_or(&name).to_owned();
         let a = attrs(&e);
         let ty = a.iter().find(|(k, _)| k == "type").map(|(_, v)| v.as_str());
         let parent_is_devices = stack.last().is_some_and(|(n, _)| n == "devices");
+        let parent_is_domain = stack.len() == 1;
         let node = match stack.last() {
             Some((_, Some(parent))) => Some(
                 parent["children"]
-                    .get(&name)
+                    .get(&local)
                     .cloned()
                     .ok_or_else(|| format!("<{name}> is not modelled under its parent"))?,
             ),
@@ -66,6 +73,9 @@ fn check(xml: &str, model: &Value) -> Result<usize, String> {
                 ("video", _) => Some(model["video"].clone()),
                 _ => None,
             },
+            _ if parent_is_domain && local == "commandline" => {
+                Some(model["qemu:commandline"].clone())
+            }
             _ => None,
         };
         if let Some(n) = &node {
@@ -95,6 +105,18 @@ fn everything_we_emit_survives_kubevirts_libvirtxml_round_trip() {
         drop_vnc: false,
         audio: true,
         video_model: "virtio".into(),
+        display: true,
+        // A module pack's environment (stock launcher), so qemu:commandline is checked too.
+        qemu_env: vec![
+            (
+                "QEMU_MODULE_DIR".into(),
+                "/var/run/kubevirt-plugin/vdi-sidecar/vdi/qemu-modules/p/modules".into(),
+            ),
+            (
+                "LD_LIBRARY_PATH".into(),
+                "/var/run/kubevirt-plugin/vdi-sidecar/vdi/qemu-modules/p/lib".into(),
+            ),
+        ],
     };
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/domains");
     let mut total = 0;
@@ -104,8 +126,9 @@ fn everything_we_emit_survives_kubevirts_libvirtxml_round_trip() {
         let out = rewrite(&xml, &opts).expect("rewrite").xml;
         total += check(&out, &model).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     }
-    // graphics + its audio link + audio + output + settings, at least once.
-    assert!(total >= 5, "nothing was checked ({total})");
+    // graphics + its audio link + audio + output + settings + commandline + its env, at least
+    // once.
+    assert!(total >= 8, "nothing was checked ({total})");
 }
 
 #[test]
@@ -115,6 +138,7 @@ fn the_check_catches_what_libvirtxml_would_drop() {
         "<domain><devices><graphics type='dbus' address='x' gl-extra='1'/></devices></domain>",
         "<domain><devices><audio id='1' type='dbus'><output><buffer/></output></audio></devices></domain>",
         "<domain><devices><audio id='1' type='dbus'><output><settings rate='1'/></output></audio></devices></domain>",
+        "<domain xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'><devices/><qemu:commandline><qemu:env name='A' value='b' extra='1'/></qemu:commandline></domain>",
     ];
     for xml in bad {
         assert!(check(xml, &model).is_err(), "{xml}");

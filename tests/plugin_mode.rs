@@ -55,6 +55,8 @@ async fn mutate_domain_for_boot_and_migration_target() {
         drop_vnc: false,
         audio: true,
         video_model: "virtio".into(),
+        display: true,
+        qemu_env: Vec::new(),
     };
     for file in [
         "kubevirt-basic.xml",

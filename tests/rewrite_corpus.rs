@@ -10,13 +10,22 @@ use vdi_sidecar::hook::domain::{RewriteOptions, rewrite};
 const BUS: &str = "unix:path=/var/run/kubevirt-hooks/hook-sidecar-0/vdi/bus";
 
 fn opts() -> RewriteOptions {
+    RewriteOptions::new(BUS)
+}
+
+/// A stock launcher's options: the module pack's environment goes into `<qemu:commandline>`.
+fn with_pack() -> RewriteOptions {
     RewriteOptions {
-        bus_address: BUS.into(),
-        drop_vnc: false,
-        audio: true,
-        video_model: "virtio".into(),
+        qemu_env: vec![
+            ("QEMU_MODULE_DIR".into(), PACK_MODULES.into()),
+            ("LD_LIBRARY_PATH".into(), PACK_LIBS.into()),
+        ],
+        ..opts()
     }
 }
+
+const PACK_MODULES: &str = "/var/run/kubevirt-hooks/hook-sidecar-0/vdi/qemu-modules/p/modules";
+const PACK_LIBS: &str = "/var/run/kubevirt-hooks/hook-sidecar-0/vdi/qemu-modules/p/lib";
 
 fn corpus() -> Vec<(String, String)> {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/domains");
@@ -116,6 +125,7 @@ fn is_idempotent() {
                 audio: false,
                 ..opts()
             },
+            with_pack(),
         ] {
             let once = rewrite(&xml, &o).expect("first").xml;
             let twice = rewrite(&once, &o).expect("second").xml;
@@ -138,6 +148,48 @@ fn leaves_everything_else_byte_for_byte() {
             assert_eq!(count(&xml, piece), count(&out, piece), "{name}: {piece}");
         }
     }
+}
+
+#[test]
+fn module_env_joins_any_commandline_once_and_keeps_what_was_there() {
+    let mut with_existing = 0;
+    for (name, xml) in corpus() {
+        let out = rewrite(&xml, &with_pack()).expect("rewrite");
+        with_existing += usize::from(xml.contains("<qemu:commandline>"));
+        assert_eq!(out.summary.qemu_env, 2, "{name}");
+        for (env, value) in [
+            ("QEMU_MODULE_DIR", PACK_MODULES),
+            ("LD_LIBRARY_PATH", PACK_LIBS),
+        ] {
+            assert_eq!(
+                count(
+                    &out.xml,
+                    &format!("<qemu:env name=\"{env}\" value=\"{value}\">")
+                ),
+                1,
+                "{name}: {}",
+                out.xml
+            );
+        }
+        assert_eq!(count(&out.xml, "<qemu:commandline>"), 1, "{name}");
+        assert_eq!(
+            count(
+                &out.xml,
+                "xmlns:qemu=\"http://libvirt.org/schemas/domain/qemu/1.0\""
+            ),
+            1,
+            "{name}"
+        );
+        // The operator's (or KubeVirt's) own entries stay.
+        assert_eq!(
+            count(&xml, "<qemu:env name=\"VDI_TEST\" value=\"a &amp; b\">"),
+            count(&out.xml, "<qemu:env name=\"VDI_TEST\" value=\"a &amp; b\">"),
+            "{name}"
+        );
+        assert_eq!(count(&out.xml, "<graphics type=\"dbus\""), 1, "{name}");
+    }
+    // Both cases are in the corpus: a commandline to join, and none (one is made).
+    assert!(with_existing > 0 && with_existing < corpus().len());
 }
 
 #[test]

@@ -269,7 +269,9 @@ impl Table {
             .chain(self.budget.iter().filter(|l| !l.a.is_finite()))
             .map(|l| l.row.label.as_str())
             .collect();
-        if (self.memory.is_empty() && self.vnc.is_empty()) || !missing.is_empty() {
+        if (self.memory.is_empty() && self.vnc.is_empty() && self.budget.is_empty())
+            || !missing.is_empty()
+        {
             bail!("incomplete table: {missing:?}");
         }
         Ok(())

@@ -33,7 +33,34 @@ pub struct RewriteOptions {
     pub audio: bool,
     /// Model of the `<video>` added when the domain has none.
     pub video_model: String,
+    /// Add the D-Bus display at all. Off when QEMU could not load it (no module pack matches
+    /// the launcher): the VM then boots with KubeVirt's own VNC only.
+    pub display: bool,
+    /// Environment for QEMU through `<qemu:commandline>` (the module pack's `QEMU_MODULE_DIR`,
+    /// and `LD_LIBRARY_PATH` when it carries libraries). Entries of these names are ours: they
+    /// are replaced, everything else in the element is kept.
+    pub qemu_env: Vec<(String, String)>,
 }
+
+impl RewriteOptions {
+    /// The usual options for a bus: audio on, a virtio video device if the domain has none,
+    /// KubeVirt's VNC kept, the launcher's own modules.
+    pub fn new(bus_address: impl Into<String>) -> Self {
+        Self {
+            bus_address: bus_address.into(),
+            drop_vnc: false,
+            audio: true,
+            video_model: "virtio".into(),
+            display: true,
+            qemu_env: Vec::new(),
+        }
+    }
+}
+
+/// libvirt's namespace for QEMU-specific elements (`<qemu:commandline>`).
+pub const QEMU_NS: &str = "http://libvirt.org/schemas/domain/qemu/1.0";
+/// Environment variables the rewrite owns in `<qemu:commandline>`.
+pub const OWNED_ENV: &[&str] = &["QEMU_MODULE_DIR", "LD_LIBRARY_PATH"];
 
 /// Errors for input the rewrite refuses. Messages are shown to the operator (gRPC status,
 /// `SyncFailed` event), so they say what was wrong.
@@ -71,6 +98,10 @@ pub struct Summary {
     pub kept_graphics: usize,
     pub added_video: bool,
     pub added_audio: bool,
+    /// The D-Bus display was left out (`display: false`).
+    pub display_left_out: bool,
+    /// `<qemu:env>` entries written.
+    pub qemu_env: usize,
     /// Why audio was asked for but left out.
     pub audio_skipped: Option<&'static str>,
 }
@@ -108,36 +139,64 @@ pub fn rewrite(xml: &str, opts: &RewriteOptions) -> Result<Rewritten, Error> {
         return Err(Error::EmptyBusAddress);
     }
     let scan = scan(xml, opts)?;
-    let insertion = render_insertion(&scan, opts);
-
-    // Cuts are in document order and never overlap; the insertion goes before any cut that
-    // starts where it does (the `<devices/>` case replaces that element).
-    let mut out = String::with_capacity(xml.len() + insertion.len());
-    let mut cursor = 0;
-    let mut inserted = false;
-    for cut in &scan.cuts {
-        if !inserted && scan.insert_at <= cut.start {
-            out.push_str(&xml[cursor..scan.insert_at]);
-            out.push_str(&insertion);
-            cursor = scan.insert_at;
-            inserted = true;
+    let mut edits: Vec<Edit> = scan.cuts.iter().cloned().map(Edit::Cut).collect();
+    if opts.display {
+        edits.push(Edit::Insert(scan.insert_at, render_insertion(&scan, opts)));
+        if !opts.qemu_env.is_empty() {
+            edits.extend(scan.qemu.env_cuts.iter().cloned().map(Edit::Cut));
+            edits.extend(render_qemu_env(&scan, opts));
         }
-        out.push_str(&xml[cursor..cut.start]);
-        cursor = cut.end;
+    } else if scan.expand_empty_devices {
+        // The `<devices/>` cut goes back as it was.
+        edits.push(Edit::Insert(scan.insert_at, "<devices/>".into()));
     }
-    if !inserted {
-        out.push_str(&xml[cursor..scan.insert_at]);
-        out.push_str(&insertion);
-        cursor = scan.insert_at;
+    let out = apply(xml, edits);
+    let mut summary = scan.summary;
+    summary.display_left_out = !opts.display;
+    summary.added_video = opts.display && !scan.has_video;
+    summary.added_audio = opts.display && opts.audio && scan.has_sound;
+    summary.audio_skipped = (opts.display && opts.audio && !scan.has_sound)
+        .then_some("the VM has no sound device (spec.domain.devices.sound)");
+    summary.qemu_env = if opts.display { opts.qemu_env.len() } else { 0 };
+    Ok(Rewritten { xml: out, summary })
+}
+
+/// One change to the document: bytes removed, or text inserted at a position.
+enum Edit {
+    Cut(Range<usize>),
+    Insert(usize, String),
+}
+
+impl Edit {
+    fn at(&self) -> usize {
+        match self {
+            Edit::Cut(r) => r.start,
+            Edit::Insert(at, _) => *at,
+        }
+    }
+}
+
+/// Applies edits that never overlap; at the same position an insertion goes before a cut (the
+/// `<devices/>` case replaces that element).
+fn apply(xml: &str, mut edits: Vec<Edit>) -> String {
+    edits.sort_by_key(|e| (e.at(), matches!(e, Edit::Cut(_))));
+    let mut out = String::with_capacity(xml.len() + 1024);
+    let mut cursor = 0;
+    for e in edits {
+        match e {
+            Edit::Cut(r) => {
+                out.push_str(&xml[cursor..r.start]);
+                cursor = r.end;
+            }
+            Edit::Insert(at, text) => {
+                out.push_str(&xml[cursor..at]);
+                out.push_str(&text);
+                cursor = at;
+            }
+        }
     }
     out.push_str(&xml[cursor..]);
-
-    let mut summary = scan.summary;
-    summary.added_video = !scan.has_video;
-    summary.added_audio = opts.audio && scan.has_sound;
-    summary.audio_skipped = (opts.audio && !scan.has_sound)
-        .then_some("the VM has no sound device (spec.domain.devices.sound)");
-    Ok(Rewritten { xml: out, summary })
+    out
 }
 
 /// The result of the streaming pass: what to cut and where to insert.
@@ -153,7 +212,36 @@ struct Scan {
     child_indent: Option<String>,
     /// Whitespace before `</devices>` (e.g. "\n\t").
     closing_indent: Option<String>,
+    qemu: QemuScan,
     summary: Summary,
+}
+
+/// Where `<qemu:commandline>` is, or where one would go.
+#[derive(Default)]
+struct QemuScan {
+    /// The prefix bound to [`QEMU_NS`] on the root element, if any.
+    prefix: Option<String>,
+    /// Where a namespace declaration goes (before the root start tag's `>`).
+    root_attrs_end: usize,
+    /// Whitespace before the root's children and before `</domain>`, and where that closing
+    /// whitespace starts.
+    root_child_indent: Option<String>,
+    root_closing: Option<(usize, Option<String>)>,
+    /// An existing commandline: where our entries go (before its closing tag's whitespace),
+    /// the whitespace before its children and before its closing tag; or an empty element to
+    /// replace.
+    commandline: Option<CommandlineScan>,
+    /// Our earlier `qemu:env` entries (and an empty `<qemu:commandline/>`): cut only when
+    /// replaced, so a domain we add no environment to keeps what it had.
+    env_cuts: Vec<Range<usize>>,
+}
+
+struct CommandlineScan {
+    insert_at: usize,
+    child_indent: Option<String>,
+    closing_indent: Option<String>,
+    /// `<qemu:commandline/>`: replaced by a full element.
+    empty: bool,
 }
 
 fn malformed(reader: &Reader<&[u8]>, err: impl std::fmt::Display) -> Error {
@@ -179,6 +267,36 @@ fn type_attr(reader: &Reader<&[u8]>, e: &BytesStart<'_>) -> Result<Option<String
     }
 }
 
+/// The prefix the root element binds to [`QEMU_NS`] (`xmlns:qemu="…"` → `qemu`).
+fn qemu_prefix(reader: &Reader<&[u8]>, e: &BytesStart<'_>) -> Result<Option<String>, Error> {
+    for a in e.attributes() {
+        let a = a.map_err(|err| malformed(reader, err))?;
+        let key: &str = a.key.into_inner();
+        if let Some(prefix) = key.strip_prefix("xmlns:") {
+            let value = a
+                .normalized_value(quick_xml::XmlVersion::Implicit1_0)
+                .map_err(|err| malformed(reader, err))?;
+            if value == QEMU_NS {
+                return Ok(Some(prefix.to_owned()));
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// An element's `name` attribute.
+fn named(reader: &Reader<&[u8]>, e: &BytesStart<'_>) -> Result<Option<String>, Error> {
+    match e.try_get_attribute("name") {
+        Ok(Some(a)) => Ok(Some(
+            a.normalized_value(quick_xml::XmlVersion::Implicit1_0)
+                .map_err(|err| malformed(reader, err))?
+                .into_owned(),
+        )),
+        Ok(None) => Ok(None),
+        Err(err) => Err(malformed(reader, err)),
+    }
+}
+
 fn scan(xml: &str, opts: &RewriteOptions) -> Result<Scan, Error> {
     let mut reader = Reader::from_reader(xml.as_bytes());
     reader.config_mut().check_end_names = true;
@@ -190,8 +308,9 @@ fn scan(xml: &str, opts: &RewriteOptions) -> Result<Scan, Error> {
     let mut devices_done = false;
     // Span of the whitespace text just before the current event, if directly inside <devices>.
     let mut pending_ws: Option<Range<usize>> = None;
-    // While skipping a dropped element: (depth at which it ends, start of the cut).
-    let mut skipping: Option<(usize, usize)> = None;
+    // While skipping a dropped element: (depth at which it ends, start of the cut, whether it
+    // is one of our `qemu:env` entries).
+    let mut skipping: Option<(usize, usize, bool)> = None;
 
     let mut scan = Scan {
         cuts: Vec::new(),
@@ -201,9 +320,12 @@ fn scan(xml: &str, opts: &RewriteOptions) -> Result<Scan, Error> {
         has_sound: false,
         child_indent: None,
         closing_indent: None,
+        qemu: QemuScan::default(),
         summary: Summary::default(),
     };
     let mut insert_at: Option<usize> = None;
+    // Inside `<P:commandline>`: the depth of its children.
+    let mut commandline_depth: Option<usize> = None;
 
     loop {
         let start = to_usize(reader.buffer_position());
@@ -211,13 +333,17 @@ fn scan(xml: &str, opts: &RewriteOptions) -> Result<Scan, Error> {
         let end = to_usize(reader.buffer_position());
         let ws_before = pending_ws.take();
 
-        if let Some((skip_depth, cut_start)) = skipping {
+        if let Some((skip_depth, cut_start, env)) = skipping {
             match event {
                 Event::Start(_) => depth += 1,
                 Event::End(_) => {
                     depth -= 1;
                     if depth == skip_depth {
-                        scan.cuts.push(cut_start..end);
+                        if env {
+                            scan.qemu.env_cuts.push(cut_start..end);
+                        } else {
+                            scan.cuts.push(cut_start..end);
+                        }
                         skipping = None;
                     }
                 }
@@ -248,7 +374,62 @@ fn scan(xml: &str, opts: &RewriteOptions) -> Result<Scan, Error> {
                     if is_empty {
                         return Err(Error::NoDevices);
                     }
-                } else if depth == 1 && name == "devices" && !devices_done {
+                    scan.qemu.prefix = qemu_prefix(&reader, e)?;
+                    scan.qemu.root_attrs_end = end.saturating_sub(1);
+                } else if depth == 1
+                    && scan
+                        .qemu
+                        .prefix
+                        .as_deref()
+                        .is_some_and(|p| name.strip_prefix(p) == Some(":commandline"))
+                    && scan.qemu.commandline.is_none()
+                {
+                    if scan.qemu.root_child_indent.is_none() {
+                        scan.qemu.root_child_indent =
+                            ws_before.as_ref().map(|ws| xml[ws.clone()].to_owned());
+                    }
+                    if is_empty {
+                        scan.qemu.env_cuts.push(start..end);
+                        scan.qemu.commandline = Some(CommandlineScan {
+                            insert_at: start,
+                            child_indent: None,
+                            closing_indent: None,
+                            empty: true,
+                        });
+                    } else {
+                        commandline_depth = Some(depth + 1);
+                        scan.qemu.commandline = Some(CommandlineScan {
+                            insert_at: end,
+                            child_indent: None,
+                            closing_indent: None,
+                            empty: false,
+                        });
+                    }
+                } else if Some(depth) == commandline_depth {
+                    let owned = name.ends_with(":env") && {
+                        let n = named(&reader, e)?;
+                        n.as_deref().is_some_and(|n| OWNED_ENV.contains(&n))
+                    };
+                    if let Some(c) = scan.qemu.commandline.as_mut()
+                        && c.child_indent.is_none()
+                    {
+                        c.child_indent = ws_before.as_ref().map(|ws| xml[ws.clone()].to_owned());
+                    }
+                    if owned {
+                        let cut_start = ws_before.as_ref().map_or(start, |ws| ws.start);
+                        if is_empty {
+                            scan.qemu.env_cuts.push(cut_start..end);
+                        } else {
+                            skipping = Some((depth, cut_start, true));
+                            depth += 1;
+                        }
+                        continue;
+                    }
+                } else if depth == 1 && scan.qemu.root_child_indent.is_none() {
+                    scan.qemu.root_child_indent =
+                        ws_before.as_ref().map(|ws| xml[ws.clone()].to_owned());
+                }
+                if depth == 1 && name == "devices" && !devices_done {
                     if is_empty {
                         scan.cuts.push(start..end);
                         insert_at = Some(start);
@@ -297,7 +478,7 @@ fn scan(xml: &str, opts: &RewriteOptions) -> Result<Scan, Error> {
                         if is_empty {
                             scan.cuts.push(cut_start..end);
                         } else {
-                            skipping = Some((depth, cut_start));
+                            skipping = Some((depth, cut_start, false));
                             depth += 1;
                         }
                         continue;
@@ -313,6 +494,22 @@ fn scan(xml: &str, opts: &RewriteOptions) -> Result<Scan, Error> {
                     .ok_or_else(|| malformed(&reader, "unexpected end tag"))?;
                 if depth == 0 {
                     root_closed = true;
+                    scan.qemu.root_closing = Some(match &ws_before {
+                        Some(ws) => (ws.start, Some(xml[ws.clone()].to_owned())),
+                        None => (start, None),
+                    });
+                }
+                if commandline_depth == Some(depth + 1) {
+                    commandline_depth = None;
+                    if let Some(c) = scan.qemu.commandline.as_mut() {
+                        match &ws_before {
+                            Some(ws) => {
+                                c.closing_indent = Some(xml[ws.clone()].to_owned());
+                                c.insert_at = ws.start;
+                            }
+                            None => c.insert_at = start,
+                        }
+                    }
                 }
                 if devices_depth == Some(depth + 1) && e.name().into_inner() == "devices" {
                     devices_depth = None;
@@ -327,6 +524,12 @@ fn scan(xml: &str, opts: &RewriteOptions) -> Result<Scan, Error> {
                 }
             }
             Event::Text(ref t) => {
+                let whitespace = AsRef::<str>::as_ref(t)
+                    .bytes()
+                    .all(|b| b.is_ascii_whitespace());
+                if whitespace && (depth == 1 || commandline_depth == Some(depth)) {
+                    pending_ws = Some(start..end);
+                }
                 if devices_depth == Some(depth) {
                     let raw: &str = t.as_ref();
                     if raw.bytes().all(|b| b.is_ascii_whitespace()) {
@@ -409,17 +612,161 @@ fn render_insertion(scan: &Scan, opts: &RewriteOptions) -> String {
     out
 }
 
+/// The `<qemu:env>` entries of `opts`, into the domain's `<qemu:commandline>` (made, with the
+/// namespace declared, when there is none).
+fn render_qemu_env(scan: &Scan, opts: &RewriteOptions) -> Vec<Edit> {
+    if opts.qemu_env.is_empty() {
+        return Vec::new();
+    }
+    let q = &scan.qemu;
+    let mut edits = Vec::new();
+    // A prefix bound elsewhere must not be reused for libvirt's namespace.
+    let prefix = match &q.prefix {
+        Some(p) => p.clone(),
+        None => {
+            edits.push(Edit::Insert(
+                q.root_attrs_end,
+                format!(" xmlns:qemu=\"{QEMU_NS}\""),
+            ));
+            "qemu".to_owned()
+        }
+    };
+    let entry = |indent: &str, (name, value): &(String, String)| {
+        format!(
+            "{indent}<{prefix}:env name=\"{}\" value=\"{}\"></{prefix}:env>",
+            quick_xml::escape::escape(name.as_str()),
+            quick_xml::escape::escape(value.as_str())
+        )
+    };
+    let root_child = q.root_child_indent.clone().unwrap_or_default();
+    match &q.commandline {
+        Some(c) if !c.empty => {
+            let indent = c
+                .child_indent
+                .clone()
+                .or_else(|| c.closing_indent.as_ref().map(|cl| format!("{cl}\t")))
+                .unwrap_or_default();
+            let text: String = opts.qemu_env.iter().map(|kv| entry(&indent, kv)).collect();
+            edits.push(Edit::Insert(c.insert_at, text));
+        }
+        other => {
+            let inner = if root_child.is_empty() {
+                String::new()
+            } else {
+                format!("{root_child}\t")
+            };
+            let entries: String = opts.qemu_env.iter().map(|kv| entry(&inner, kv)).collect();
+            let element =
+                format!("<{prefix}:commandline>{entries}{root_child}</{prefix}:commandline>");
+            match other {
+                // `<qemu:commandline/>` is replaced where it stood.
+                Some(c) => edits.push(Edit::Insert(c.insert_at, element)),
+                None => {
+                    let (at, _) = q.root_closing.clone().unwrap_or((scan.insert_at, None));
+                    edits.push(Edit::Insert(at, format!("{root_child}{element}")));
+                }
+            }
+        }
+    }
+    edits
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn opts() -> RewriteOptions {
+        RewriteOptions::new("unix:path=/var/run/kubevirt-hooks/vdi/bus")
+    }
+
+    fn with_modules() -> RewriteOptions {
         RewriteOptions {
-            bus_address: "unix:path=/var/run/kubevirt-hooks/vdi/bus".into(),
-            drop_vnc: false,
-            audio: true,
-            video_model: "virtio".into(),
+            qemu_env: vec![(
+                "QEMU_MODULE_DIR".into(),
+                "/var/run/kubevirt-hooks/vdi/qemu-modules/p1".into(),
+            )],
+            ..opts()
         }
+    }
+
+    #[test]
+    fn qemu_env_goes_into_a_new_commandline_with_its_namespace() {
+        let xml = "<domain type=\"kvm\">\n\t<name>x</name>\n\t<devices>\n\t\t<video/>\n\t</devices>\n</domain>";
+        let out = rewrite(xml, &with_modules()).unwrap();
+        assert!(
+            out.xml
+                .starts_with(&format!("<domain type=\"kvm\" xmlns:qemu=\"{QEMU_NS}\">")),
+            "{}",
+            out.xml
+        );
+        assert!(
+            out.xml.ends_with(
+                "\n\t</devices>\n\t<qemu:commandline>\n\t\t<qemu:env name=\"QEMU_MODULE_DIR\" \
+                 value=\"/var/run/kubevirt-hooks/vdi/qemu-modules/p1\"></qemu:env>\n\t\
+                 </qemu:commandline>\n</domain>"
+            ),
+            "{}",
+            out.xml
+        );
+        assert_eq!(out.summary.qemu_env, 1);
+        assert_eq!(rewrite(&out.xml, &with_modules()).unwrap().xml, out.xml);
+    }
+
+    #[test]
+    fn qemu_env_joins_an_existing_commandline_and_keeps_the_rest() {
+        let xml = format!(
+            "<domain xmlns:q=\"{QEMU_NS}\"><devices/><q:commandline><q:arg value=\"-x\"/>\
+             <q:env name=\"QEMU_MODULE_DIR\" value=\"/old\"/><q:env name=\"KEEP\" value=\"1\"/>\
+             </q:commandline></domain>"
+        );
+        let out = rewrite(&xml, &with_modules()).unwrap();
+        assert!(out.xml.contains(
+            "<q:commandline><q:arg value=\"-x\"/><q:env name=\"KEEP\" value=\"1\"/>\
+             <q:env name=\"QEMU_MODULE_DIR\" value=\"/var/run/kubevirt-hooks/vdi/qemu-modules/p1\"></q:env>\
+             </q:commandline>"
+        ), "{}", out.xml);
+        assert!(!out.xml.contains("/old"));
+        assert_eq!(rewrite(&out.xml, &with_modules()).unwrap().xml, out.xml);
+        // An empty commandline element is filled in place.
+        let xml =
+            format!("<domain xmlns:qemu=\"{QEMU_NS}\"><devices/><qemu:commandline/></domain>");
+        let out = rewrite(&xml, &with_modules()).unwrap();
+        assert!(out.xml.ends_with("</devices><qemu:commandline><qemu:env name=\"QEMU_MODULE_DIR\" \
+             value=\"/var/run/kubevirt-hooks/vdi/qemu-modules/p1\"></qemu:env></qemu:commandline></domain>"), "{}", out.xml);
+        assert_eq!(rewrite(&out.xml, &with_modules()).unwrap().xml, out.xml);
+    }
+
+    #[test]
+    fn without_module_env_the_commandline_is_left_as_it_is() {
+        // The launcher's own modules: an operator's LD_LIBRARY_PATH and an empty element stay.
+        for xml in [
+            format!(
+                "<domain xmlns:qemu=\"{QEMU_NS}\"><devices/><qemu:commandline>\
+                 <qemu:env name=\"LD_LIBRARY_PATH\" value=\"/opt\"/></qemu:commandline></domain>"
+            ),
+            format!("<domain xmlns:qemu=\"{QEMU_NS}\"><devices/><qemu:commandline/></domain>"),
+        ] {
+            let out = rewrite(&xml, &opts()).unwrap();
+            let tail = xml.split("<devices/>").nth(1).unwrap();
+            assert!(out.xml.ends_with(tail), "{}", out.xml);
+            assert_eq!(out.summary.qemu_env, 0);
+        }
+    }
+
+    #[test]
+    fn without_a_display_nothing_of_ours_is_added() {
+        let xml = "<domain><devices><graphics type=\"vnc\"/></devices></domain>";
+        let o = RewriteOptions {
+            display: false,
+            ..with_modules()
+        };
+        let out = rewrite(xml, &o).unwrap();
+        assert_eq!(out.xml, xml);
+        assert!(out.summary.display_left_out && !out.summary.added_video);
+        assert_eq!(
+            rewrite("<domain><devices/></domain>", &o).unwrap().xml,
+            "<domain><devices/></domain>"
+        );
     }
 
     #[test]

@@ -16,6 +16,7 @@ use super::domain::{MAX_INPUT_BYTES, RewriteOptions, rewrite_bytes};
 use super::proto::{info as pinfo, plugins_v1alpha1 as plugins, v1alpha1, v1alpha2, v1alpha3};
 use super::vmi::VmiInfo;
 use crate::health::Health;
+use crate::modules::{Modules, Plan};
 
 /// Hook points we subscribe to (names from kubevirt pkg/hooks/info/info.go).
 pub const HOOK_POINTS: &[&str] = &["OnDefineDomain", "Shutdown"];
@@ -32,6 +33,7 @@ pub struct HookService {
     base: Arc<RewriteOptions>,
     shutdown: CancellationToken,
     health: Health,
+    modules: Arc<Modules>,
 }
 
 impl HookService {
@@ -41,7 +43,14 @@ impl HookService {
             base: Arc::new(base),
             shutdown,
             health: Health::default(),
+            modules: Arc::new(Modules::launcher()),
         }
+    }
+
+    /// QEMU's D-Bus display modules come from these packs (default: the launcher's own).
+    pub fn with_modules(mut self, modules: Arc<Modules>) -> Self {
+        self.modules = modules;
+        self
     }
 
     /// Reports each rewrite to `health` (what QEMU should then have).
@@ -58,14 +67,18 @@ impl HookService {
     ) -> Result<Vec<u8>, Status> {
         let base = Arc::clone(&self.base);
         let health = self.health.clone();
-        tokio::task::spawn_blocking(move || define_blocking(&base, version, &domain, &vmi, &health))
-            .await
-            .map_err(|e| Status::internal(format!("rewrite task failed: {e}")))?
+        let modules = Arc::clone(&self.modules);
+        tokio::task::spawn_blocking(move || {
+            define_blocking(&base, &modules, version, &domain, &vmi, &health)
+        })
+        .await
+        .map_err(|e| Status::internal(format!("rewrite task failed: {e}")))?
     }
 }
 
 fn define_blocking(
     base: &RewriteOptions,
+    modules: &Modules,
     version: &'static str,
     domain: &[u8],
     vmi: &[u8],
@@ -76,7 +89,19 @@ fn define_blocking(
         Status::invalid_argument(e.to_string())
     })?;
     let _span = info_span!("define", vm = %vmi.name, version).entered();
-    let opts = vmi.apply(base);
+    let mut opts = vmi.apply(base);
+    let no_display = match modules.plan(vmi.launcher.as_deref()) {
+        Plan::Launcher => None,
+        Plan::Env(env) => {
+            opts.qemu_env = env;
+            None
+        }
+        Plan::NoDisplay(why) => {
+            warn!(launcher = vmi.launcher.as_deref().unwrap_or(""), "{why}");
+            opts.display = false;
+            Some(why)
+        }
+    };
     match rewrite_bytes(domain, &opts) {
         Ok(out) => {
             let s = &out.summary;
@@ -88,9 +113,14 @@ fn define_blocking(
                 audio = s.added_audio,
                 audio_skipped = s.audio_skipped.unwrap_or(""),
                 bus = %opts.bus_address,
+                qemu_env = s.qemu_env,
+                display = !s.display_left_out,
                 "domain rewritten"
             );
-            health.domain_defined(s.added_audio);
+            match no_display {
+                Some(why) => health.display_left_out(why),
+                None => health.domain_defined(s.added_audio),
+            }
             Ok(out.xml.into_bytes())
         }
         Err(e) => {

@@ -20,6 +20,9 @@ pub struct VmiInfo {
     pub video: Option<String>,
     pub audio: Option<bool>,
     pub drop_vnc: Option<bool>,
+    /// `status.launcherContainerImageVersion`: the virt-launcher image the VM runs in (picks
+    /// the QEMU module pack).
+    pub launcher: Option<String>,
 }
 
 impl VmiInfo {
@@ -70,8 +73,15 @@ impl VmiInfo {
                 });
             }
         };
+        let launcher = root
+            .get("status")
+            .and_then(|s| s.get("launcherContainerImageVersion"))
+            .and_then(Value::as_str)
+            .filter(|s| !s.is_empty() && s.len() <= 1024)
+            .map(str::to_owned);
         Ok(Self {
             name,
+            launcher,
             video,
             audio: parse_bool(ANNOTATION_AUDIO, annotation(ANNOTATION_AUDIO)?)?,
             drop_vnc: parse_bool(ANNOTATION_DROP_VNC, annotation(ANNOTATION_DROP_VNC)?)?,
@@ -126,6 +136,13 @@ mod tests {
         assert_eq!(info.video.as_deref(), Some("vga"));
         assert_eq!(info.audio, Some(false));
         assert_eq!(info.drop_vnc, Some(true));
+        assert_eq!(info.launcher, None);
+        let with_status = br#"{"metadata":{"name":"vm"},
+            "status":{"launcherContainerImageVersion":"r/kubevirt/virt-launcher:v1.8.0"}}"#;
+        assert_eq!(
+            VmiInfo::parse(with_status).unwrap().launcher.as_deref(),
+            Some("r/kubevirt/virt-launcher:v1.8.0")
+        );
     }
 
     #[test]
