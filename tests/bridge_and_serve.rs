@@ -123,23 +123,10 @@ async fn hook_mode_reports_audio_that_kubevirt_dropped() {
         "no warning in the log:\n{}",
         sc.log()
     );
-    let readyz = http_get(&http, "/readyz");
+    let readyz = common::http_get(&http, "/readyz");
     assert!(readyz.starts_with("HTTP/1.1 200"), "{readyz}");
     assert!(
         readyz.contains("warning: no guest audio") && readyz.contains("--mode plugin"),
         "{readyz}"
     );
-}
-
-fn http_get(addr: &str, path: &str) -> String {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).expect("connect");
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .expect("write");
-    let mut out = String::new();
-    s.read_to_string(&mut out).expect("read");
-    out
 }

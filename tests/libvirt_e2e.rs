@@ -76,19 +76,6 @@ fn debian_pack(root: &std::path::Path) {
     std::fs::write(dir.join("pack.json"), manifest.to_string()).expect("pack.json");
 }
 
-fn http_get(addr: &str, path: &str) -> String {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).expect("connect");
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .expect("write");
-    let mut out = String::new();
-    s.read_to_string(&mut out).expect("read");
-    out
-}
-
 async fn boots_through(plugin: bool, modules: Modules) {
     let _daemons = ensure();
     let guest = common::qemu::guest();
@@ -223,7 +210,7 @@ async fn boots_through(plugin: bool, modules: Modules) {
                 && l.contains(PACK)),
             "no warning naming the launcher and the packs:\n{log}"
         );
-        let readyz = http_get(&http, "/readyz");
+        let readyz = common::http_get(&http, "/readyz");
         assert!(
             readyz.contains("no D-Bus display") && readyz.contains("v0.0.0-other"),
             "{readyz}"

@@ -255,8 +255,9 @@ fn to_usize(pos: u64) -> usize {
     usize::try_from(pos).unwrap_or(usize::MAX)
 }
 
-fn type_attr(reader: &Reader<&[u8]>, e: &BytesStart<'_>) -> Result<Option<String>, Error> {
-    match e.try_get_attribute("type") {
+/// An element's attribute `key`, unescaped.
+fn attr(reader: &Reader<&[u8]>, e: &BytesStart<'_>, key: &str) -> Result<Option<String>, Error> {
+    match e.try_get_attribute(key) {
         Ok(Some(a)) => Ok(Some(
             a.normalized_value(quick_xml::XmlVersion::Implicit1_0)
                 .map_err(|err| malformed(reader, err))?
@@ -282,19 +283,6 @@ fn qemu_prefix(reader: &Reader<&[u8]>, e: &BytesStart<'_>) -> Result<Option<Stri
         }
     }
     Ok(None)
-}
-
-/// An element's `name` attribute.
-fn named(reader: &Reader<&[u8]>, e: &BytesStart<'_>) -> Result<Option<String>, Error> {
-    match e.try_get_attribute("name") {
-        Ok(Some(a)) => Ok(Some(
-            a.normalized_value(quick_xml::XmlVersion::Implicit1_0)
-                .map_err(|err| malformed(reader, err))?
-                .into_owned(),
-        )),
-        Ok(None) => Ok(None),
-        Err(err) => Err(malformed(reader, err)),
-    }
 }
 
 fn scan(xml: &str, opts: &RewriteOptions) -> Result<Scan, Error> {
@@ -407,7 +395,7 @@ fn scan(xml: &str, opts: &RewriteOptions) -> Result<Scan, Error> {
                     }
                 } else if Some(depth) == commandline_depth {
                     let owned = name.ends_with(":env") && {
-                        let n = named(&reader, e)?;
+                        let n = attr(&reader, e, "name")?;
                         n.as_deref().is_some_and(|n| OWNED_ENV.contains(&n))
                     };
                     if let Some(c) = scan.qemu.commandline.as_mut()
@@ -448,7 +436,7 @@ fn scan(xml: &str, opts: &RewriteOptions) -> Result<Scan, Error> {
                             true
                         }
                         "graphics" => {
-                            let kind = type_attr(&reader, e)?;
+                            let kind = attr(&reader, e, "type")?;
                             let drop = match kind.as_deref() {
                                 Some("dbus") => true,
                                 Some("vnc") => opts.drop_vnc,

@@ -182,6 +182,20 @@ impl Sidecar {
     }
 }
 
+/// A plain HTTP/1.1 GET (the insecure web listener): status line, headers and body.
+pub fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .expect("write");
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("read");
+    out
+}
+
 /// A gRPC channel over a Unix socket, the way virt-launcher dials hook sidecars.
 pub async fn uds_channel(path: &Path) -> Channel {
     let path = path.to_owned();
