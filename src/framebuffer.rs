@@ -9,7 +9,7 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 
 use crate::pixman::{Format, UnsupportedFormat};
 
@@ -132,6 +132,11 @@ struct State {
     cursor: Option<Arc<Cursor>>,
     cursor_serial: u64,
     pointer: Pointer,
+    /// The newest damage sequence number a consumer has taken: frames after it wait for one.
+    taken: u64,
+    /// The next `Scanout` waited in QEMU's socket while the console changed size: if its size
+    /// is not the current one, it is older than that change and is dropped.
+    stale_scanout: bool,
 }
 
 /// Which delivery path frames came through (for logs, tests and benchmarks).
@@ -143,6 +148,8 @@ pub struct PathCounters {
     pub update_map: AtomicU64,
     /// Surface size changes that came without a Scanout (QEMU 10.0's resize bug).
     pub resized_without_scanout: AtomicU64,
+    /// Scanouts dropped as older than a console resize (they waited in the socket meanwhile).
+    pub stale_scanout: AtomicU64,
 }
 
 impl PathCounters {
@@ -160,7 +167,16 @@ impl PathCounters {
 pub struct Framebuffer {
     state: Arc<Mutex<State>>,
     notify: Arc<watch::Sender<u64>>,
+    /// Woken when a consumer takes newer damage (the listener's socket waits on it).
+    taken: Arc<Notify>,
     counters: Arc<PathCounters>,
+}
+
+impl std::fmt::Debug for Framebuffer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (w, h) = self.size();
+        write!(f, "Framebuffer({w}x{h})")
+    }
 }
 
 impl Default for Framebuffer {
@@ -202,6 +218,7 @@ impl Framebuffer {
         Self {
             state: Arc::new(Mutex::new(State::default())),
             notify: Arc::new(tx),
+            taken: Arc::new(Notify::new()),
             counters: Arc::default(),
         }
     }
@@ -229,6 +246,7 @@ impl Framebuffer {
         let seq = st.seq;
         st.log.push_back((seq, r));
         self.notify.send_replace(seq);
+        self.taken.notify_waiters();
     }
 
     /// Changes the size, keeping the pixels of the region both sizes share (Console
@@ -273,6 +291,10 @@ impl Framebuffer {
         let fmt = Format::from_code(format)?;
         check_size(width, height)?;
         let mut st = self.lock();
+        if std::mem::take(&mut st.stale_scanout) && (st.width, st.height) != (width, height) {
+            PathCounters::bump(&self.counters.stale_scanout);
+            return Ok(());
+        }
         self.resize_locked(&mut st, width, height)?;
         blit(&mut st, fmt, Rect::full(width, height), stride, data)?;
         self.damage(&mut st, Rect::full(width, height));
@@ -623,8 +645,53 @@ impl Framebuffer {
     /// Everything damaged after `since` (all of the surface when `since` is `None`, from another
     /// generation, or older than the log).
     pub fn damage_since(&self, since: Option<Position>) -> Damage {
-        let st = self.lock();
+        let mut st = self.lock();
+        self.mark_taken(&mut st);
         damage_locked(&st, since)
+    }
+
+    fn mark_taken(&self, st: &mut State) {
+        if st.taken != st.seq {
+            st.taken = st.seq;
+            self.taken.notify_waiters();
+        }
+    }
+
+    /// The next `Scanout` is older than the console's current size (see `listener_socket`).
+    pub fn expect_stale_scanout(&self) {
+        self.lock().stale_scanout = true;
+    }
+
+    /// Whether damage was recorded that no consumer has taken yet: every viewer is still busy
+    /// with an older frame, or there is none.
+    pub fn has_untaken_damage(&self) -> bool {
+        let st = self.lock();
+        st.seq != st.taken
+    }
+
+    /// The newest damage sequence number (frames handled so far).
+    pub fn damage_seq(&self) -> u64 {
+        self.lock().seq
+    }
+
+    /// Waits until damage newer than `after` has been recorded and a consumer has taken it, or
+    /// `timeout` passes: a frame let through has been handled and someone wanted it.
+    pub async fn taken_after(&self, after: u64, timeout: std::time::Duration) {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let woken = self.taken.notified();
+            tokio::pin!(woken);
+            woken.as_mut().enable();
+            {
+                let st = self.lock();
+                if st.seq > after && st.seq == st.taken {
+                    return;
+                }
+            }
+            if tokio::time::timeout_at(deadline, woken).await.is_err() {
+                return;
+            }
+        }
     }
 
     /// Calls `row` with each row of `rect` (clipped), under one lock; returns the clipped rect.
@@ -692,7 +759,8 @@ impl Viewer {
 
     /// Everything damaged since the last call, merged when the viewer fell behind.
     pub fn take_damage(&mut self) -> Damage {
-        let st = self.fb.lock();
+        let mut st = self.fb.lock();
+        self.fb.mark_taken(&mut st);
         let _ = self.rx.borrow_and_update();
         let d = damage_locked(&st, self.seen);
         self.seen = Some(d.to);
@@ -710,6 +778,7 @@ impl Viewer {
 mod tests {
     use super::*;
     use crate::pixman::X8R8G8B8;
+    use std::time::Duration;
 
     fn solid(w: u32, h: u32, px: u32) -> Vec<u8> {
         std::iter::repeat_n(px.to_ne_bytes(), (w * h) as usize)
@@ -844,5 +913,60 @@ mod tests {
                 .unwrap();
         }
         assert_eq!(a.take_damage().rects, [Rect::full(4, 4)]);
+    }
+
+    #[tokio::test]
+    async fn frames_wait_until_the_last_one_was_handled_and_taken_but_not_forever() {
+        let fb = Framebuffer::new();
+        let mut v = fb.viewer();
+        fb.scanout(4, 4, 16, X8R8G8B8, &solid(4, 4, 1)).unwrap();
+        let passed = fb.damage_seq();
+        // The frame let through is not handled yet: wait, up to the timeout.
+        let t = std::time::Instant::now();
+        fb.taken_after(passed, Duration::from_millis(200)).await;
+        assert!(t.elapsed() >= Duration::from_millis(200));
+        // Handled, and then taken by a viewer while we wait: the wait ends then.
+        let waiter = {
+            let fb = fb.clone();
+            tokio::spawn(async move {
+                let t = std::time::Instant::now();
+                fb.taken_after(passed, Duration::from_secs(5)).await;
+                t.elapsed()
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        fb.scanout(4, 4, 16, X8R8G8B8, &solid(4, 4, 2)).unwrap();
+        assert!(fb.has_untaken_damage());
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        assert!(!waiter.is_finished(), "handled but nobody took it yet");
+        let _ = v.take_damage();
+        assert!(waiter.await.unwrap() < Duration::from_secs(2));
+        assert!(!fb.has_untaken_damage());
+        // Handled and taken already: no wait at all.
+        let t = std::time::Instant::now();
+        fb.taken_after(passed, Duration::from_secs(5)).await;
+        assert!(t.elapsed() < Duration::from_secs(2));
+        // A shared encoding's damage_since counts as taking too.
+        fb.scanout(4, 4, 16, X8R8G8B8, &solid(4, 4, 3)).unwrap();
+        let _ = fb.damage_since(None);
+        assert!(!fb.has_untaken_damage());
+    }
+
+    #[test]
+    fn a_scanout_that_waited_through_a_console_resize_does_not_undo_it() {
+        let fb = Framebuffer::new();
+        fb.scanout(4, 4, 16, X8R8G8B8, &solid(4, 4, 1)).unwrap();
+        fb.resize(8, 8).unwrap();
+        fb.expect_stale_scanout();
+        fb.scanout(4, 4, 16, X8R8G8B8, &solid(4, 4, 2)).unwrap();
+        assert_eq!(fb.size(), (8, 8));
+        assert_eq!(PathCounters::get(&fb.counters().stale_scanout), 1);
+        // Only that one: a later Scanout of another size is a real mode switch.
+        fb.scanout(4, 4, 16, X8R8G8B8, &solid(4, 4, 3)).unwrap();
+        assert_eq!(fb.size(), (4, 4));
+        // A stale mark on a frame of the current size changes nothing.
+        fb.expect_stale_scanout();
+        fb.scanout(4, 4, 16, X8R8G8B8, &solid(4, 4, 4)).unwrap();
+        assert_eq!(fb.snapshot().pixels[0] & 0xff_ffff, 4);
     }
 }

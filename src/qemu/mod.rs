@@ -5,6 +5,7 @@ pub mod audio_in;
 pub mod control;
 pub mod input;
 pub mod listener;
+pub mod listener_socket;
 pub mod proxies;
 pub mod shm;
 pub mod source;

@@ -286,7 +286,10 @@ async fn attach(
         // QEMU is the auth server on this socket and calls our objects: build a p2p *client*
         // that already serves both interfaces when the handshake completes.
         let (listener, map) = listener_pair(id, fb.clone(), opts.shared_memory);
-        let p2p = zbus::connection::Builder::unix_stream(ours)
+        // Our own socket halves: a whole-surface frame waits in QEMU until a viewer wants it.
+        let socket =
+            super::listener_socket::split(ours, Some(fb.clone())).map_err(Error::Socket)?;
+        let p2p = zbus::connection::Builder::socket(socket)
             .p2p()
             .serve_at(LISTENER_PATH, listener)
             .serve_at(LISTENER_PATH, map)
