@@ -336,3 +336,74 @@ async fn absolute_pointer_with_a_tablet() {
     drop(vm);
     rig.stop().await;
 }
+
+/// The guest's `VDI OK scene video N frames T ms`: N.
+fn frames_drawn(reply: &str) -> u64 {
+    reply
+        .split_whitespace()
+        .nth(4)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("scene reply: {reply}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whole_frames_nobody_takes_wait_in_qemu_and_a_viewer_gets_them_all() {
+    // std VGA at 32 bpp: every full-screen frame comes inline as a Scanout.
+    let rig = Rig::start_with(SourceOptions {
+        shared_memory: false,
+    })
+    .await;
+    let fb = rig.consoles.primary();
+    let mut vm = rig.vm(Video::StdVga);
+    let fb2 = fb.clone();
+    let (vm, idle) = tokio::task::spawn_blocking(move || {
+        vm.wait_ready();
+        vm.guest("display vbe");
+        vm.guest("mode 640 480");
+        vm.guest("fill 1");
+        assert_matches_screendump(&mut vm, &fb2, "640x480");
+        let before = PathCounters::get(&fb2.counters().scanout);
+        let drawn = frames_drawn(&vm.guest("scene video 4000"));
+        let taken = PathCounters::get(&fb2.counters().scanout) - before;
+        (vm, (drawn, taken))
+    })
+    .await
+    .expect("idle scene");
+    let (drawn, taken) = idle;
+    // No viewer: at most one frame per 200 ms (plus the one let through first), however many
+    // QEMU had to offer (it refreshes at ~33 Hz and drops the frames we did not take).
+    assert!(drawn >= 40, "the guest drew only {drawn} frames");
+    assert!(
+        (2..=4000 / 200 + 3).contains(&taken),
+        "{taken} Scanouts taken in with no viewer ({drawn} drawn)"
+    );
+    // A viewer that takes every frame at once: the frames flow at QEMU's rate again.
+    let mut viewer = fb.viewer();
+    let reader = tokio::spawn(async move {
+        loop {
+            viewer.changed().await;
+            let _ = viewer.take_damage();
+        }
+    });
+    let fb2 = fb.clone();
+    let (vm, watched) = tokio::task::spawn_blocking(move || {
+        let mut vm = vm;
+        let before = PathCounters::get(&fb2.counters().scanout);
+        let drawn = frames_drawn(&vm.guest("scene video 4000"));
+        (
+            vm,
+            (drawn, PathCounters::get(&fb2.counters().scanout) - before),
+        )
+    })
+    .await
+    .expect("watched scene");
+    reader.abort();
+    let (drawn2, taken2) = watched;
+    eprintln!("no viewer: {taken} of {drawn} frames taken in; a viewer: {taken2} of {drawn2}");
+    assert!(
+        taken2 >= 2 * taken && taken2 >= 30,
+        "a viewer taking every frame got {taken2} Scanouts ({drawn2} drawn) vs {taken} without"
+    );
+    drop(vm);
+    rig.stop().await;
+}
