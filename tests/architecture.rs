@@ -28,7 +28,10 @@ fn allowed() -> BTreeMap<&'static str, &'static [&'static str]> {
         ("framebuffer", &["pixman"][..]),
         ("modules", &[][..]),
         ("hook", &["health", "modules"][..]),
-        ("qemu", &["framebuffer", "pixman", "pcm", "health"][..]),
+        (
+            "qemu",
+            &["framebuffer", "pixman", "pcm", "health", "cgroup"][..],
+        ),
         (
             "session",
             &["qemu", "framebuffer", "health", "pcm", "cgroup"][..],

@@ -164,6 +164,8 @@ pub async fn bridge(rig: &Rig, cgroup: Option<&Cgroup>) -> Result<(Child, Socket
             "MALLOC_TRIM_THRESHOLD_",
             std::env::var("VDI_BENCH_TRIM").unwrap_or("131072".into()),
         )
+        // VDI_BENCH_GLIBC_TUNABLES: e.g. glibc.malloc.hugetlb=1 (THP for malloc's mmaps).
+        .envs(std::env::var("VDI_BENCH_GLIBC_TUNABLES").map(|t| ("GLIBC_TUNABLES", t)))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(stderr)

@@ -16,7 +16,7 @@
 use std::io::{self, IoSlice, IoSliceMut};
 use std::mem::MaybeUninit;
 use std::os::fd::{BorrowedFd, OwnedFd};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use rustix::net::{
@@ -27,6 +27,7 @@ use tokio::io::Interest;
 use tokio::net::UnixStream;
 use zbus::connection::socket::{BoxedSplit, ReadHalf, Split, WriteHalf};
 
+use crate::cgroup::Limits;
 use crate::framebuffer::Framebuffer;
 
 /// Longest a Scanout waits for a viewer to take the previous frame: the floor of the frame rate
@@ -38,6 +39,24 @@ const PRIMARY_HEADER: usize = 16;
 const PEEK: usize = 512;
 /// File descriptors accepted per read (QEMU sends one with a ScanoutMap).
 const MAX_FDS: usize = 4;
+/// Under a memory limit, a Scanout is taken in only with its size plus this much to spare…
+const MEMORY_SLACK: u64 = 8 << 20;
+/// …waiting for viewers to finish (and free) what they hold at most this long.
+const MAX_MEMORY_WAIT: Duration = Duration::from_secs(1);
+
+/// The cgroup this process runs in (read once: limits do not change under a running pod).
+fn limits() -> &'static Limits {
+    static LIMITS: OnceLock<Limits> = OnceLock::new();
+    LIMITS.get_or_init(Limits::detect)
+}
+
+/// Whether taking in `need` more bytes would come within [`MEMORY_SLACK`] of the memory limit.
+fn memory_tight(limits: &Limits, need: u64) -> bool {
+    match (limits.memory, limits.memory_usage()) {
+        (Some(limit), Some(used)) => used.saturating_add(need).saturating_add(MEMORY_SLACK) > limit,
+        _ => false,
+    }
+}
 
 /// The read and write halves over `stream`; with `fb`, Scanouts wait for its viewers.
 pub fn split(
@@ -99,16 +118,24 @@ impl ReadHalf for Reader {
             && let Some(fb) = &self.fb
             && let Some(size) = self.next_scanout().await?
         {
-            if size == fb.size() {
+            let current = size == fb.size();
+            if current {
                 let after = self
                     .passed
                     .unwrap_or_else(|| fb.damage_seq().saturating_sub(1));
                 fb.taken_after(after, MAX_WAIT).await;
-                if fb.size() != size {
-                    // The console changed size (a Width/Height change on the bus) while this
-                    // frame waited: it is older than that change and must not undo it.
-                    fb.expect_stale_scanout();
-                }
+            }
+            // An 8 MB message on top of what the viewers hold can be what crosses the memory
+            // limit (an OOM kill ends every session): let them finish first.
+            let need = u64::from(size.0) * u64::from(size.1) * 4;
+            let until = tokio::time::Instant::now() + MAX_MEMORY_WAIT;
+            while memory_tight(limits(), need) && tokio::time::Instant::now() < until {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            if current && fb.size() != size {
+                // The console changed size (a Width/Height change on the bus) while this frame
+                // waited: it is older than that change and must not undo it.
+                fb.expect_stale_scanout();
             }
             self.passed = Some(fb.damage_seq());
         }
