@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use tokio::process::{Child, Command};
 
 use crate::client::{self, Enc};
@@ -221,7 +221,30 @@ pub async fn rows(rig: &mut Rig, opts: &Opts, size: (u32, u32), table: &mut Tabl
                 if std::env::var_os("VDI_BENCH_DEBUG").is_some() {
                     eprintln!("budget row: {} x{viewers}", enc.name());
                 }
-                let (us, them) = alternate(rig, opts, "video", window, enc, viewers).await?;
+                let label = |what: &str| {
+                    format!(
+                        "{what}, {}, {viewers} viewer(s), {sz}, 200m/64M",
+                        enc.name()
+                    )
+                };
+                let (us, them) = match alternate(rig, opts, "video", window, enc, viewers).await {
+                    Ok(runs) => runs,
+                    // An OOM kill is a result (a failed target), not a broken bench: report it
+                    // and keep the rest of the table.
+                    Err(e) if child.try_wait()?.is_some() => {
+                        table.target(
+                            label("never OOM-killed"),
+                            false,
+                            format!(
+                                "the bridge died in this row ({e:#}; OOM kills: {})",
+                                cg.oom_kills()
+                            ),
+                        );
+                        table.note("budget rows stopped: the bridge died (see the targets)".into());
+                        return anyhow::Ok(());
+                    }
+                    Err(e) => return Err(e),
+                };
                 let alive = child.try_wait()?.is_none();
                 let min = |runs: &[client::Run]| {
                     median(
@@ -229,12 +252,6 @@ pub async fn rows(rig: &mut Rig, opts: &Opts, size: (u32, u32), table: &mut Tabl
                             .iter()
                             .map(|r| r.per_viewer.iter().copied().fold(f64::INFINITY, f64::min))
                             .collect::<Vec<_>>(),
-                    )
-                };
-                let label = |what: &str| {
-                    format!(
-                        "{what}, {}, {viewers} viewer(s), {sz}, 200m/64M",
-                        enc.name()
                     )
                 };
                 table.budget(
@@ -275,7 +292,8 @@ pub async fn rows(rig: &mut Rig, opts: &Opts, size: (u32, u32), table: &mut Tabl
                     }
                 }
                 if !alive {
-                    bail!("the bridge died under the budget (OOM-killed?)");
+                    table.note("budget rows stopped: the bridge died (see the targets)".into());
+                    return anyhow::Ok(());
                 }
             }
         }
