@@ -41,6 +41,8 @@ async fn std_vga_inline_path_text_mode_and_mode_switches() {
     // without a Scanout.
     let rig = Rig::start_with(SourceOptions {
         shared_memory: false,
+        // Frames held in QEMU too, as under a sidecar budget: mode switches must still be right.
+        hold_frames: Some(true),
     })
     .await;
     let fb = rig.consoles.primary();
@@ -351,6 +353,7 @@ async fn whole_frames_nobody_takes_wait_in_qemu_and_a_viewer_gets_them_all() {
     // std VGA at 32 bpp: every full-screen frame comes inline as a Scanout.
     let rig = Rig::start_with(SourceOptions {
         shared_memory: false,
+        hold_frames: Some(true),
     })
     .await;
     let fb = rig.consoles.primary();

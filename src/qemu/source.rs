@@ -170,13 +170,27 @@ pub async fn connect_bus(address: &str, stop: &CancellationToken) -> Option<Conn
 pub struct SourceOptions {
     /// Ask QEMU for shared-memory frames (`Listener.Unix.Map`) where the surface allows it.
     pub shared_memory: bool,
+    /// Hold whole-surface frames in QEMU until a viewer wants one (see `listener_socket`).
+    /// `None`: only under a cgroup CPU or memory limit, where taking in every frame is what
+    /// costs the budget; elsewhere frames are taken in as they come, for the lowest latency.
+    pub hold_frames: Option<bool>,
 }
 
 impl Default for SourceOptions {
     fn default() -> Self {
         Self {
             shared_memory: true,
+            hold_frames: None,
         }
+    }
+}
+
+impl SourceOptions {
+    fn holds_frames(&self) -> bool {
+        self.hold_frames.unwrap_or_else(|| {
+            let limits = crate::cgroup::Limits::detect();
+            limits.cpus.is_some() || limits.memory.is_some()
+        })
     }
 }
 
@@ -286,9 +300,10 @@ async fn attach(
         // QEMU is the auth server on this socket and calls our objects: build a p2p *client*
         // that already serves both interfaces when the handshake completes.
         let (listener, map) = listener_pair(id, fb.clone(), opts.shared_memory);
-        // Our own socket halves: a whole-surface frame waits in QEMU until a viewer wants it.
-        let socket =
-            super::listener_socket::split(ours, Some(fb.clone())).map_err(Error::Socket)?;
+        // Our own socket halves: under a budget, a whole-surface frame waits in QEMU until a
+        // viewer wants it.
+        let held = opts.holds_frames().then(|| fb.clone());
+        let socket = super::listener_socket::split(ours, held).map_err(Error::Socket)?;
         let p2p = zbus::connection::Builder::socket(socket)
             .p2p()
             .serve_at(LISTENER_PATH, listener)
