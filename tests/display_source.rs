@@ -35,16 +35,21 @@ fn assert_matches_screendump(vm: &mut Vm, fb: &Framebuffer, what: &str) {
     }
 }
 
+/// Everything inline (no shared memory), whole frames held in QEMU until a viewer wants one.
+async fn inline_rig_holding_frames() -> Rig {
+    Rig::start_with(SourceOptions {
+        shared_memory: false,
+        hold_frames: Some(true),
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn std_vga_inline_path_text_mode_and_mode_switches() {
     // Without shared memory everything is inline, which is where QEMU 10.0 switches surfaces
     // without a Scanout.
-    let rig = Rig::start_with(SourceOptions {
-        shared_memory: false,
-        // Frames held in QEMU too, as under a sidecar budget: mode switches must still be right.
-        hold_frames: Some(true),
-    })
-    .await;
+    // Frames held in QEMU too, as under a sidecar budget: mode switches must still be right.
+    let rig = inline_rig_holding_frames().await;
     let fb = rig.consoles.primary();
     let mut vm = rig.vm(Video::StdVga);
     let out = tokio::task::spawn_blocking(move || {
@@ -351,11 +356,7 @@ fn frames_drawn(reply: &str) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn whole_frames_nobody_takes_wait_in_qemu_and_a_viewer_gets_them_all() {
     // std VGA at 32 bpp: every full-screen frame comes inline as a Scanout.
-    let rig = Rig::start_with(SourceOptions {
-        shared_memory: false,
-        hold_frames: Some(true),
-    })
-    .await;
+    let rig = inline_rig_holding_frames().await;
     let fb = rig.consoles.primary();
     let mut vm = rig.vm(Video::StdVga);
     let fb2 = fb.clone();

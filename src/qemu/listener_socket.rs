@@ -45,7 +45,7 @@ const MEMORY_SLACK: u64 = 8 << 20;
 const MAX_MEMORY_WAIT: Duration = Duration::from_secs(1);
 
 /// The cgroup this process runs in (read once: limits do not change under a running pod).
-fn limits() -> &'static Limits {
+pub(crate) fn limits() -> &'static Limits {
     static LIMITS: OnceLock<Limits> = OnceLock::new();
     LIMITS.get_or_init(Limits::detect)
 }
@@ -187,8 +187,13 @@ impl WriteHalf for Writer {
     async fn sendmsg(&mut self, buffer: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<usize> {
         loop {
             self.stream.writable().await?;
-            let mut space =
-                vec![MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(fds.len()))];
+            // On the stack: this runs for every reply, once per frame.
+            if fds.len() > MAX_FDS {
+                return Err(io::Error::other(
+                    "too many file descriptors for one message",
+                ));
+            }
+            let mut space = [MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))];
             let mut control = SendAncillaryBuffer::new(&mut space);
             if !fds.is_empty() && !control.push(SendAncillaryMessage::ScmRights(fds)) {
                 return Err(io::Error::other(

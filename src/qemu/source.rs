@@ -188,7 +188,7 @@ impl Default for SourceOptions {
 impl SourceOptions {
     fn holds_frames(&self) -> bool {
         self.hold_frames.unwrap_or_else(|| {
-            let limits = crate::cgroup::Limits::detect();
+            let limits = super::listener_socket::limits();
             limits.cpus.is_some() || limits.memory.is_some()
         })
     }
