@@ -150,6 +150,8 @@ pub struct PathCounters {
     pub resized_without_scanout: AtomicU64,
     /// Scanouts dropped as older than a console resize (they waited in the socket meanwhile).
     pub stale_scanout: AtomicU64,
+    /// Inline frames the listener socket read into its reused buffer (`qemu::parked`).
+    pub parked: AtomicU64,
 }
 
 impl PathCounters {
@@ -547,23 +549,30 @@ fn blit_changed(
     let (stride_us, row_bytes) = check_layout(fmt, r, stride, data)?;
     let (w, width) = (r.w as usize, st.width as usize);
     let chunks = w.div_ceil(CHUNK);
-    let mut row = vec![0u32; w];
     let mut band = vec![false; chunks];
     let mut out: Vec<Rect> = Vec::new();
     // Rects that ended at the previous band's bottom, and may grow down.
     let mut open: Vec<usize> = Vec::new();
     let mut band_top = 0usize;
     for y in 0..r.h as usize {
-        fmt.convert_row(&data[y * stride_us..y * stride_us + row_bytes], &mut row);
+        let src = &data[y * stride_us..y * stride_us + row_bytes];
         let d0 = (r.y as usize + y) * width + r.x as usize;
         let dst = &mut st.pixels[d0..d0 + w];
-        for (c, changed) in band.iter_mut().enumerate() {
-            let span = c * CHUNK..((c + 1) * CHUNK).min(w);
-            if !*changed && dst[span.clone()] != row[span] {
+        // Chunk by chunk through a buffer on the stack: source and surface are each read once,
+        // and a chunk that did not change is not written.
+        let mut chunk = [0u32; CHUNK];
+        for ((changed, d), s) in band
+            .iter_mut()
+            .zip(dst.chunks_mut(CHUNK))
+            .zip(src.chunks(CHUNK * fmt.bytes))
+        {
+            let new = &mut chunk[..d.len()];
+            fmt.convert_row(s, new);
+            if d != new {
+                d.copy_from_slice(new);
                 *changed = true;
             }
         }
-        dst.copy_from_slice(&row);
         let band_end = y + 1 == r.h as usize || (y + 1 - band_top) == CHUNK;
         if !band_end {
             continue;

@@ -80,6 +80,16 @@ async fn std_vga_inline_path_text_mode_and_mode_switches() {
         }
         vm.guest("rect 10 20 30 40 123456");
         assert_matches_screendump(&mut vm, &fb, "partial update");
+        // QEMU calls Scanout/Update without waiting for a reply: the socket reads them into its
+        // reused buffer instead of a message allocation each (qemu::parked).
+        let c = fb.counters();
+        assert!(
+            PathCounters::get(&c.parked) >= PathCounters::get(&c.scanout),
+            "{} of {} Scanouts and {} Updates parked",
+            PathCounters::get(&c.parked),
+            PathCounters::get(&c.scanout),
+            PathCounters::get(&c.update)
+        );
         vm
     })
     .await

@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use vdi_sidecar::framebuffer::Framebuffer;
 use vdi_sidecar::pixman::X8R8G8B8;
-use vdi_sidecar::qemu::listener::listener_pair;
+use vdi_sidecar::qemu::listener::listener_objects;
+use vdi_sidecar::qemu::parked::ParkedFrames;
 use vdi_sidecar::qemu::proxies::LISTENER_PATH;
 
 #[zbus::proxy(
@@ -65,7 +66,8 @@ trait FakeMap {
 /// Our listener on one end of a socketpair, a fake QEMU (the auth server) on the other.
 async fn pair(fb: &Framebuffer) -> (zbus::Connection, zbus::Connection) {
     let (ours, theirs) = std::os::unix::net::UnixStream::pair().expect("socketpair");
-    let (listener, map) = listener_pair(0, fb.clone(), true);
+    // zbus' own socket here (the parked path is tested in `qemu::listener_socket`).
+    let (listener, map, _) = listener_objects(0, fb.clone(), true, ParkedFrames::default());
     let guid = zbus::Guid::generate();
     let qemu = zbus::connection::Builder::unix_stream(theirs)
         .server(guid)

@@ -17,6 +17,8 @@ use crate::stats;
 pub enum Enc {
     Zrle,
     TightJpeg,
+    /// Tight with noVNC's default settings (quality level 6, compression level 2).
+    NoVnc,
     Raw,
 }
 
@@ -25,6 +27,7 @@ impl Enc {
         match self {
             Enc::Zrle => "ZRLE",
             Enc::TightJpeg => "Tight+JPEG q8",
+            Enc::NoVnc => "Tight+JPEG q6 (noVNC)",
             Enc::Raw => "Raw",
         }
     }
@@ -33,6 +36,7 @@ impl Enc {
         match self {
             Enc::Zrle => "zrle",
             Enc::TightJpeg => "tight",
+            Enc::NoVnc => "novnc",
             Enc::Raw => "raw",
         }
     }
@@ -41,6 +45,7 @@ impl Enc {
         Ok(match s {
             "zrle" => Enc::Zrle,
             "tight" => Enc::TightJpeg,
+            "novnc" => Enc::NoVnc,
             "raw" => Enc::Raw,
             _ => bail!("unknown encoding {s}"),
         })
@@ -51,6 +56,8 @@ impl Enc {
             Enc::Zrle => vec![16],
             // Tight, JPEG quality level 8 (-32 + 8), compression level 6 (-256 + 6).
             Enc::TightJpeg => vec![7, -24, -250],
+            // noVNC's defaults: quality 6 (-32 + 6), compression 2 (-256 + 2).
+            Enc::NoVnc => vec![7, -26, -254],
             Enc::Raw => vec![0],
         };
         v.push(-223); // DesktopSize

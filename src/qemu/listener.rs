@@ -1,5 +1,6 @@
 //! The objects QEMU calls on our end of a `RegisterListener` socketpair: `Listener` (inline
-//! frames, cursor) and `Listener.Unix.Map` (shared-memory frames). Both feed one console's
+//! frames, cursor), `Listener.Unix.Map` (shared-memory frames) and our `ParkedFrame` (inline
+//! frames the socket read into a reused buffer, see [`super::parked`]). All feed one console's
 //! [`Framebuffer`]. Handlers only copy and return (`spawn = false` keeps QEMU's order).
 
 use std::os::fd::OwnedFd;
@@ -8,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use serde_bytes::Bytes;
 use tracing::{debug, trace, warn};
 
+use super::parked::{Frame, ParkedFrames};
 use super::proxies::MAP_INTERFACE;
 use super::shm::SharedSurface;
 use crate::framebuffer::{Cursor, Framebuffer, PathCounters, Pointer};
@@ -37,13 +39,22 @@ pub struct MapListener {
     map: SharedMap,
 }
 
-/// Both interfaces of one listener, sharing the current map. With `shared_memory` false the
+/// `vdi.sidecar.ParkedFrame` for the same console: the frames `parked` holds.
+pub struct ParkedTaker {
+    console: u32,
+    fb: Framebuffer,
+    map: SharedMap,
+    parked: ParkedFrames,
+}
+
+/// The interfaces of one listener, sharing the current map. With `shared_memory` false the
 /// listener does not advertise `Listener.Unix.Map`, so QEMU sends every frame inline.
-pub fn listener_pair(
+pub fn listener_objects(
     console: u32,
     fb: Framebuffer,
     shared_memory: bool,
-) -> (Listener, MapListener) {
+    parked: ParkedFrames,
+) -> (Listener, MapListener, ParkedTaker) {
     let map = SharedMap::default();
     (
         Listener {
@@ -52,8 +63,54 @@ pub fn listener_pair(
             map: Arc::clone(&map),
             shared_memory,
         },
-        MapListener { console, fb, map },
+        MapListener {
+            console,
+            fb: fb.clone(),
+            map: Arc::clone(&map),
+        },
+        ParkedTaker {
+            console,
+            fb,
+            map,
+            parked,
+        },
     )
+}
+
+fn apply_scanout(
+    console: u32,
+    fb: &Framebuffer,
+    map: &SharedMap,
+    (width, height, stride, pixman_format): (u32, u32, u32, u32),
+    data: &[u8],
+) {
+    drop_map(map);
+    PathCounters::bump(&fb.counters().scanout);
+    match fb.scanout(width, height, stride, pixman_format, data) {
+        Ok(()) => debug!(
+            console,
+            width,
+            height,
+            stride,
+            format = format_args!("{pixman_format:#x}"),
+            "Scanout"
+        ),
+        Err(e) => warn!(console, error = %e, "Scanout refused"),
+    }
+}
+
+fn apply_update(
+    console: u32,
+    fb: &Framebuffer,
+    (x, y, width, height): (i32, i32, i32, i32),
+    (stride, pixman_format): (u32, u32),
+    data: &[u8],
+) {
+    trace!(console, x, y, width, height, "Update");
+    PathCounters::bump(&fb.counters().update);
+    if let Err(e) = fb.update(x, y, width, height, stride, pixman_format, data, false) {
+        warn!(console, error = %e, "Update refused");
+    }
 }
 
 fn drop_map(map: &SharedMap) {
@@ -64,20 +121,9 @@ fn drop_map(map: &SharedMap) {
 #[zbus::interface(name = "org.qemu.Display1.Listener", spawn = false)]
 impl Listener {
     fn scanout(&mut self, width: u32, height: u32, stride: u32, pixman_format: u32, data: &Bytes) {
-        drop_map(&self.map);
-        PathCounters::bump(&self.fb.counters().scanout);
         // `data` borrows from the message: a 1080p frame is not copied once more.
-        match self.fb.scanout(width, height, stride, pixman_format, data) {
-            Ok(()) => debug!(
-                console = self.console,
-                width,
-                height,
-                stride,
-                format = format_args!("{pixman_format:#x}"),
-                "Scanout"
-            ),
-            Err(e) => warn!(console = self.console, error = %e, "Scanout refused"),
-        }
+        let layout = (width, height, stride, pixman_format);
+        apply_scanout(self.console, &self.fb, &self.map, layout, data);
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -91,14 +137,8 @@ impl Listener {
         pixman_format: u32,
         data: &Bytes,
     ) {
-        trace!(console = self.console, x, y, width, height, "Update");
-        PathCounters::bump(&self.fb.counters().update);
-        if let Err(e) = self
-            .fb
-            .update(x, y, width, height, stride, pixman_format, data, false)
-        {
-            warn!(console = self.console, error = %e, "Update refused");
-        }
+        let rect = (x, y, width, height);
+        apply_update(self.console, &self.fb, rect, (stride, pixman_format), data);
     }
 
     /// GL (DMABUF) frames need a render node and readback; we never ask for `gl=on`.
@@ -276,5 +316,51 @@ impl MapListener {
         ) {
             warn!(console = self.console, error = %e, "UpdateMap refused");
         }
+    }
+}
+
+#[zbus::interface(name = "vdi.sidecar.ParkedFrame", spawn = false)]
+impl ParkedTaker {
+    /// Sent by our socket reader in place of a `Scanout`/`Update` it read itself.
+    fn take(&mut self, token: u64) {
+        let Some(parked) = self.parked.take(token) else {
+            debug!(
+                console = self.console,
+                token, "no parked frame for this token"
+            );
+            return;
+        };
+        PathCounters::bump(&self.fb.counters().parked);
+        match parked.frame() {
+            Some(Frame::Scanout {
+                width,
+                height,
+                stride,
+                format,
+                data,
+            }) => {
+                let layout = (width, height, stride, format);
+                apply_scanout(self.console, &self.fb, &self.map, layout, data);
+            }
+            Some(Frame::Update {
+                x,
+                y,
+                width,
+                height,
+                stride,
+                format,
+                data,
+            }) => {
+                let rect = (x, y, width, height);
+                apply_update(self.console, &self.fb, rect, (stride, format), data);
+            }
+            None => warn!(
+                console = self.console,
+                kind = ?parked.kind,
+                len = parked.len,
+                "inline frame refused: its body does not match its signature"
+            ),
+        }
+        self.parked.give_back(parked.bytes);
     }
 }

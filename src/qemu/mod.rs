@@ -6,6 +6,7 @@ pub mod control;
 pub mod input;
 pub mod listener;
 pub mod listener_socket;
+pub mod parked;
 pub mod proxies;
 pub mod shm;
 pub mod source;

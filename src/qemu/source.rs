@@ -15,7 +15,9 @@ use super::audio::{AudioHub, AudioOutListener, OUT_LISTENER_PATH};
 use super::audio_in::{AudioInListener, IN_LISTENER_PATH, MicHub};
 use super::control::{ConsoleControl, ConsoleProxies};
 use super::input::{InputSink, input_path};
-use super::listener::listener_pair;
+use super::listener::listener_objects;
+use super::listener_socket::Frames;
+use super::parked::ParkedFrames;
 use super::proxies::{
     AudioProxy, BUS_NAME, ConsoleProxy, KeyboardProxy, LISTENER_PATH, MouseProxy, VmProxy,
     console_path,
@@ -299,15 +301,22 @@ async fn attach(
             .await?;
         // QEMU is the auth server on this socket and calls our objects: build a p2p *client*
         // that already serves both interfaces when the handshake completes.
-        let (listener, map) = listener_pair(id, fb.clone(), opts.shared_memory);
-        // Our own socket halves: under a budget, a whole-surface frame waits in QEMU until a
-        // viewer wants it.
-        let held = opts.holds_frames().then(|| fb.clone());
-        let socket = super::listener_socket::split(ours, held).map_err(Error::Socket)?;
+        let parked = ParkedFrames::default();
+        let (listener, map, taker) =
+            listener_objects(id, fb.clone(), opts.shared_memory, parked.clone());
+        // Our own socket halves: inline frames are read into a reused buffer, and under a
+        // budget a whole-surface frame waits in QEMU until a viewer wants it.
+        let frames = Frames {
+            fb: fb.clone(),
+            parked,
+            hold: opts.holds_frames(),
+        };
+        let socket = super::listener_socket::split(ours, Some(frames)).map_err(Error::Socket)?;
         let p2p = zbus::connection::Builder::socket(socket)
             .p2p()
             .serve_at(LISTENER_PATH, listener)
             .serve_at(LISTENER_PATH, map)
+            .serve_at(LISTENER_PATH, taker)
             .build()
             .await?;
         listeners.push(p2p);

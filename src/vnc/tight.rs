@@ -4,7 +4,6 @@
 //! live as long as the connection; the client keeps the matching inflaters.
 
 use flate2::{Compress, Compression};
-use jpeg_encoder::{ColorType, Encoder, SamplingFactor};
 
 use super::encode::{deflate_sync, put_pixel};
 use super::proto::PixelFormat;
@@ -39,6 +38,40 @@ pub fn jpeg_quality(level: Option<u8>, fine: Option<u8>) -> Option<u8> {
     }
 }
 
+/// `bgrx` (`w` x `h`) as JPEG into `buf` with `encoder` (made on first use): its length, or `None` if libjpeg-turbo
+/// failed (the caller sends the rectangle losslessly instead). Subsampling 4:2:0 below
+/// quality 90, none above, as TigerVNC's quality levels do.
+fn jpeg_encode(
+    encoder: &mut Option<turbojpeg::Compressor>,
+    buf: &mut Vec<u8>,
+    bgrx: &[u8],
+    (w, h): (usize, usize),
+    quality: u8,
+) -> Option<usize> {
+    if encoder.is_none() {
+        *encoder = turbojpeg::Compressor::new().ok();
+    }
+    let enc = encoder.as_mut()?;
+    enc.set_quality(i32::from(quality));
+    enc.set_subsamp(if quality >= 90 {
+        turbojpeg::Subsamp::None
+    } else {
+        turbojpeg::Subsamp::Sub2x2
+    });
+    let image = turbojpeg::Image {
+        pixels: bgrx,
+        width: w,
+        pitch: w * 4,
+        height: h,
+        format: turbojpeg::PixelFormat::BGRX,
+    };
+    let most = enc.buf_len(w, h).ok()?;
+    if buf.len() < most {
+        buf.resize(most, 0);
+    }
+    enc.compress_to_slice(image, buf).ok()
+}
+
 /// Splits a rectangle into pieces a Tight decoder accepts.
 pub fn split(r: Rect, out: &mut Vec<Rect>) {
     let mut x = r.x;
@@ -64,6 +97,12 @@ pub struct Tight {
     scratch: Vec<u8>,
     /// Compressed output, reused from rectangle to rectangle.
     zbuf: Vec<u8>,
+    /// JPEG output (sized for the worst case of the largest rectangle), reused likewise.
+    jpeg: Vec<u8>,
+    /// libjpeg-turbo, made on first use: ~2.8x faster than a pure-Rust encoder measured here
+    /// (7.5 vs 21 ms for a 1080p frame in Tight's pieces at quality 79), which is most of what
+    /// a full-screen animation costs under a 200m CPU limit.
+    jpeg_encoder: Option<turbojpeg::Compressor>,
     palette: Vec<u32>,
 }
 
@@ -84,6 +123,8 @@ impl Tight {
             jpeg_quality: quality.map(|q| JPEG_QUALITY[usize::from(q.min(9))]),
             scratch: Vec::new(),
             zbuf: Vec::new(),
+            jpeg: Vec::new(),
+            jpeg_encoder: None,
             palette: Vec::with_capacity(257),
         }
     }
@@ -165,25 +206,29 @@ impl Tight {
                 self.compressed(stream, out);
             }
             _ if jpeg_ok => {
-                self.scratch.clear();
-                self.scratch.reserve(pixels.len() * 4);
-                for &p in pixels {
-                    self.scratch.extend_from_slice(&p.to_le_bytes());
-                }
-                let quality = self.jpeg_quality.unwrap_or(80);
-                let mut jpeg = Vec::with_capacity(pixels.len() / 4);
-                let mut enc = Encoder::new(&mut jpeg, quality);
-                enc.set_sampling_factor(if quality >= 90 {
-                    SamplingFactor::F_1_1
+                // Canonical pixels are B, G, R, x in a little-endian word: on such machines the
+                // encoder reads them in place, elsewhere from a byte copy.
+                let bgrx: &[u8] = if cfg!(target_endian = "little") {
+                    bytemuck::cast_slice(pixels)
                 } else {
-                    SamplingFactor::F_2_2
-                });
-                // Canonical pixels in memory are B, G, R, x.
-                let encoded = enc.encode(&self.scratch, w as u16, h as u16, ColorType::Bgra);
-                if encoded.is_ok() {
+                    self.scratch.clear();
+                    self.scratch.reserve(pixels.len() * 4);
+                    for &p in pixels {
+                        self.scratch.extend_from_slice(&p.to_le_bytes());
+                    }
+                    &self.scratch
+                };
+                let quality = self.jpeg_quality.unwrap_or(80);
+                if let Some(n) = jpeg_encode(
+                    &mut self.jpeg_encoder,
+                    &mut self.jpeg,
+                    bgrx,
+                    (w, h),
+                    quality,
+                ) {
                     out.push(JPEG);
-                    compact_len(jpeg.len(), out);
-                    out.extend_from_slice(&jpeg);
+                    compact_len(n, out);
+                    out.extend_from_slice(&self.jpeg[..n]);
                     return true;
                 }
                 self.full_colour(pf, pixels, out);
