@@ -528,6 +528,9 @@ async fn memory_rows(
             sizes: Vec::new(),
             ..*opts
         };
+        // Idle: attached, no viewer, a still screen for a few seconds (the size probe's viewer
+        // and its frame just left; buffers kept only while frames flow are let go by then).
+        tokio::time::sleep(Duration::from_secs(3)).await;
         let idle = stats::rss_kib(pid)? as f64 / 1024.0;
         table.memory(size, 0, idle, 0.0);
         table.target(

@@ -30,7 +30,7 @@ use tokio::net::UnixStream;
 use zbus::connection::socket::{BoxedSplit, ReadHalf, Split, WriteHalf};
 use zbus::message::{Flags, Message};
 
-use super::parked::{Kind, PARKED_INTERFACE, ParkedFrames};
+use super::parked::{Kind, PARKED_INTERFACE, ParkedFrames, SPARE_IDLE};
 use super::proxies::LISTENER_PATH;
 use crate::cgroup::Limits;
 use crate::framebuffer::Framebuffer;
@@ -113,10 +113,23 @@ struct Writer {
 }
 
 impl Reader {
-    /// Peeks at the next message's start without consuming it.
+    /// Peeks at the next message's start without consuming it; lets the parked buffer go while
+    /// nothing comes.
     async fn peek(&self, head: &mut [u8]) -> io::Result<usize> {
         loop {
-            self.stream.readable().await?;
+            // The buffer may still be with the handler now: look again after each idle second.
+            match &self.frames {
+                Some(frames) => {
+                    match tokio::time::timeout(SPARE_IDLE, self.stream.readable()).await {
+                        Ok(ready) => ready?,
+                        Err(_) => {
+                            frames.parked.drop_spare();
+                            continue;
+                        }
+                    }
+                }
+                None => self.stream.readable().await?,
+            }
             let peeked = self.stream.try_io(Interest::READABLE, || {
                 rustix::net::recv(&*self.stream, &mut *head, RecvFlags::PEEK)
                     .map(|(n, _)| n)
@@ -747,6 +760,14 @@ mod tests {
             parked.allocations(),
             2,
             "buffers made or grown for 103 frames"
+        );
+        // A still screen: the buffer is let go, so an idle sidecar holds no frame's worth.
+        assert!(parked.spare_len() > 0);
+        tokio::time::sleep(SPARE_IDLE + Duration::from_millis(300)).await;
+        assert_eq!(
+            parked.spare_len(),
+            0,
+            "the spare is freed after a second without frames"
         );
     }
 }

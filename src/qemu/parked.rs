@@ -26,6 +26,9 @@ pub const PARKED_INTERFACE: &str = "vdi.sidecar.ParkedFrame";
 pub const MAX_IN_FLIGHT: usize = 1;
 /// A parked frame whose `Take` never ran (zbus refused it) is dropped after this long.
 pub const STUCK: Duration = Duration::from_secs(1);
+/// The reused buffer is let go when no message came for this long (a still screen): an idle
+/// sidecar does not keep a frame's worth of memory (8 MB at 1080p).
+pub const SPARE_IDLE: Duration = Duration::from_secs(1);
 
 /// The two inline frame calls of `org.qemu.Display1.Listener`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -244,6 +247,11 @@ impl ParkedFrames {
             debug!(token = p.token, "parked frame skipped");
         }
         None
+    }
+
+    /// Lets the reused buffer go (see [`SPARE_IDLE`]).
+    pub fn drop_spare(&self) {
+        self.lock().spare = None;
     }
 
     /// Returns a handled frame's buffer for the next read and wakes the reader.
