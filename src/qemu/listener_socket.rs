@@ -486,6 +486,7 @@ fn u32_at(head: &[u8], at: usize) -> Option<u32> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::parked::MAX_IN_FLIGHT;
     use super::*;
     use crate::framebuffer::PathCounters;
 
@@ -755,11 +756,12 @@ mod tests {
         assert!(ping.is_ok(), "{ping:?}");
         assert_eq!(fb.snapshot().pixels[0], 0x313131, "the last of 50");
         assert_eq!(PathCounters::get(&c.parked), 103);
-        // One buffer for the first frames, grown once for the larger ones, then reused.
-        assert_eq!(
-            parked.allocations(),
-            2,
-            "buffers made or grown for 103 frames"
+        // A buffer per frame in flight, each made once and grown once for the larger frames,
+        // then reused (shrinking one to a small Update's size would make this ~50).
+        let made = parked.allocations();
+        assert!(
+            made <= 2 * MAX_IN_FLIGHT as u64,
+            "{made} buffers made or grown for 103 frames"
         );
         // A still screen: the buffer is let go, so an idle sidecar holds no frame's worth.
         assert!(parked.spare_len() > 0);

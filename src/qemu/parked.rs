@@ -6,8 +6,8 @@
 //! read. With the allocator settings of a memory-limited pod (`MALLOC_MMAP_THRESHOLD_`) each 1080p
 //! frame became an mmap, 2,000 page faults, the kernel's and zbus' zeroing, and an munmap — a
 //! quarter of what a full-screen animation cost under 200m CPU (perf, README). Parking also bounds
-//! what the socket reader can run ahead of the handlers: it reads the next frame only once the
-//! last one has been applied (and its buffer is free for the next).
+//! what the socket reader can run ahead of the handlers: at most [`MAX_IN_FLIGHT`] frames, each in
+//! a buffer that is kept for the next reads.
 //!
 //! Only calls QEMU makes without waiting for a reply are parked (GDBus sets NO_REPLY_EXPECTED on a
 //! call without a callback, as QEMU's listener calls are), so nobody is owed an answer.
@@ -21,9 +21,10 @@ use tracing::{debug, warn};
 
 /// Our private interface on the listener's path; only the socket reader sends to it.
 pub const PARKED_INTERFACE: &str = "vdi.sidecar.ParkedFrame";
-/// Frames read but not yet applied, at most: one, so the next read reuses its buffer (a second
-/// buffer would be allocated, zeroed and freed again each time the reader ran ahead).
-pub const MAX_IN_FLIGHT: usize = 1;
+/// Frames read but not yet applied, at most: the reader reads the next of QEMU's back-to-back
+/// Updates while the handler applies one (so one refresh's Updates land together, which scroll
+/// detection needs), and each in-flight frame has a buffer of its own that is kept for reuse.
+pub const MAX_IN_FLIGHT: usize = 2;
 /// A parked frame whose `Take` never ran (zbus refused it) is dropped after this long.
 pub const STUCK: Duration = Duration::from_secs(1);
 /// The reused buffer is let go when no message came for this long (a still screen): an idle
@@ -146,7 +147,8 @@ struct Shared {
 #[derive(Debug, Default)]
 struct State {
     queue: VecDeque<Parked>,
-    spare: Option<Vec<u8>>,
+    /// Buffers kept for the next reads, at most [`MAX_IN_FLIGHT`].
+    spare: Vec<Vec<u8>>,
     next_token: u64,
     /// Parked and not yet given back (queued, or being applied).
     in_flight: usize,
@@ -164,7 +166,7 @@ impl ParkedFrames {
     /// is from before a switch to a smaller mode and is let go. (Not `len`: a small Update between
     /// two whole-surface Scanouts must not cost the next Scanout a new buffer.)
     pub fn buffer(&self, len: usize, surface: usize) -> Vec<u8> {
-        let mut buf = self.lock().spare.take().unwrap_or_default();
+        let mut buf = self.lock().spare.pop().unwrap_or_default();
         if buf.len() / 2 > len.max(surface).max(64 << 10) {
             buf = Vec::new();
         }
@@ -182,7 +184,7 @@ impl ParkedFrames {
 
     /// Bytes the spare already holds (memory that reading a frame will not add).
     pub fn spare_len(&self) -> usize {
-        self.lock().spare.as_ref().map_or(0, Vec::len)
+        self.lock().spare.iter().map(Vec::len).sum()
     }
 
     /// Queues a frame read into `bytes`; returns the token of its `Take` call.
@@ -251,7 +253,7 @@ impl ParkedFrames {
 
     /// Lets the reused buffer go (see [`SPARE_IDLE`]).
     pub fn drop_spare(&self) {
-        self.lock().spare = None;
+        self.lock().spare.clear();
     }
 
     /// Returns a handled frame's buffer for the next read and wakes the reader.
@@ -259,9 +261,8 @@ impl ParkedFrames {
         {
             let mut st = self.lock();
             st.in_flight = st.in_flight.saturating_sub(1);
-            let keep = st.spare.as_ref().is_none_or(|s| s.len() < bytes.len());
-            if keep {
-                st.spare = Some(bytes);
+            if st.spare.len() < MAX_IN_FLIGHT {
+                st.spare.push(bytes);
             }
         }
         self.shared.taken.notify_waiters();
