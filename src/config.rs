@@ -15,6 +15,7 @@ use crate::bus::BusConfig;
 use crate::hook;
 use crate::hook::domain::RewriteOptions;
 use crate::modules;
+use crate::qemu::clipboard::{self, ClipboardSettings, Policy as ClipboardPolicy};
 use crate::rdp::{Policy, RdpConfig, Security};
 use crate::serve;
 use crate::session::auth::{Auth, Credentials, generate_password};
@@ -112,6 +113,23 @@ pub struct ViewerArgs {
     /// Let a client that asks for exclusive access disconnect the others (default: always share).
     #[arg(long, env = "VDI_VNC_ALLOW_EXCLUSIVE")]
     pub vnc_allow_exclusive: bool,
+    /// Which way clipboard text may go between viewers and the guest: both, to-guest,
+    /// from-guest or off (the guest needs spice-vdagent; the domain gets a qemu-vdagent channel).
+    #[arg(long, env = "VDI_CLIPBOARD", default_value = "both")]
+    pub clipboard: ClipboardPolicy,
+    /// Largest clipboard text in bytes, either way; longer texts are refused whole (and logged).
+    #[arg(long, env = "VDI_CLIPBOARD_LIMIT", default_value_t = clipboard::DEFAULT_LIMIT,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=16 << 20))]
+    pub clipboard_limit: usize,
+}
+
+impl ViewerArgs {
+    pub fn clipboard(&self) -> ClipboardSettings {
+        ClipboardSettings {
+            policy: self.clipboard,
+            limit: self.clipboard_limit,
+        }
+    }
 }
 
 /// Where the viewers' password came from.
@@ -198,7 +216,10 @@ impl ViewerArgs {
         let rdp_addr = listen_addr("rdp", self.rdp.as_deref().unwrap_or(rdp_default))?;
         let http_addr = listen_addr("http", self.http.as_deref().unwrap_or(http_default))?;
         if vnc_addr.is_none() && rdp_addr.is_none() && http_addr.is_none() {
-            return Ok(Viewers::default());
+            return Ok(Viewers {
+                clipboard: self.clipboard(),
+                ..Viewers::default()
+            });
         }
         let (password, source) = password(
             self.insecure_no_auth,
@@ -265,6 +286,7 @@ impl ViewerArgs {
             rdp,
             web,
             budget: Some(budget),
+            clipboard: self.clipboard(),
         })
     }
 }

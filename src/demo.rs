@@ -51,7 +51,10 @@ pub async fn run(cfg: DemoConfig, stop: CancellationToken) -> Result<(), Error> 
 
     let (consoles, display) = source::spawn(
         bus.address().to_owned(),
-        SourceOptions::default(),
+        SourceOptions {
+            clipboard: cfg.viewers.clipboard,
+            ..SourceOptions::default()
+        },
         stop.child_token(),
     );
     let at = cfg

@@ -146,6 +146,7 @@ fn run_bridge(args: BridgeArgs) -> anyhow::Result<()> {
         .viewers(LOCAL, "vdi-sidecar", env("VDI_PASSWORD"))?;
     let opts = SourceOptions {
         shared_memory: !args.no_shared_memory,
+        clipboard: viewers.clipboard,
         ..SourceOptions::default()
     };
     run_until_signal(|stop| async move {

@@ -176,7 +176,10 @@ pub async fn run(cfg: ServeConfig, shutdown: CancellationToken) -> Result<(), Er
     // The display side: attach to QEMU on our bus whenever it is there.
     let (consoles, display) = source::spawn(
         bus.address().to_owned(),
-        SourceOptions::default(),
+        SourceOptions {
+            clipboard: cfg.viewers.clipboard,
+            ..SourceOptions::default()
+        },
         shutdown.child_token(),
     );
     if let Err(e) = cfg.viewers.start(&consoles, &shutdown).await {

@@ -3,6 +3,7 @@
 //! are wired to the console and to each other (the browser page carries the VNC server); they
 //! never import one another.
 
+use crate::qemu::clipboard::ClipboardSettings;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -26,6 +27,9 @@ pub struct Viewers {
     pub web: Option<(SocketAddr, WebConfig, Arc<VncConfig>)>,
     /// What viewers may cost (unlimited unless set).
     pub budget: Option<Arc<Budget>>,
+    /// Which way clipboard text may go, and how much (the source applies it, see
+    /// [`crate::qemu::source::SourceOptions`]).
+    pub clipboard: ClipboardSettings,
 }
 
 #[derive(Debug, thiserror::Error)]

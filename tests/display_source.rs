@@ -40,6 +40,7 @@ async fn inline_rig_holding_frames() -> Rig {
     Rig::start_with(SourceOptions {
         shared_memory: false,
         hold_frames: Some(true),
+        ..SourceOptions::default()
     })
     .await
 }

@@ -383,6 +383,7 @@ async fn viewers_over_the_memory_limit_are_told_why() {
         )),
         rdp: None,
         budget: Some(Arc::clone(&budget)),
+        ..Viewers::default()
     };
     let at = viewers
         .start(&consoles, &tokio_util::sync::CancellationToken::new())

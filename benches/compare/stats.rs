@@ -88,6 +88,30 @@ pub fn p95(v: &[f64]) -> f64 {
     percentile(v, 0.95)
 }
 
+/// A 95 % bootstrap interval of median(us) / median(them): both sample sets resampled with
+/// replacement 2,000 times (a fixed-seed xorshift, so a table is reproducible from its samples).
+pub fn ratio_interval(us: &[f64], them: &[f64]) -> (f64, f64) {
+    if us.is_empty() || them.is_empty() {
+        return (f64::NAN, f64::NAN);
+    }
+    let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+    let mut next = |n: usize| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        (seed % n as u64) as usize
+    };
+    let mut ratios: Vec<f64> = (0..2000)
+        .map(|_| {
+            let a: Vec<f64> = (0..us.len()).map(|_| us[next(us.len())]).collect();
+            let b: Vec<f64> = (0..them.len()).map(|_| them[next(them.len())]).collect();
+            median(&a) / median(&b).max(1e-9)
+        })
+        .collect();
+    ratios.sort_by(f64::total_cmp);
+    (ratios[50], ratios[1949])
+}
+
 fn percentile(v: &[f64], p: f64) -> f64 {
     let mut v: Vec<f64> = v.iter().copied().filter(|x| x.is_finite()).collect();
     if v.is_empty() {

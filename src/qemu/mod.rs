@@ -2,6 +2,7 @@
 //! turns frames into the [`crate::framebuffer::Framebuffer`], and the source that attaches it.
 pub mod audio;
 pub mod audio_in;
+pub mod clipboard;
 pub mod control;
 pub mod input;
 pub mod listener;

@@ -81,3 +81,21 @@ pub trait Audio {
     fn register_out_listener(&self, listener: zbus::OwnedFd) -> zbus::Result<()>;
     fn register_in_listener(&self, listener: zbus::OwnedFd) -> zbus::Result<()>;
 }
+
+/// QEMU's side of the clipboard; ours is [`super::clipboard::ClipboardPeer`].
+#[proxy(
+    interface = "org.qemu.Display1.Clipboard",
+    default_service = "org.qemu",
+    default_path = "/org/qemu/Display1/Clipboard"
+)]
+pub trait Clipboard {
+    fn register(&self) -> zbus::Result<()>;
+    fn unregister(&self) -> zbus::Result<()>;
+    fn grab(&self, selection: u32, serial: u32, mimes: &[&str]) -> zbus::Result<()>;
+    fn release(&self, selection: u32) -> zbus::Result<()>;
+    fn request(
+        &self,
+        selection: u32,
+        mimes: &[&str],
+    ) -> zbus::Result<(String, serde_bytes::ByteBuf)>;
+}

@@ -13,6 +13,7 @@ use zbus::Connection;
 
 use super::audio::{AudioHub, AudioOutListener, OUT_LISTENER_PATH};
 use super::audio_in::{AudioInListener, IN_LISTENER_PATH, MicHub};
+use super::clipboard::{ClipboardHub, ClipboardSettings};
 use super::control::{ConsoleControl, ConsoleProxies};
 use super::input::{InputSink, input_path};
 use super::listener::listener_objects;
@@ -51,6 +52,7 @@ pub struct Consoles {
     input_target: Arc<watch::Sender<Option<ConsoleProxies>>>,
     audio: AudioHub,
     mic: MicHub,
+    clipboard: ClipboardHub,
     health: Health,
 }
 
@@ -67,6 +69,7 @@ impl Consoles {
                 input_target: Arc::new(input_target),
                 audio: AudioHub::default(),
                 mic: MicHub::default(),
+                clipboard: ClipboardHub::default(),
                 health: Health::default(),
             },
             task,
@@ -98,6 +101,11 @@ impl Consoles {
         self.mic.clone()
     }
 
+    /// The VM's clipboard, shared by every viewer.
+    pub fn clipboard(&self) -> ClipboardHub {
+        self.clipboard.clone()
+    }
+
     /// The default console's framebuffer (console 0 on every VM we know of).
     pub fn primary(&self) -> Framebuffer {
         self.primary.clone()
@@ -126,6 +134,7 @@ impl Consoles {
 
     fn detach_all(&self) {
         self.input_target.send_replace(None);
+        self.clipboard.detached();
         for fb in self
             .inner
             .lock()
@@ -176,6 +185,8 @@ pub struct SourceOptions {
     /// `None`: only under a cgroup CPU or memory limit, where taking in every frame is what
     /// costs the budget; elsewhere frames are taken in as they come, for the lowest latency.
     pub hold_frames: Option<bool>,
+    /// Which way clipboard text may go (with `Off` we never register with QEMU's clipboard).
+    pub clipboard: ClipboardSettings,
 }
 
 impl Default for SourceOptions {
@@ -183,6 +194,7 @@ impl Default for SourceOptions {
         Self {
             shared_memory: true,
             hold_frames: None,
+            clipboard: ClipboardSettings::default(),
         }
     }
 }
@@ -331,6 +343,10 @@ async fn attach(
         listeners.extend(attach_mic(conn, consoles.mic.clone()).await?);
     }
     listeners.extend(audio);
+    // A VM without a clipboard (or with another peer registered) still has a display.
+    if let Err(e) = super::clipboard::attach(conn, &consoles.clipboard).await {
+        warn!(error = %e, "clipboard not available");
+    }
     Ok(Attachment {
         _listeners: listeners,
         tasks,
@@ -423,6 +439,10 @@ pub fn spawn(
     stop: CancellationToken,
 ) -> (Consoles, tokio::task::JoinHandle<()>) {
     let (consoles, input_task) = Consoles::new();
+    // Before anything attaches: `Off` must keep us from ever registering.
+    consoles
+        .clipboard()
+        .configure(opts.clipboard.policy, opts.clipboard.limit);
     let input = tokio::spawn(input_task);
     let c = consoles.clone();
     let task = tokio::spawn(

@@ -15,6 +15,7 @@ use crate::framebuffer::Framebuffer;
 use crate::health::Health;
 use crate::qemu::audio::AudioHub;
 use crate::qemu::audio_in::MicHub;
+use crate::qemu::clipboard::ClipboardHub;
 use crate::qemu::control::ConsoleControl;
 use crate::qemu::input::InputSink;
 use crate::qemu::source::Consoles;
@@ -31,6 +32,8 @@ pub struct Desktop {
     pub audio: AudioHub,
     /// The guest's microphone, for viewers that record.
     pub mic: MicHub,
+    /// The VM's clipboard (one per VM, shared by every viewer of every protocol).
+    pub clipboard: ClipboardHub,
     pub health: Health,
     /// Memory and CPU limits: whether another viewer fits.
     pub budget: Arc<budget::Budget>,
@@ -45,6 +48,7 @@ impl Desktop {
             control: consoles.control(),
             audio: consoles.audio(),
             mic: consoles.mic(),
+            clipboard: consoles.clipboard(),
             health: consoles.health(),
             budget: budget::Budget::unlimited(),
         }

@@ -30,6 +30,8 @@ pub struct ClientCaps {
     pub desktop_name: bool,
     pub fence: bool,
     pub continuous_updates: bool,
+    /// Extended Clipboard (UTF-8 cut text, notify/request/provide).
+    pub ext_clipboard: bool,
     pub compress: Option<u32>,
     /// JPEG quality level 0–9 (Tight only uses JPEG when the client sent one).
     pub quality: Option<u8>,
@@ -68,6 +70,7 @@ impl ClientCaps {
                 enc::DESKTOP_NAME => c.desktop_name = true,
                 enc::FENCE => c.fence = true,
                 enc::CONTINUOUS_UPDATES => c.continuous_updates = true,
+                super::clipboard::EXTENDED_CLIPBOARD => c.ext_clipboard = true,
                 enc::COMPRESS_0..=enc::COMPRESS_9 => {
                     c.compress = u32::try_from(e - enc::COMPRESS_0).ok();
                 }

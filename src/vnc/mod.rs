@@ -1,10 +1,12 @@
 //! Our RFB (VNC) server. `proto` decodes client messages (no I/O); `handshake` runs versions,
 //! security types and VeNCrypt; `session` is one client's message loop; `update` plans an
 //! update (pure), `encoder` turns it into bytes through `encode` (ZRLE and pixel helpers),
-//! `hextile`, `tight` and `pseudo`; `scroll` finds CopyRects; `server` accepts clients.
+//! `hextile`, `tight` and `pseudo`; `scroll` finds CopyRects; `clipboard` is cut text both
+//! ways; `server` accepts clients.
 pub mod audio;
 pub mod auth;
 pub mod caps;
+pub mod clipboard;
 pub mod config;
 pub mod delivery;
 pub mod encode;

@@ -49,7 +49,8 @@ pub mod enc {
     pub const FINE_QUALITY_100: i32 = -412;
 }
 
-/// Largest ClientCutText accepted; longer ones close the connection.
+/// Largest ClientCutText [`decode`] buffers; a longer one is skipped (see
+/// [`ClientMsg::CutTextSkipped`]). Sessions pass the operator's clipboard limit instead.
 pub const MAX_CUT_TEXT: u32 = 1 << 20;
 /// Largest SetEncodings list accepted (real clients send < 40).
 pub const MAX_ENCODINGS: u16 = 1024;
@@ -186,6 +187,14 @@ pub enum ClientMsg {
     },
     /// Latin-1 text (rfbproto); kept raw.
     CutText(Vec<u8>),
+    /// An Extended Clipboard message (negative length): flags and payload, kept raw.
+    ExtendedCutText(Vec<u8>),
+    /// Cut text longer than the limit: only its 8-byte header was consumed, and the caller
+    /// must discard the next `len` bytes (never buffered).
+    CutTextSkipped {
+        len: u32,
+        extended: bool,
+    },
     QemuExtKey {
         down: bool,
         keysym: u32,
@@ -223,8 +232,6 @@ pub enum ProtoError {
     UnknownQemuMessage(u8),
     #[error("SetEncodings with {0} encodings (limit {MAX_ENCODINGS})")]
     TooManyEncodings(u16),
-    #[error("ClientCutText of {0} bytes (limit {MAX_CUT_TEXT})")]
-    CutTextTooLong(u32),
     #[error("SetDesktopSize with {0} screens (limit {MAX_SCREENS})")]
     TooManyScreens(u8),
     #[error("Fence payload of {0} bytes (limit {MAX_FENCE_PAYLOAD})")]
@@ -245,6 +252,28 @@ fn be32(b: &[u8], at: usize) -> u32 {
 /// consumed). Lengths are checked against the limits *before* waiting for the body, so a hostile
 /// length never makes us buffer more than a limit's worth.
 pub fn decode(buf: &mut BytesMut) -> Result<Option<ClientMsg>, ProtoError> {
+    decode_with(buf, MAX_CUT_TEXT)
+}
+
+/// Cut text's length field: classic (Latin-1) when positive, Extended Clipboard when negative.
+fn cut_text_length(field: u32) -> (u32, bool) {
+    let signed = field as i32;
+    if signed < 0 {
+        (signed.unsigned_abs(), true)
+    } else {
+        (field, false)
+    }
+}
+
+/// Largest Extended Clipboard message buffered for a text limit of `limit` bytes: zlib's worst
+/// case growth of the text, its size field and the message's flags.
+pub fn extended_cut_bound(limit: u32) -> u32 {
+    limit.saturating_add(limit / 256).saturating_add(1024)
+}
+
+/// [`decode`] with cut text limited to `cut_limit` bytes (Extended Clipboard messages to
+/// [`extended_cut_bound`] of it).
+pub fn decode_with(buf: &mut BytesMut, cut_limit: u32) -> Result<Option<ClientMsg>, ProtoError> {
     let Some(&ty) = buf.first() else {
         return Ok(None);
     };
@@ -270,11 +299,17 @@ pub fn decode(buf: &mut BytesMut) -> Result<Option<ClientMsg>, ProtoError> {
             if b.len() < 8 {
                 None
             } else {
-                let n = be32(b, 4);
-                if n > MAX_CUT_TEXT {
-                    return Err(ProtoError::CutTextTooLong(n));
+                let (len, extended) = cut_text_length(be32(b, 4));
+                let bound = if extended {
+                    extended_cut_bound(cut_limit)
+                } else {
+                    cut_limit
+                };
+                if len > bound {
+                    buf.advance(8);
+                    return Ok(Some(ClientMsg::CutTextSkipped { len, extended }));
                 }
-                Some(8 + n as usize)
+                Some(8 + len as usize)
             }
         }
         msg::ENABLE_CONTINUOUS_UPDATES => Some(10),
@@ -358,7 +393,13 @@ pub fn decode(buf: &mut BytesMut) -> Result<Option<ClientMsg>, ProtoError> {
             x: be16(b, 2),
             y: be16(b, 4),
         },
-        msg::CLIENT_CUT_TEXT => ClientMsg::CutText(b[8..].to_vec()),
+        msg::CLIENT_CUT_TEXT => {
+            if cut_text_length(be32(b, 4)).1 {
+                ClientMsg::ExtendedCutText(b[8..].to_vec())
+            } else {
+                ClientMsg::CutText(b[8..].to_vec())
+            }
+        }
         msg::ENABLE_CONTINUOUS_UPDATES => ClientMsg::EnableContinuousUpdates {
             enable: b[1] != 0,
             x: be16(b, 2),
@@ -509,9 +550,25 @@ mod tests {
             one(&[2, 0, 0xff, 0xff]),
             Err(ProtoError::TooManyEncodings(0xffff))
         );
+        // Cut text over the limit: the header is consumed, the body is left to be skipped.
+        for (field, len, extended) in [
+            ([0x7f, 0xff, 0xff, 0xff], 0x7fff_ffff, false),
+            ([0x80, 0, 0, 0], 0x8000_0000, true),
+            ([0xff, 0xe0, 0, 0], 0x20_0000, true),
+        ] {
+            let mut b = BytesMut::from(&[6, 0, 0, 0][..]);
+            b.extend_from_slice(&field);
+            b.extend_from_slice(b"next");
+            assert_eq!(
+                decode_with(&mut b, 1 << 20),
+                Ok(Some(ClientMsg::CutTextSkipped { len, extended }))
+            );
+            assert_eq!(&b[..], b"next");
+        }
+        // An extended message within its bound is buffered whole.
         assert_eq!(
-            one(&[6, 0, 0, 0, 0xff, 0xff, 0xff, 0xff]),
-            Err(ProtoError::CutTextTooLong(u32::MAX))
+            one(&[6, 0, 0, 0, 0xff, 0xff, 0xff, 0xfc, 0x08, 0, 0, 0]),
+            Ok(Some(ClientMsg::ExtendedCutText(vec![8, 0, 0, 0])))
         );
         assert_eq!(
             one(&[251, 0, 0, 1, 0, 1, 200, 0]),

@@ -183,6 +183,13 @@ impl Vm {
         }
     }
 
+    /// Sends one line to the guest program without waiting for anything.
+    pub fn send_line(&mut self, line: &str) {
+        let s = self.serial.get_mut();
+        s.write_all(line.as_bytes()).expect("serial write");
+        s.write_all(b"\n").expect("serial write");
+    }
+
     /// Sends a command to the guest program and waits for its `OK`.
     pub fn guest(&mut self, cmd: &str) -> String {
         let s = self.serial.get_mut();

@@ -33,7 +33,8 @@ kver=${kpkg#linux-image-}
 root=$work/root
 mkdir -p "$root"/{bin,dev,proc,sys,tmp,lib/modules/"$kver"} kernel
 cp bb/bin/busybox "$root/bin/busybox"
-gcc -static -O2 -Wall -o "$root/bin/vdi-guest" "$here/vdi-guest.c" -lm
+# spice-protocol (libspice-protocol-dev): the vdagent message layouts for the clipboard agent.
+gcc -static -O2 -Wall $(pkg-config --cflags spice-protocol) -o "$root/bin/vdi-guest" "$here/vdi-guest.c" -lm
 
 # The kernel package unpacks to ~400 MB, nearly all modules we never load; CI machines can be
 # short of disk. So only the kernel image and the modules the tests use (with what they depend
@@ -48,7 +49,7 @@ find_ko() {  # $1 a module name, - and _ being the same; prints the path in the 
   re=$(echo "$1" | sed 's/[-_]/[-_]/g')
   { grep -E "/$re\.ko$" ko-list || true; } | head -n1
 }
-wanted=(evdev psmouse virtio_pci virtio_input virtio-gpu xhci-pci usbhid hid-generic
+wanted=(evdev psmouse virtio_pci virtio_input virtio-gpu virtio_console xhci-pci usbhid hid-generic
         snd-hda-codec-generic snd-hda-intel snd-intel8x0)
 batch=("${wanted[@]}")
 while [ ${#batch[@]} -gt 0 ]; do

@@ -28,8 +28,19 @@
  *                            (S16_LE stereo at RATE, default 48000)
  *   record MS [RATE]         record MS milliseconds from /dev/snd/pcmC0D0c and print its
  *                            dominant frequency (zero crossings) and RMS level
+ *   copy TEXT                the guest copies TEXT (escapes: \n \t \\) to its clipboard
+ *   copygen N                the guest copies a generated N-byte text ("OK copy N <fnv1a>")
+ *   paste                    the guest pastes: "VDI PASTE <len> <fnv1a> <text, escaped>", or
+ *                            "VDI PASTE-TIMEOUT" when no text came within 8 s
+ *   release                  the guest's clipboard goes empty
  * Input events from every /dev/input/event* are printed as
  *   "VDI EV <dev> <type> <code> <value>".
+ *
+ * Clipboard agent: a minimal spice vdagent on the virtio-serial port "com.redhat.spice.0"
+ * (QEMU's qemu-vdagent chardev): it announces clipboard-by-demand, selections and grab
+ * serials, and speaks grab / request / data / release. Host grabs and releases are printed as
+ * "VDI CLIP GRAB <serial>" and "VDI CLIP RELEASE". When QEMU resets the agent (it closes the
+ * port to reset serials), the port is opened again and the capabilities announced again.
  */
 #define _GNU_SOURCE
 #include <dirent.h>
@@ -40,6 +51,7 @@
 #include <linux/kd.h>
 #include <math.h>
 #include <sound/asound.h>
+#include <spice/vd_agent.h>
 #include <poll.h>
 #include <stdarg.h>
 #include <stdint.h>
@@ -68,6 +80,7 @@ static struct {
 static int keybox = 1;
 
 static const char *drm_preferred_mode(void);
+static void agent_command(const char *op, char *line);
 
 static void say(const char *fmt, ...) {
     va_list ap;
@@ -488,7 +501,9 @@ static void command(char *line) {
     char op[32] = {0}, arg[32] = {0};
     unsigned a, b, c, e, rgb;
     if (sscanf(line, "%31s", op) != 1) return;
-    if (!strcmp(op, "display") && sscanf(line, "%*s %31s", arg) == 1) {
+    if (!strcmp(op, "copy") || !strcmp(op, "copygen") || !strcmp(op, "paste") || !strcmp(op, "release")) {
+        agent_command(op, line);
+    } else if (!strcmp(op, "display") && sscanf(line, "%*s %31s", arg) == 1) {
         int r = !strcmp(arg, "vbe") ? open_vbe() : !strcmp(arg, "fb") ? open_fb() : -1;
         if (r == 0) say("OK display %s %ux%u", arg, d.width, d.height);
     } else if (!strcmp(op, "mode") && sscanf(line, "%*s %u %u", &a, &b) == 2) {
@@ -559,17 +574,265 @@ static const char *drm_preferred_mode(void) {
     return mode;
 }
 
+/* ---- clipboard agent ------------------------------------------------------------------ */
+
+#define AGENT_MAX_MSG (4u << 20)
+static int vport = -1;
+static char vport_path[300];
+static uint32_t agent_serial;          /* the next grab serial */
+static unsigned char *agent_in;        /* chunk payloads, concatenated */
+static size_t agent_used, agent_cap;
+static unsigned char *clip_text;       /* what the guest copied */
+static size_t clip_len;
+static double paste_deadline;          /* 0: no paste waiting */
+
+static uint32_t fnv1a(const unsigned char *p, size_t n) {
+    uint32_t h = 2166136261u;
+    for (size_t i = 0; i < n; i++) { h ^= p[i]; h *= 16777619u; }
+    return h;
+}
+
+static void write_all(int fd, const void *buf, size_t n) {
+    const unsigned char *p = buf;
+    while (n) {
+        ssize_t w = write(fd, p, n);
+        if (w < 0 && errno == EINTR) continue;
+        if (w < 0 && errno == EAGAIN) { struct pollfd q = { fd, POLLOUT, 0 }; poll(&q, 1, 100); continue; }
+        if (w <= 0) return;
+        p += w; n -= (size_t)w;
+    }
+}
+
+/* One agent message, as chunks of at most VD_AGENT_MAX_DATA_SIZE. */
+static void agent_send(uint32_t type, const void *head, size_t hlen, const void *data, size_t dlen) {
+    if (vport < 0) return;
+    size_t total = sizeof(VDAgentMessage) + hlen + dlen;
+    unsigned char *m = malloc(total);
+    if (!m) return;
+    VDAgentMessage msg = { VD_AGENT_PROTOCOL, type, 0, (uint32_t)(hlen + dlen) };
+    memcpy(m, &msg, sizeof msg);
+    if (hlen) memcpy(m + sizeof msg, head, hlen);
+    if (dlen) memcpy(m + sizeof msg + hlen, data, dlen);
+    for (size_t off = 0; off < total;) {
+        size_t n = total - off < VD_AGENT_MAX_DATA_SIZE ? total - off : VD_AGENT_MAX_DATA_SIZE;
+        VDIChunkHeader ch = { VDP_CLIENT_PORT, (uint32_t)n };
+        write_all(vport, &ch, sizeof ch);
+        write_all(vport, m + off, n);
+        off += n;
+    }
+    free(m);
+}
+
+static void agent_caps(int request) {
+    uint32_t c[2] = { (uint32_t)request,
+                      (1u << VD_AGENT_CAP_CLIPBOARD_BY_DEMAND) | (1u << VD_AGENT_CAP_CLIPBOARD_SELECTION) |
+                      (1u << VD_AGENT_CAP_CLIPBOARD_GRAB_SERIAL) };
+    agent_send(VD_AGENT_ANNOUNCE_CAPABILITIES, c, sizeof c, NULL, 0);
+}
+
+static void agent_open(void) {
+    DIR *dir = opendir("/sys/class/virtio-ports");
+    struct dirent *e;
+    if (vport >= 0) return;
+    if (!vport_path[0] && dir) {
+        while ((e = readdir(dir))) {
+            char p[300], name[64] = {0};
+            snprintf(p, sizeof p, "/sys/class/virtio-ports/%s/name", e->d_name);
+            FILE *f = fopen(p, "r");
+            if (!f) continue;
+            if (fgets(name, sizeof name, f)) name[strcspn(name, "\n")] = 0;
+            fclose(f);
+            if (!strcmp(name, "com.redhat.spice.0")) snprintf(vport_path, sizeof vport_path, "/dev/%s", e->d_name);
+        }
+    }
+    if (dir) closedir(dir);
+    if (!vport_path[0]) return;
+    vport = open(vport_path, O_RDWR | O_NONBLOCK);
+    if (vport < 0) return;
+    agent_used = 0;
+    agent_caps(1);
+}
+
+static void agent_close(void) {
+    if (vport >= 0) close(vport);
+    vport = -1;
+    agent_used = 0;
+}
+
+static void print_paste(const unsigned char *p, size_t n) {
+    char *out = malloc(n * 4 + 1), *o = out;
+    size_t shown = n < 400 ? n : 400;
+    if (!out) return;
+    for (size_t i = 0; i < shown; i++) {
+        unsigned char ch = p[i];
+        if (ch == '\n') { *o++ = '\\'; *o++ = 'n'; }
+        else if (ch == '\\') { *o++ = '\\'; *o++ = '\\'; }
+        else if (ch < 0x20) o += sprintf(o, "\\x%02x", ch);
+        else *o++ = (char)ch;
+    }
+    *o = 0;
+    say("PASTE %zu %08x %s", n, fnv1a(p, n), out);
+    free(out);
+}
+
+static void agent_message(VDAgentMessage *m) {
+    unsigned char *d = m->data;
+    uint32_t n = m->size;
+    switch (m->type) {
+    case VD_AGENT_ANNOUNCE_CAPABILITIES:
+        if (n >= 4 && *(uint32_t *)d) agent_caps(0);
+        say("CLIP CAPS");
+        break;
+    case VD_AGENT_CLIPBOARD_GRAB:
+        /* selection (4), serial (4), types */
+        if (n >= 8 && d[0] == VD_AGENT_CLIPBOARD_SELECTION_CLIPBOARD) {
+            uint32_t serial = *(uint32_t *)(d + 4);
+            if (serial + 1 > agent_serial) agent_serial = serial + 1;
+            free(clip_text); clip_text = NULL; clip_len = 0;
+            say("CLIP GRAB %u", serial);
+        }
+        break;
+    case VD_AGENT_CLIPBOARD_RELEASE:
+        if (n >= 4 && d[0] == VD_AGENT_CLIPBOARD_SELECTION_CLIPBOARD) say("CLIP RELEASE");
+        break;
+    case VD_AGENT_CLIPBOARD_REQUEST: {
+        /* The host pastes what the guest copied. */
+        unsigned char head[8] = { VD_AGENT_CLIPBOARD_SELECTION_CLIPBOARD, 0, 0, 0 };
+        uint32_t type = VD_AGENT_CLIPBOARD_UTF8_TEXT;
+        memcpy(head + 4, &type, 4);
+        agent_send(VD_AGENT_CLIPBOARD, head, 8, clip_text, clip_len);
+        break;
+    }
+    case VD_AGENT_CLIPBOARD:
+        if (n >= 8 && paste_deadline) {
+            paste_deadline = 0;
+            print_paste(d + 8, n - 8);
+        }
+        break;
+    default:
+        break;
+    }
+}
+
+static void agent_read(void) {
+    unsigned char buf[65536];
+    for (;;) {
+        ssize_t r = read(vport, buf, sizeof buf);
+        if (r == 0 || (r < 0 && errno != EAGAIN && errno != EINTR)) {
+            /* QEMU closed its side (a serial reset): open again, announce again. */
+            agent_close();
+            usleep(50000);
+            agent_open();
+            return;
+        }
+        if (r < 0) return;
+        if (agent_used + (size_t)r > agent_cap) {
+            size_t cap = agent_cap ? agent_cap : 65536;
+            while (cap < agent_used + (size_t)r) cap *= 2;
+            if (cap > AGENT_MAX_MSG * 2) { agent_used = 0; say("ERR clipboard message too large"); return; }
+            agent_in = realloc(agent_in, cap);
+            agent_cap = cap;
+        }
+        memcpy(agent_in + agent_used, buf, (size_t)r);
+        agent_used += (size_t)r;
+        /* Chunks in, their payloads joined in place, whole messages out. */
+        static size_t joined;   /* bytes at the front that are message bytes already */
+        if (joined > agent_used) joined = 0;
+        for (;;) {
+            size_t off = joined;
+            if (agent_used - off < sizeof(VDIChunkHeader)) break;
+            VDIChunkHeader ch;
+            memcpy(&ch, agent_in + off, sizeof ch);
+            if (agent_used - off - sizeof ch < ch.size) break;
+            memmove(agent_in + off, agent_in + off + sizeof ch, agent_used - off - sizeof ch);
+            agent_used -= sizeof ch;
+            joined += ch.size;
+            while (joined >= sizeof(VDAgentMessage)) {
+                VDAgentMessage *m = (VDAgentMessage *)agent_in;
+                size_t whole = sizeof *m + m->size;
+                if (m->size > AGENT_MAX_MSG) { agent_used = joined = 0; break; }
+                if (joined < whole) break;
+                agent_message(m);
+                memmove(agent_in, agent_in + whole, agent_used - whole);
+                agent_used -= whole;
+                joined -= whole;
+            }
+        }
+    }
+}
+
+static void agent_copy(const unsigned char *text, size_t n) {
+    unsigned char head[12] = { VD_AGENT_CLIPBOARD_SELECTION_CLIPBOARD, 0, 0, 0 };
+    uint32_t serial = agent_serial++, type = VD_AGENT_CLIPBOARD_UTF8_TEXT;
+    free(clip_text);
+    clip_text = malloc(n ? n : 1);
+    if (n) memcpy(clip_text, text, n);
+    clip_len = n;
+    memcpy(head + 4, &serial, 4);
+    memcpy(head + 8, &type, 4);
+    agent_send(VD_AGENT_CLIPBOARD_GRAB, head, 12, NULL, 0);
+    say("OK copy %zu %08x", n, fnv1a(text, n));
+}
+
+static void agent_command(const char *op, char *line) {
+    if (vport < 0) { say("ERR no clipboard agent"); return; }
+    if (!strcmp(op, "copy")) {
+        char *t = line + strspn(line, " ") + 4, *o;
+        if (*t == ' ') t++;
+        o = t;
+        for (char *i = t; *i; i++) {
+            if (*i == '\\' && i[1]) {
+                i++;
+                *o++ = *i == 'n' ? '\n' : *i == 't' ? '\t' : *i;
+            } else {
+                *o++ = *i;
+            }
+        }
+        agent_copy((unsigned char *)t, (size_t)(o - t));
+    } else if (!strcmp(op, "copygen")) {
+        unsigned n = 0;
+        sscanf(line, "%*s %u", &n);
+        unsigned char *t = malloc(n + 64);
+        size_t len = 0;
+        for (unsigned i = 0; len < n; i++) len += (size_t)sprintf((char *)t + len, "line %06u abcdefghijklmnopqrstuvwxyz\n", i);
+        agent_copy(t, n);
+        free(t);
+    } else if (!strcmp(op, "paste")) {
+        unsigned char head[8] = { VD_AGENT_CLIPBOARD_SELECTION_CLIPBOARD, 0, 0, 0 };
+        uint32_t type = VD_AGENT_CLIPBOARD_UTF8_TEXT;
+        memcpy(head + 4, &type, 4);
+        paste_deadline = now_ms() + 8000;
+        agent_send(VD_AGENT_CLIPBOARD_REQUEST, head, 8, NULL, 0);
+    } else if (!strcmp(op, "release")) {
+        unsigned char head[4] = { VD_AGENT_CLIPBOARD_SELECTION_CLIPBOARD, 0, 0, 0 };
+        agent_send(VD_AGENT_CLIPBOARD_RELEASE, head, 4, NULL, 0);
+        say("OK release");
+    }
+}
+
 int main(void) {
     char buf[512];
     size_t used = 0;
     setvbuf(stdout, NULL, _IOLBF, 0);
     open_inputs();
+    agent_open();
+    say("CLIP AGENT %s", vport >= 0 ? vport_path : "none");
     say("READY");
     for (;;) {
-        struct pollfd p[MAX_INPUTS + 1];
+        struct pollfd p[MAX_INPUTS + 2];
+        int np = ninputs + 1, timeout = -1;
         p[0].fd = 0; p[0].events = POLLIN;
         for (int i = 0; i < ninputs; i++) { p[i + 1].fd = inputs[i]; p[i + 1].events = POLLIN; }
-        if (poll(p, ninputs + 1, -1) < 0) continue;
+        if (vport < 0 && vport_path[0]) agent_open();
+        if (vport >= 0) { p[np].fd = vport; p[np].events = POLLIN; p[np].revents = 0; np++; }
+        if (paste_deadline) {
+            double left = paste_deadline - now_ms();
+            if (left <= 0) { paste_deadline = 0; say("PASTE-TIMEOUT"); }
+            else timeout = (int)left + 1;
+        }
+        if (vport < 0 && vport_path[0]) timeout = timeout < 0 || timeout > 200 ? 200 : timeout;
+        if (poll(p, np, timeout) < 0) continue;
+        if (np > ninputs + 1 && (p[ninputs + 1].revents & (POLLIN | POLLHUP | POLLERR))) agent_read();
         for (int i = 0; i < ninputs; i++) {
             struct input_event ev;
             if (!(p[i + 1].revents & POLLIN)) continue;
