@@ -2,12 +2,13 @@
 //! security types and VeNCrypt; `session` is one client's message loop; `update` plans an
 //! update (pure), `encoder` turns it into bytes through `encode` (ZRLE and pixel helpers),
 //! `hextile`, `tight` and `pseudo`; `scroll` finds CopyRects; `clipboard` is cut text both
-//! ways; `server` accepts clients.
+//! ways and `cut_text` one client's use of it; `server` accepts clients.
 pub mod audio;
 pub mod auth;
 pub mod caps;
 pub mod clipboard;
 pub mod config;
+pub mod cut_text;
 pub mod delivery;
 pub mod encode;
 pub mod encoder;

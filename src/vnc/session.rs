@@ -6,16 +6,16 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Buf, BytesMut};
+use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::{broadcast, mpsc, watch};
+use tokio::sync::{broadcast, watch};
 use tokio::time::Instant;
 use tracing::{debug, info, trace};
 
 use super::audio::Sound;
 use super::caps::ClientCaps;
-use super::clipboard::{self as clip, Extended};
 use super::config::{SharePolicy, VncConfig};
+use super::cut_text::ClientClipboard;
 use super::delivery::{Fetched, Place};
 use super::extras::{self, Told};
 use super::frame::{EncodedRect, ZLIB_HEADER};
@@ -26,7 +26,6 @@ use super::share::{Frame, Kind};
 use crate::framebuffer::{Rect, Viewer};
 use crate::net::Io;
 use crate::qemu::audio::AudioEvent;
-use crate::qemu::clipboard::{ClipError, ClipboardViewer, Policy};
 use crate::qemu::input::button;
 use crate::session::Desktop;
 use crate::session::budget::vnc_viewer_cost;
@@ -62,9 +61,6 @@ pub async fn serve<S: Io + 'static>(
     Session::new(io, cfg, desktop, id, evict).run().await
 }
 
-/// The guest's clipboard text fetched for a client: for a `provide` (true) or classic cut text.
-type GuestText = (bool, Result<Arc<str>, ClipError>);
-
 /// An update the client is waiting for.
 #[derive(Clone, Copy)]
 struct Request {
@@ -97,15 +93,7 @@ struct Session {
     /// The client's ZRLE inflater has had its zlib header.
     zlib_started: bool,
     sound: Sound,
-    clip: ClipboardViewer,
-    /// The client's Extended Clipboard actions (from its caps, or the spec's default).
-    clip_actions: u32,
-    /// The client announced a copy (notify) whose text we asked for.
-    clip_announced: bool,
-    /// Guest text fetched for this client: sent as `provide` (true) or classic cut text.
-    clip_results: (mpsc::Sender<GuestText>, mpsc::Receiver<GuestText>),
-    /// Bytes of an over-long cut text still to be discarded.
-    skip: u64,
+    clipboard: ClientClipboard,
     inbuf: BytesMut,
     /// Replies to client messages, written after each batch.
     out: Vec<u8>,
@@ -144,11 +132,7 @@ impl Session {
             place: Place::default(),
             zlib_started: false,
             sound: Sound::default(),
-            clip,
-            clip_actions: clip::flag::REQUEST | clip::flag::NOTIFY | clip::flag::PROVIDE,
-            clip_announced: false,
-            clip_results: mpsc::channel(2),
-            skip: 0,
+            clipboard: ClientClipboard::new(clip),
             inbuf: BytesMut::with_capacity(4096),
             out: Vec::with_capacity(4096),
         }
@@ -182,13 +166,10 @@ impl Session {
                 () = self.viewer.changed(), if waiting => {}
                 () = sleep_until_opt(refresh_at), if waiting && refresh_at.is_some() => {}
                 ev = self.sound.recv(), if self.sound.is_on() => self.on_sound(ev).await?,
-                r = self.clip.offers().changed() => {
-                    if r.is_ok() {
-                        self.on_guest_copy().await?;
-                    }
-                }
-                Some((provide, text)) = self.clip_results.1.recv() => {
-                    self.on_guest_text(provide, text).await?;
+                ev = self.clipboard.next() => {
+                    self.out.clear();
+                    self.clipboard.event(ev, self.caps.ext_clipboard, &mut self.out);
+                    self.flush_out().await?;
                 }
                 _ = poll.tick(), if polls => {}
                 r = self.evict.changed() => {
@@ -384,18 +365,10 @@ impl Session {
 
     /// Handles every complete message read so far; replies go out after each.
     async fn handle_input(&mut self) -> Result<(), ConnError> {
-        let cut_limit = u32::try_from(self.clip.limit()).unwrap_or(u32::MAX);
+        let cut_limit = self.clipboard.limit();
         loop {
-            if self.skip > 0 {
-                let n = self
-                    .inbuf
-                    .len()
-                    .min(usize::try_from(self.skip).unwrap_or(usize::MAX));
-                self.inbuf.advance(n);
-                self.skip -= n as u64;
-                if self.skip > 0 {
-                    return Ok(());
-                }
+            if self.clipboard.skipping(&mut self.inbuf) {
+                return Ok(());
             }
             let Some(msg) = decode_with(&mut self.inbuf, cut_limit)? else {
                 return Ok(());
@@ -417,107 +390,6 @@ impl Session {
             r?;
         }
         Ok(())
-    }
-
-    /// Whether this client speaks Extended Clipboard (and the clipboard is on).
-    fn extended_clipboard(&self) -> bool {
-        self.caps.ext_clipboard && self.clip.policy() != Policy::Off
-    }
-
-    /// The guest copied (or its clipboard went empty).
-    async fn on_guest_copy(&mut self) -> Result<(), ConnError> {
-        let offer = *self.clip.offers().borrow_and_update();
-        if self.extended_clipboard() {
-            if self.clip_actions & clip::flag::NOTIFY != 0 {
-                self.out.clear();
-                clip::notify(&mut self.out, offer.text);
-                self.flush_out().await?;
-            }
-        } else if offer.text {
-            // A classic client is sent the text itself, fetched off the message loop.
-            self.fetch_guest_text(false);
-        }
-        Ok(())
-    }
-
-    fn fetch_guest_text(&self, provide: bool) {
-        let paste = self.clip.paste_task();
-        let tx = self.clip_results.0.clone();
-        tokio::spawn(async move {
-            let _ = tx.send((provide, paste.await)).await;
-        });
-    }
-
-    /// The guest's text arrived for this client.
-    async fn on_guest_text(
-        &mut self,
-        provide: bool,
-        text: Result<Arc<str>, ClipError>,
-    ) -> Result<(), ConnError> {
-        self.out.clear();
-        match (provide, text) {
-            (true, Ok(t)) => clip::provide(&mut self.out, &t),
-            (false, Ok(t)) => match clip::string_to_latin1(&t) {
-                Some(latin1) => clip::server_cut_text(&mut self.out, &latin1),
-                None => info!(
-                    "clipboard: the guest's text has characters outside Latin-1; not sent to \
-                     this classic VNC client (Extended Clipboard clients get it)"
-                ),
-            },
-            (provide, Err(e)) => {
-                info!(error = %e, "clipboard: the guest's text could not be fetched");
-                if provide {
-                    clip::notify(&mut self.out, false);
-                }
-            }
-        }
-        if !self.out.is_empty() {
-            debug!(bytes = self.out.len(), "clipboard: guest text sent");
-        }
-        self.flush_out().await
-    }
-
-    /// An Extended Clipboard message from the client.
-    fn on_extended_cut_text(&mut self, body: &[u8]) {
-        if !self.extended_clipboard() {
-            debug!("extended cut text without the pseudo-encoding ignored");
-            return;
-        }
-        let msg = match clip::decode_extended(body, self.clip.limit()) {
-            Ok(m) => m,
-            Err(e) => {
-                self.clip.refused();
-                info!(error = %e, "clipboard: extended cut text refused");
-                return;
-            }
-        };
-        trace!(?msg, "extended clipboard");
-        match msg {
-            Extended::Caps { actions, .. } => self.clip_actions = actions,
-            Extended::Notify { text: true } => {
-                if self.clip.announce().is_ok() {
-                    self.clip_announced = true;
-                    clip::request(&mut self.out);
-                }
-            }
-            Extended::Notify { text: false } | Extended::Provide { text: None } => {}
-            Extended::Provide { text: Some(t) } => {
-                let r = if std::mem::take(&mut self.clip_announced) {
-                    self.clip.provide(t)
-                } else {
-                    self.clip.copy(t)
-                };
-                if let Err(e) = r {
-                    debug!(error = %e, "clipboard: client text not taken");
-                }
-            }
-            Extended::Request { text: true } => self.fetch_guest_text(true),
-            Extended::Request { text: false } => {}
-            Extended::Peek => {
-                let offer = *self.clip.offers().borrow();
-                clip::notify(&mut self.out, offer.text);
-            }
-        }
     }
 
     async fn handle(&mut self, msg: ClientMsg) -> Result<(), ConnError> {
@@ -628,24 +500,12 @@ impl Session {
                     .message(op, format, &self.desktop.audio, &mut self.out)
                     .map_err(ConnError::Refused)?;
             }
-            ClientMsg::CutText(latin1) => {
-                if self.clip.policy() != Policy::Off
-                    && let Err(e) = self.clip.copy(clip::latin1_to_string(&latin1))
-                {
-                    debug!(error = %e, "clipboard: client text not taken");
-                }
+            ClientMsg::CutText(latin1) => self.clipboard.classic(&latin1),
+            ClientMsg::ExtendedCutText(body) => {
+                self.clipboard
+                    .extended(self.caps.ext_clipboard, &body, &mut self.out)
             }
-            ClientMsg::ExtendedCutText(body) => self.on_extended_cut_text(&body),
-            ClientMsg::CutTextSkipped { len, extended } => {
-                self.clip.refused();
-                info!(
-                    bytes = len,
-                    extended,
-                    limit = self.clip.limit(),
-                    "clipboard: cut text over the limit skipped"
-                );
-                self.skip = u64::from(len);
-            }
+            ClientMsg::CutTextSkipped { len, extended } => self.clipboard.skipped(len, extended),
         }
         Ok(())
     }
@@ -655,15 +515,8 @@ impl Session {
         let caps = &self.caps;
         debug!(?caps, "encodings set");
         self.told = Told::after_set_encodings(&before, caps, &mut self.out);
-        // rfbproto: caps on every SetEncodings that lists the pseudo-encoding. The text limit
-        // lets clients (TigerVNC) send text with their notify-less copies.
-        if self.extended_clipboard() {
-            let limit = u32::try_from(self.clip.limit()).unwrap_or(u32::MAX);
-            clip::server_caps(&mut self.out, limit);
-            if self.clip.offers().borrow().text {
-                clip::notify(&mut self.out, true);
-            }
-        }
+        self.clipboard
+            .set_encodings(self.caps.ext_clipboard, &mut self.out);
     }
 
     async fn on_sound(
