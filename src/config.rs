@@ -441,7 +441,11 @@ impl ServeArgs {
             },
             hooks_dir: paths.hooks_dir,
             socket_name: paths.socket_name,
-            rewrite: self.rewrite.options(paths.qemu_bus_address),
+            rewrite: RewriteOptions {
+                // `--clipboard off` leaves the guest without the agent's port as well.
+                clipboard: self.viewers.clipboard != ClipboardPolicy::Off,
+                ..self.rewrite.options(paths.qemu_bus_address)
+            },
             mode: paths.mode,
         })
     }

@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::qemu::{Rig, Video, Vm};
+use common::qemu::{Rig, Vm};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use vdi_sidecar::qemu::clipboard::{ClipboardHub, Policy};
@@ -18,17 +18,6 @@ use vdi_sidecar::session::Desktop;
 use vdi_sidecar::session::auth::Auth;
 use vdi_sidecar::vnc::VncConfig;
 use vdi_sidecar::vnc::clipboard::{EXTENDED_CLIPBOARD, flag};
-
-/// A virtio-serial port named as spice-vdagent expects, on QEMU's vdagent chardev with the
-/// clipboard on (what the domain rewrite adds as a `qemu-vdagent` channel).
-const VDAGENT: &[&str] = &[
-    "-device",
-    "virtio-serial-pci",
-    "-chardev",
-    "qemu-vdagent,id=vdagent,name=vdagent,clipboard=on,mouse=off",
-    "-device",
-    "virtserialport,chardev=vdagent,name=com.redhat.spice.0",
-];
 
 struct Setup {
     rig: Rig,
@@ -42,7 +31,6 @@ async fn setup(policy: Policy) -> Setup {
     let rig = Rig::start().await;
     let hub = rig.consoles.clipboard();
     hub.configure(policy, 1 << 20);
-    let mut vm = rig.vm_with(Video::StdVga, VDAGENT);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
@@ -53,18 +41,7 @@ async fn setup(policy: Policy) -> Setup {
         Desktop::primary(&rig.consoles),
         tokio_util::sync::CancellationToken::new(),
     ));
-    let h = hub.clone();
-    let vm = tokio::task::spawn_blocking(move || {
-        vm.wait_ready();
-        // Our registration resets the agent's serials (QEMU closes its port); the agent comes
-        // back and announces itself again.
-        assert!(common::wait_until(Duration::from_secs(30), || h.is_attached()));
-        vm.expect_line("CLIP CAPS", Duration::from_secs(30));
-        std::thread::sleep(Duration::from_millis(300));
-        vm
-    })
-    .await
-    .expect("guest");
+    let vm = rig.vm_with_clipboard().await;
     Setup {
         rig,
         vm: Some(vm),

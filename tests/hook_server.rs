@@ -27,6 +27,7 @@ fn expected(address: &str) -> String {
             video_model: "virtio".into(),
             display: true,
             qemu_env: Vec::new(),
+            clipboard: true,
         },
     )
     .expect("rewrite")

@@ -25,6 +25,7 @@ fn libvirt_validates_and_defines_every_rewritten_domain() {
         video_model: "virtio".into(),
         display: true,
         qemu_env: Vec::new(),
+        clipboard: true,
     };
     let dir = common::data_file("domains");
     let mut n = 0;

@@ -71,6 +71,9 @@ fn check(xml: &str, model: &Value) -> Result<usize, String> {
                 ("graphics", Some("dbus")) => Some(model["graphics[type=dbus]"].clone()),
                 ("audio", Some("dbus")) => Some(model["audio[type=dbus]"].clone()),
                 ("video", _) => Some(model["video"].clone()),
+                ("channel", Some("qemu-vdagent")) => {
+                    Some(model["channel[type=qemu-vdagent]"].clone())
+                }
                 _ => None,
             },
             _ if parent_is_domain && local == "commandline" => {
@@ -117,6 +120,7 @@ fn everything_we_emit_survives_kubevirts_libvirtxml_round_trip() {
                 "/var/run/kubevirt-plugin/vdi-sidecar/vdi/qemu-modules/p/lib".into(),
             ),
         ],
+        clipboard: true,
     };
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/domains");
     let mut total = 0;

@@ -57,6 +57,7 @@ async fn mutate_domain_for_boot_and_migration_target() {
         video_model: "virtio".into(),
         display: true,
         qemu_env: Vec::new(),
+        clipboard: true,
     };
     for file in [
         "kubevirt-basic.xml",

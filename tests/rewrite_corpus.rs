@@ -62,10 +62,13 @@ fn untouched_events(xml: &str) -> Vec<String> {
             Event::Start(e) | Event::Empty(e) => {
                 let name = e.name().into_inner().to_owned();
                 let in_devices = path.len() == 2 && path[1] == "devices";
-                if skip_depth.is_none()
-                    && in_devices
-                    && matches!(name.as_str(), "graphics" | "audio" | "video")
-                {
+                let ours = matches!(name.as_str(), "graphics" | "audio" | "video")
+                    || (name == "channel"
+                        && e.try_get_attribute("type")
+                            .ok()
+                            .flatten()
+                            .is_some_and(|a| &*a.value == "qemu-vdagent"));
+                if skip_depth.is_none() && in_devices && ours {
                     if matches!(ev, Event::Start(_)) {
                         skip_depth = Some(path.len());
                     }
@@ -123,6 +126,10 @@ fn is_idempotent() {
             },
             RewriteOptions {
                 audio: false,
+                ..opts()
+            },
+            RewriteOptions {
+                clipboard: false,
                 ..opts()
             },
             with_pack(),
@@ -277,4 +284,37 @@ fn adds_video_only_when_missing() {
     let out = rewrite(&basic, &o).expect("rewrite");
     assert!(!out.summary.added_video);
     assert!(!out.xml.contains("bochs"));
+}
+
+#[test]
+fn one_clipboard_channel_unless_the_domain_has_an_agent_channel() {
+    let channel = "<channel type=\"qemu-vdagent\">";
+    for (name, xml) in corpus() {
+        let out = rewrite(&xml, &opts()).expect("rewrite");
+        let own = xml.contains("type='qemu-vdagent'") || xml.contains("type='spicevmc'");
+        assert_eq!(out.summary.added_clipboard, !own, "{name}");
+        assert_eq!(count(&out.xml, channel), usize::from(!own), "{name}");
+        if own {
+            // The operator's channel stays as it was (here: copy and paste off).
+            assert!(out.xml.contains("<clipboard copypaste='no'/>"), "{name}");
+        } else {
+            assert!(
+                out.xml
+                    .contains("<clipboard copypaste=\"yes\"></clipboard>")
+                    && out.xml.contains("<mouse mode=\"server\"></mouse>")
+                    && out.xml.contains("name=\"com.redhat.spice.0\""),
+                "{name}"
+            );
+        }
+        let off = rewrite(
+            &xml,
+            &RewriteOptions {
+                clipboard: false,
+                ..opts()
+            },
+        )
+        .expect("rewrite");
+        assert_eq!(count(&off.xml, channel), 0, "{name}");
+        assert!(!off.summary.added_clipboard, "{name}");
+    }
 }

@@ -339,3 +339,39 @@ async fn chromium_with_novnc_shows_the_guest_exactly_and_types_into_it() {
     drop(vm);
     rig.stop().await;
 }
+
+/// The page's clipboard box with noVNC's Extended Clipboard: text the guest copies (its own
+/// vdagent, see tests/clipboard.rs) shows in the page, and text pasted with the page's button
+/// reaches the guest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chromium_with_novnc_copies_and_pastes_through_the_guest_agent() {
+    let rig = Rig::start().await;
+    let addr = start(&rig.consoles, true).await;
+    let mut vm = rig.vm_with_clipboard().await;
+    let dir = rig.dir.path().to_owned();
+    let vm = tokio::task::spawn_blocking(move || {
+        vm.send_line("copy from the guest: Grüße ✓");
+        vm.expect_line("OK copy", Duration::from_secs(20));
+        std::fs::write(dir.join("clip-in.txt"), "from the guest: Grüße ✓").expect("write");
+        std::fs::write(dir.join("clip-out.txt"), "from the browser\nzwei ✓").expect("write");
+        let url = format!("https://127.0.0.1:{}/", addr.port());
+        let d = dir.clone();
+        let page = std::thread::spawn(move || browser(&url, PASSWORD, "clipboard", &d));
+        // The page's paste reaches the guest while the page is still connected.
+        vm.expect_line("CLIP GRAB", Duration::from_secs(60));
+        vm.send_line("paste");
+        let line = vm.expect_line("PASTE", Duration::from_secs(20));
+        std::fs::write(dir.join("clip-done"), "").expect("write");
+        let seen = page.join().expect("browser thread");
+        assert!(
+            seen.contains("\"received\":\"from the guest: Grüße ✓\""),
+            "the page did not show the guest's copy: {seen}"
+        );
+        assert!(line.ends_with("from the browser\\nzwei ✓"), "{line}");
+        vm
+    })
+    .await
+    .expect("browser");
+    drop(vm);
+    rig.stop().await;
+}

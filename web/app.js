@@ -28,5 +28,29 @@ document.getElementById('login').addEventListener('submit', (e) => {
       status('disconnected', ev.detail.clean ? 'Disconnected' : 'Connection lost');
     }
   });
+  // The guest copied: show the text, and put it on the browser's clipboard where the page may
+  // (a secure context with the clipboard-write permission).
+  rfb.addEventListener('clipboard', (ev) => {
+    clipText.value = ev.detail.text;
+    clipText.dataset.from = 'guest';
+    if (navigator.clipboard && navigator.clipboard.writeText) {
+      navigator.clipboard.writeText(ev.detail.text).catch(() => {});
+    }
+  });
   window.vdiRfb = rfb;
+});
+
+// Paste into the VM: the text box, or the browser's clipboard when the box is empty and the page
+// may read it. noVNC sends it as Extended Clipboard (UTF-8) to our server.
+const clipText = document.getElementById('clip-text');
+document.getElementById('clip-send').addEventListener('click', async () => {
+  if (!rfb) return;
+  let text = clipText.value;
+  if (!text && navigator.clipboard && navigator.clipboard.readText) {
+    text = await navigator.clipboard.readText().catch(() => '');
+  }
+  if (text) {
+    rfb.clipboardPasteFrom(text);
+    clipText.dataset.from = 'page';
+  }
 });

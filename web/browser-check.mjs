@@ -4,8 +4,11 @@
 // MODE "view": wait until the canvas equals OUT_DIR/oracle.rgba (W H header line + RGBA bytes),
 // then press "a" in the page and screenshot it to OUT_DIR/web-client.png.
 // MODE "badpass": expect noVNC's authentication failure to show on the page.
+// MODE "clipboard": wait until the page's clipboard box shows OUT_DIR/clip-in.txt (what the guest
+// copied), then paste OUT_DIR/clip-out.txt into the VM with the page's button and stay until
+// OUT_DIR/clip-done exists.
 import { chromium } from 'playwright-core';
-import { readFileSync } from 'node:fs';
+import { existsSync, readFileSync } from 'node:fs';
 
 const [url, password, mode, outDir] = process.argv.slice(2);
 const result = { mode };
@@ -21,7 +24,23 @@ try {
   await page.goto(url);
   await page.fill('#password', password);
   await page.click('#connect');
-  if (mode === 'badpass') {
+  if (mode === 'clipboard') {
+    await page.waitForFunction(() => document.getElementById('status').dataset.state === 'connected',
+                               null, { timeout: 20000 });
+    const want = readFileSync(`${outDir}/clip-in.txt`, 'utf8');
+    await page.click('#clipboard summary');
+    await page.waitForFunction((w) => document.getElementById('clip-text').value === w,
+                               want, { timeout: 30000 }).catch(() => {});
+    result.received = await page.inputValue('#clip-text');
+    await page.fill('#clip-text', readFileSync(`${outDir}/clip-out.txt`, 'utf8'));
+    await page.click('#clip-send');
+    // Stay connected (a viewer that leaves releases its copy) until the test says the guest
+    // has pasted: it creates OUT_DIR/clip-done.
+    const until = Date.now() + 60000;
+    while (!existsSync(`${outDir}/clip-done`) && Date.now() < until) {
+      await page.waitForTimeout(200);
+    }
+  } else if (mode === 'badpass') {
     await page.waitForFunction(() => document.getElementById('status').dataset.state === 'failed',
                                null, { timeout: 20000 });
     result.status = await page.textContent('#status');

@@ -40,6 +40,10 @@ pub struct RewriteOptions {
     /// and `LD_LIBRARY_PATH` when it carries libraries). Entries of these names are ours: they
     /// are replaced, everything else in the element is kept.
     pub qemu_env: Vec<(String, String)>,
+    /// Add a `qemu-vdagent` channel with copy and paste on, so the guest's spice-vdagent
+    /// reaches QEMU's clipboard (and ours through D-Bus). Left out when the domain already has
+    /// a vdagent or spicevmc channel.
+    pub clipboard: bool,
 }
 
 impl RewriteOptions {
@@ -53,6 +57,7 @@ impl RewriteOptions {
             video_model: "virtio".into(),
             display: true,
             qemu_env: Vec::new(),
+            clipboard: true,
         }
     }
 }
@@ -98,6 +103,8 @@ pub struct Summary {
     pub kept_graphics: usize,
     pub added_video: bool,
     pub added_audio: bool,
+    /// The `qemu-vdagent` clipboard channel was added.
+    pub added_clipboard: bool,
     /// The D-Bus display was left out (`display: false`).
     pub display_left_out: bool,
     /// `<qemu:env>` entries written.
@@ -127,7 +134,8 @@ pub fn rewrite_bytes(xml: &[u8], opts: &RewriteOptions) -> Result<Rewritten, Err
 
 /// Rewrites a domain: removes every `<audio>`, every dbus `<graphics>` (and the vnc one with
 /// `drop_vnc`), then appends to `<devices>` a video device if there is none, our
-/// `<graphics type="dbus" address=…>` and, with `audio`, the `<audio type="dbus">` it links to.
+/// `<graphics type="dbus" address=…>`, with `audio` the `<audio type="dbus">` it links to, and
+/// with `clipboard` a `qemu-vdagent` channel unless the domain has an agent channel already.
 pub fn rewrite(xml: &str, opts: &RewriteOptions) -> Result<Rewritten, Error> {
     if xml.len() > MAX_INPUT_BYTES {
         return Err(Error::TooLarge {
@@ -155,6 +163,7 @@ pub fn rewrite(xml: &str, opts: &RewriteOptions) -> Result<Rewritten, Error> {
     summary.display_left_out = !opts.display;
     summary.added_video = opts.display && !scan.has_video;
     summary.added_audio = opts.display && opts.audio && scan.has_sound;
+    summary.added_clipboard = opts.display && opts.clipboard && !scan.has_agent_channel;
     summary.audio_skipped = (opts.display && opts.audio && !scan.has_sound)
         .then_some("the VM has no sound device (spec.domain.devices.sound)");
     summary.qemu_env = if opts.display { opts.qemu_env.len() } else { 0 };
@@ -208,6 +217,9 @@ struct Scan {
     has_video: bool,
     /// A `<sound>` card: without one a D-Bus audio backend would carry nothing.
     has_sound: bool,
+    /// A `qemu-vdagent` or `spicevmc` channel: the guest agent's port exists (ours from an
+    /// earlier pass, or the operator's own).
+    has_agent_channel: bool,
     /// Whitespace before the first child of `<devices>` (e.g. "\n\t\t").
     child_indent: Option<String>,
     /// Whitespace before `</devices>` (e.g. "\n\t").
@@ -306,6 +318,7 @@ fn scan(xml: &str, opts: &RewriteOptions) -> Result<Scan, Error> {
         expand_empty_devices: false,
         has_video: false,
         has_sound: false,
+        has_agent_channel: false,
         child_indent: None,
         closing_indent: None,
         qemu: QemuScan::default(),
@@ -457,6 +470,13 @@ fn scan(xml: &str, opts: &RewriteOptions) -> Result<Scan, Error> {
                             scan.has_sound = true;
                             false
                         }
+                        "channel" => {
+                            let kind = attr(&reader, e, "type")?;
+                            if matches!(kind.as_deref(), Some("qemu-vdagent" | "spicevmc")) {
+                                scan.has_agent_channel = true;
+                            }
+                            false
+                        }
                         _ => false,
                     };
                     if drop {
@@ -578,6 +598,15 @@ fn render_insertion(scan: &Scan, opts: &RewriteOptions) -> String {
         out.push_str(&format!(
             "{nl}<video>{inner}<model type=\"{}\" heads=\"1\"></model>{nl}</video>",
             quick_xml::escape::escape(opts.video_model.as_str())
+        ));
+    }
+    if opts.clipboard && !scan.has_agent_channel {
+        // Before our graphics: a later pass keeps this channel where it is and re-adds the
+        // graphics after it, so the order (and the text) comes out the same. The port
+        // spice-vdagent opens; mouse mode 'server' keeps the tablet as the pointer
+        // (an agent taking it over would strand guests without one, e.g. installers).
+        out.push_str(&format!(
+            "{nl}<channel type=\"qemu-vdagent\">{inner}<source>{inner}{unit}<clipboard copypaste=\"yes\"></clipboard>{inner}{unit}<mouse mode=\"server\"></mouse>{inner}</source>{inner}<target type=\"virtio\" name=\"com.redhat.spice.0\"></target>{nl}</channel>"
         ));
     }
     let address = quick_xml::escape::escape(opts.bus_address.as_str());
@@ -808,9 +837,13 @@ mod tests {
         assert_eq!(
             out.xml,
             "<domain><devices><video><model type=\"virtio\" heads=\"1\"></model></video>\
+             <channel type=\"qemu-vdagent\"><source><clipboard copypaste=\"yes\"></clipboard>\
+             <mouse mode=\"server\"></mouse></source>\
+             <target type=\"virtio\" name=\"com.redhat.spice.0\"></target></channel>\
              <graphics type=\"dbus\" address=\"unix:path=/var/run/kubevirt-hooks/vdi/bus\">\
              </graphics></devices></domain>"
         );
+        assert!(out.summary.added_clipboard);
         assert!(!out.summary.added_audio);
         assert!(out.summary.audio_skipped.is_some());
         assert_eq!(rewrite(&out.xml, &opts()).unwrap().xml, out.xml);
@@ -819,7 +852,11 @@ mod tests {
     #[test]
     fn audio_is_linked_and_fixed_at_48k_stereo_s16_when_there_is_a_sound_card() {
         let xml = "<domain><devices><video/><sound model=\"ich9\"/></devices></domain>";
-        let out = rewrite(xml, &opts()).unwrap();
+        let no_clipboard = RewriteOptions {
+            clipboard: false,
+            ..opts()
+        };
+        let out = rewrite(xml, &no_clipboard).unwrap();
         assert_eq!(
             out.xml,
             "<domain><devices><video/><sound model=\"ich9\"/>\
@@ -829,7 +866,7 @@ mod tests {
              channels=\"2\" format=\"s16\"></settings></output></audio></devices></domain>"
         );
         assert!(out.summary.added_audio && out.summary.audio_skipped.is_none());
-        assert_eq!(rewrite(&out.xml, &opts()).unwrap().xml, out.xml);
+        assert_eq!(rewrite(&out.xml, &no_clipboard).unwrap().xml, out.xml);
     }
 
     #[test]

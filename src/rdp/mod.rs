@@ -11,6 +11,7 @@
 //! (microphone), `session` (one client and the connection policy).
 
 pub mod audio_input;
+pub mod clipboard;
 pub mod display;
 pub mod dvc_tap;
 pub mod framing;

@@ -15,6 +15,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use super::clipboard::ClipboardFactory;
 use super::display::Display;
 use super::dvc_tap::DvcTap;
 use super::input::{self, Event, Inbound};
@@ -22,6 +23,7 @@ use super::login::Login;
 use super::sound::SoundFactory;
 use super::transport::RdpStream;
 use super::{Policy, RdpConfig, Security};
+use crate::qemu::clipboard::Policy as ClipboardPolicy;
 use crate::qemu::input::button;
 use crate::session::Desktop;
 use crate::session::budget::rdp_viewer_cost;
@@ -119,6 +121,13 @@ impl Session {
                 self.desktop.audio.clone(),
                 stats.clone(),
             ))))
+            // `--clipboard off`: no cliprdr channel at all.
+            .with_cliprdr_factory(
+                (self.desktop.clipboard.policy() != ClipboardPolicy::Off).then(|| {
+                    Box::new(ClipboardFactory::new(self.desktop.clipboard.clone()))
+                        as Box<dyn ironrdp_server::CliprdrServerFactory>
+                }),
+            )
             .build();
         let auth = &self.cfg.auth;
         server.set_credentials(auth.credentials().map(|c| Credentials {

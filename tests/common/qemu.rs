@@ -45,6 +45,18 @@ pub const AUDIO_ARGS: &[&str] = &[
     "hda-duplex,audiodev=snd0",
 ];
 
+/// A virtio-serial port named as spice-vdagent expects, on QEMU's vdagent chardev with the
+/// clipboard on (what the domain rewrite adds as a `qemu-vdagent` channel); the test guest's own
+/// agent speaks on it (`copy`, `paste`).
+pub const VDAGENT_ARGS: &[&str] = &[
+    "-device",
+    "virtio-serial-pci",
+    "-chardev",
+    "qemu-vdagent,id=vdagent,name=vdagent,clipboard=on,mouse=off",
+    "-device",
+    "virtserialport,chardev=vdagent,name=com.redhat.spice.0",
+];
+
 /// Which display device the VM gets.
 #[derive(Clone, Copy, Debug)]
 pub enum Video {
@@ -308,6 +320,23 @@ impl Rig {
                 let s = fb.snapshot();
                 (s.width, s.height) == (w, h) && s.pixels == px
             }));
+            vm
+        })
+        .await
+        .expect("guest")
+    }
+
+    /// A std-VGA guest whose clipboard agent is connected to QEMU, with our peer registered
+    /// (our registration resets the agent: QEMU closes its port, the agent announces itself
+    /// again).
+    pub async fn vm_with_clipboard(&self) -> Vm {
+        let mut vm = self.vm_with(Video::StdVga, VDAGENT_ARGS);
+        let hub = self.consoles.clipboard();
+        tokio::task::spawn_blocking(move || {
+            vm.wait_ready();
+            assert!(wait_until(Duration::from_secs(30), || hub.is_attached()));
+            vm.expect_line("CLIP CAPS", Duration::from_secs(30));
+            std::thread::sleep(Duration::from_millis(300));
             vm
         })
         .await
