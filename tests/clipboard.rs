@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use common::qemu::{Rig, Vm};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use vdi_sidecar::qemu::clipboard::{ClipboardHub, Policy};
+use vdi_sidecar::qemu::clipboard::{ClipboardHub, Policy, QEMU_GUEST_MAX};
 use vdi_sidecar::session::Desktop;
 use vdi_sidecar::session::auth::Auth;
 use vdi_sidecar::vnc::VncConfig;
@@ -289,14 +289,14 @@ async fn a_classic_client_gets_latin1_text_and_nothing_it_cannot_show() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_megabyte_crosses_and_text_over_the_limit_is_refused_whole() {
+async fn a_mebibyte_crosses_and_text_over_the_limit_is_refused_whole() {
     let mut t = setup(Policy::Both).await;
     let mut s = extended_client(t.vnc).await;
 
-    // Guest → viewer: 1,000,000 bytes arrive whole.
-    t.guest("copygen 1000000", "OK copy").await;
+    // Guest → viewer: 1 MiB (the limit) arrives whole.
+    t.guest("copygen 1048576", "OK copy").await;
     let wire = fetch_guest_copy(&mut s).await;
-    let want = generated(1_000_000);
+    let want = generated(1 << 20);
     let mut lf = String::from_utf8(wire)
         .expect("utf-8")
         .replace("\r\n", "\n");
@@ -311,12 +311,27 @@ async fn a_megabyte_crosses_and_text_over_the_limit_is_refused_whole() {
     let (flags, _) = ext(&mut s).await;
     assert_eq!(flags, flag::NOTIFY, "nothing, rather than a cut-off text");
 
-    // Viewer → guest: 1,000,000 bytes.
-    let text = String::from_utf8(generated(1_000_000)).expect("ascii");
+    // Viewer → guest: the most QEMU's agent channel carries (1 MiB - 28) arrives whole...
+    let text = String::from_utf8(generated(QEMU_GUEST_MAX)).expect("ascii");
     client_copy(&mut s, &text).await;
+    t.guest("", "CLIP GRAB").await;
     let line = t.guest("paste", "PASTE").await;
     let (len, hash, _) = pasted(&line);
-    assert_eq!((len, hash), (1_000_000, fnv1a(text.as_bytes())));
+    assert_eq!((len, hash), (QEMU_GUEST_MAX, fnv1a(text.as_bytes())));
+    // ... and one byte more is refused here (QEMU would drop it with a line in its own log):
+    // no request for the text, the guest keeps the previous one.
+    let refused = t.hub.counters().refused;
+    let more = String::from_utf8(generated(QEMU_GUEST_MAX + 1)).expect("ascii");
+    let mut wire = more.replace('\n', "\r\n").into_bytes();
+    wire.push(0);
+    send_ext(&mut s, flag::PROVIDE | flag::TEXT, &zlib_text(&wire)).await;
+    assert!(common::wait_until(Duration::from_secs(10), || t
+        .hub
+        .counters()
+        .refused
+        > refused));
+    let line = t.guest("paste", "PASTE").await;
+    assert_eq!(pasted(&line).0, QEMU_GUEST_MAX);
 
     // A classic ClientCutText over the limit is skipped without being buffered, and the
     // connection goes on: the next one reaches the guest.

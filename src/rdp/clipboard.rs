@@ -1,6 +1,6 @@
 //! RDP's clipboard (MS-RDPECLIP, the cliprdr static channel through ironrdp-server) on the VM's
-//! shared clipboard. Text only, as CF_UNICODETEXT (Windows and FreeRDP make CF_TEXT from it),
-//! with delayed rendering both ways: a guest copy is announced as a format list and its text
+//! shared clipboard. Text only, as CF_UNICODETEXT and CF_TEXT (8-bit, taken as Latin-1; text
+//! it cannot carry is refused rather than changed), with delayed rendering both ways: a guest copy is announced as a format list and its text
 //! fetched when the client pastes; a client copy (its format list) is announced to the guest at
 //! once and its text requested straight away, so the guest's paste finds it ready.
 //!
@@ -28,8 +28,8 @@ enum FromClient {
     Ready,
     /// The client copied; these are its formats.
     Copy(Vec<ClipboardFormatId>),
-    /// The client's data for our paste request (`None`: it failed).
-    Data(Option<String>),
+    /// The client's data for our paste request, as it came (`None`: it failed).
+    Data(Option<Vec<u8>>),
     /// The client pastes: it wants the guest's text in this format.
     Wants(ClipboardFormatId),
 }
@@ -113,16 +113,8 @@ impl CliprdrBackend for Backend {
     }
 
     fn on_format_data_response(&mut self, response: FormatDataResponse<'_>) {
-        let text = if response.is_error() {
-            None
-        } else {
-            // Our requests ask for CF_UNICODETEXT whenever the client has it.
-            response
-                .to_unicode_string()
-                .or_else(|_| response.to_string())
-                .ok()
-        };
-        self.send(FromClient::Data(text));
+        let data = (!response.is_error()).then(|| response.data().to_vec());
+        self.send(FromClient::Data(data));
     }
 
     fn on_file_contents_request(&mut self, _: FileContentsRequest) {}
@@ -142,16 +134,51 @@ fn send(events: &mpsc::UnboundedSender<ServerEvent>, m: ClipboardMessage) {
 fn announce(viewer: &mut ClipboardViewer, events: &mpsc::UnboundedSender<ServerEvent>) {
     let offer = *viewer.offers().borrow_and_update();
     let formats = if offer.text {
-        vec![ClipboardFormat::new(ClipboardFormatId::CF_UNICODETEXT)]
+        vec![
+            ClipboardFormat::new(ClipboardFormatId::CF_UNICODETEXT),
+            ClipboardFormat::new(ClipboardFormatId::CF_TEXT),
+        ]
     } else {
         Vec::new()
     };
     send(events, ClipboardMessage::SendInitiateCopy(formats));
 }
 
-/// Text as CF_UNICODETEXT wants it: CRLF line ends, UTF-16, NUL-terminated.
-fn unicode_text(text: &str) -> OwnedFormatDataResponse {
-    OwnedFormatDataResponse::new_unicode_string(&text.replace("\r\n", "\n").replace('\n', "\r\n"))
+fn crlf(text: &str) -> String {
+    text.replace("\r\n", "\n").replace('\n', "\r\n")
+}
+
+/// The guest's text in the format the client asked for: CF_UNICODETEXT (UTF-16LE) or CF_TEXT
+/// (8-bit, taken as Latin-1), CRLF line ends, NUL-terminated. `None` when CF_TEXT cannot carry
+/// it (a character outside Latin-1): an error then, not a changed text.
+fn encode(format: ClipboardFormatId, text: &str) -> Option<OwnedFormatDataResponse> {
+    if format == ClipboardFormatId::CF_UNICODETEXT {
+        return Some(OwnedFormatDataResponse::new_unicode_string(&crlf(text)));
+    }
+    let mut bytes: Vec<u8> = crlf(text)
+        .chars()
+        .map(|c| u8::try_from(u32::from(c)).ok())
+        .collect::<Option<_>>()?;
+    bytes.push(0);
+    Some(OwnedFormatDataResponse::new_data(bytes))
+}
+
+/// The client's data in `format`, up to its NUL; line ends made LF. `None`: not text.
+fn decode(format: ClipboardFormatId, data: &[u8]) -> Option<String> {
+    let text = if format == ClipboardFormatId::CF_UNICODETEXT {
+        let units: Vec<u16> = data
+            .chunks_exact(2)
+            .map(|c| u16::from_le_bytes([c[0], c[1]]))
+            .take_while(|&u| u != 0)
+            .collect();
+        String::from_utf16(&units).ok()?
+    } else {
+        data.iter()
+            .take_while(|&&b| b != 0)
+            .map(|&b| char::from(b))
+            .collect()
+    };
+    Some(text.replace("\r\n", "\n"))
 }
 
 async fn run(
@@ -160,7 +187,10 @@ async fn run(
     mut rx: mpsc::UnboundedReceiver<FromClient>,
 ) {
     let mut ready = false;
-    let (fetched_tx, mut fetched) = mpsc::channel::<Result<Arc<str>, ClipError>>(4);
+    // The format we asked the client for.
+    let mut asked = ClipboardFormatId::CF_UNICODETEXT;
+    let (fetched_tx, mut fetched) =
+        mpsc::channel::<(ClipboardFormatId, Result<Arc<str>, ClipError>)>(4);
     loop {
         tokio::select! {
             r = viewer.offers().changed() => {
@@ -191,20 +221,28 @@ async fn run(
                             && viewer.announce().is_ok()
                         {
                             // Fetch now: the guest's paste then finds the text waiting.
+                            asked = format;
                             send(&events, ClipboardMessage::SendInitiatePaste(format));
                         }
                     }
-                    FromClient::Data(Some(text)) => {
-                        let text = text.replace("\r\n", "\n");
-                        if let Err(e) = viewer.provide(text) {
-                            debug!(error = %e, "clipboard: RDP client text not taken");
+                    FromClient::Data(Some(data)) => match decode(asked, &data) {
+                        Some(text) => {
+                            if let Err(e) = viewer.provide(text) {
+                                debug!(error = %e, "clipboard: RDP client text not taken");
+                            }
                         }
-                    }
+                        None => {
+                            viewer.refused();
+                            info!("clipboard: the RDP client's text is not valid UTF-16");
+                        }
+                    },
                     FromClient::Data(None) => {
                         info!("clipboard: the RDP client could not give its text");
                     }
                     FromClient::Wants(format) => {
-                        if format != ClipboardFormatId::CF_UNICODETEXT {
+                        if ![ClipboardFormatId::CF_UNICODETEXT, ClipboardFormatId::CF_TEXT]
+                            .contains(&format)
+                        {
                             send(&events, ClipboardMessage::SendFormatData(
                                 OwnedFormatDataResponse::new_error(),
                             ));
@@ -213,14 +251,18 @@ async fn run(
                         let paste = viewer.paste_task();
                         let tx = fetched_tx.clone();
                         tokio::spawn(async move {
-                            let _ = tx.send(paste.await).await;
+                            let _ = tx.send((format, paste.await)).await;
                         });
                     }
                 }
             }
-            Some(text) = fetched.recv() => {
-                let response = match text {
-                    Ok(t) => unicode_text(&t),
+            Some((format, text)) = fetched.recv() => {
+                let response = match text.map(|t| encode(format, &t)) {
+                    Ok(Some(r)) => r,
+                    Ok(None) => {
+                        info!("clipboard: the guest's text has characters CF_TEXT cannot carry");
+                        OwnedFormatDataResponse::new_error()
+                    }
                     Err(e) => {
                         info!(error = %e, "clipboard: the guest's text could not be fetched");
                         OwnedFormatDataResponse::new_error()
@@ -237,10 +279,37 @@ mod tests {
     use super::*;
 
     #[test]
-    fn text_goes_out_as_crlf_utf16_with_a_nul() {
-        let r = unicode_text("a\nb — ✓\r\nc");
-        let back = r.to_unicode_string().expect("utf-16");
-        assert_eq!(back, "a\r\nb — ✓\r\nc");
-        assert_eq!(&r.data()[r.data().len() - 2..], &[0, 0]);
+    fn text_goes_out_as_crlf_with_a_nul_in_either_format() {
+        let u = encode(ClipboardFormatId::CF_UNICODETEXT, "a\nb — ✓\r\nc").expect("unicode");
+        assert_eq!(u.to_unicode_string().expect("utf-16"), "a\r\nb — ✓\r\nc");
+        assert_eq!(&u.data()[u.data().len() - 2..], &[0, 0]);
+        let t = encode(ClipboardFormatId::CF_TEXT, "café\n").expect("latin-1");
+        assert_eq!(t.data(), b"caf\xe9\r\n\0");
+        assert!(encode(ClipboardFormatId::CF_TEXT, "日本語").is_none());
+    }
+
+    #[test]
+    fn client_text_is_read_up_to_its_nul_with_lf_line_ends() {
+        let utf16: Vec<u8> = "x\r\nÄ ✓\0junk"
+            .encode_utf16()
+            .flat_map(u16::to_le_bytes)
+            .collect();
+        assert_eq!(
+            decode(ClipboardFormatId::CF_UNICODETEXT, &utf16).as_deref(),
+            Some("x\nÄ ✓")
+        );
+        // An odd trailing byte is ignored; a lone surrogate is not text.
+        assert_eq!(
+            decode(ClipboardFormatId::CF_UNICODETEXT, &[b'a', 0, b'b']).as_deref(),
+            Some("a")
+        );
+        assert_eq!(
+            decode(ClipboardFormatId::CF_UNICODETEXT, &[0x00, 0xd8]),
+            None
+        );
+        assert_eq!(
+            decode(ClipboardFormatId::CF_TEXT, b"caf\xe9\r\n\0x").as_deref(),
+            Some("café\n")
+        );
     }
 }

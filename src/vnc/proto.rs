@@ -600,6 +600,39 @@ mod tests {
     }
 
     proptest! {
+        /// Cut text of any length, classic or extended: buffered whole only within the limit,
+        /// otherwise only its header is consumed and the rest left to be skipped.
+        #[test]
+        fn cut_text_is_buffered_only_within_its_limit(
+            len in any::<u32>(),
+            limit in 0u32..(1 << 21),
+            extended in any::<bool>(),
+            body in proptest::collection::vec(any::<u8>(), 0..64),
+        ) {
+            let n = len & 0x7fff_ffff;
+            let field = if extended { (n as i32).wrapping_neg() as u32 } else { n };
+            let mut b = BytesMut::from(&[6u8, 0, 0, 0][..]);
+            b.extend_from_slice(&field.to_be_bytes());
+            b.extend_from_slice(&body);
+            let before = b.len();
+            let bound = if extended && n != 0 { extended_cut_bound(limit) } else { limit };
+            match decode_with(&mut b, limit) {
+                Ok(Some(ClientMsg::CutTextSkipped { len: l, extended: e })) => {
+                    prop_assert!(l > bound);
+                    prop_assert_eq!((l, e), (n, extended && n != 0));
+                    prop_assert_eq!(b.len(), before - 8);
+                }
+                Ok(Some(ClientMsg::CutText(t) | ClientMsg::ExtendedCutText(t))) => {
+                    prop_assert!(t.len() as u32 <= bound);
+                }
+                Ok(None) => {
+                    prop_assert!(n <= bound && (n as usize) > body.len());
+                    prop_assert_eq!(b.len(), before);
+                }
+                other => prop_assert!(false, "{other:?}"),
+            }
+        }
+
         #[test]
         fn never_panics_and_never_overconsumes(data in proptest::collection::vec(any::<u8>(), 0..300)) {
             let mut b = BytesMut::from(&data[..]);
