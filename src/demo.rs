@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::bus::{Bus, BusConfig};
+use crate::qemu::clipboard::Policy;
 use crate::qemu::source::{self, SourceOptions};
 use crate::viewers::Viewers;
 
@@ -87,8 +88,30 @@ pub async fn run(cfg: DemoConfig, stop: CancellationToken) -> Result<(), Error> 
         .arg("-initrd")
         .arg(&cfg.initrd)
         .args(["-append", "console=ttyS0 quiet"])
+        // A sound card (its audio goes to the D-Bus display) and, unless the clipboard is off,
+        // the vdagent port a guest agent would use: what the domain rewrite gives a real VM.
+        .args([
+            "-audiodev",
+            "dbus,id=snd0,out.frequency=48000",
+            "-device",
+            "intel-hda",
+            "-device",
+            "hda-duplex,audiodev=snd0",
+        ])
+        .args(if cfg.viewers.clipboard.policy == Policy::Off {
+            &[][..]
+        } else {
+            &[
+                "-device",
+                "virtio-serial-pci",
+                "-chardev",
+                "qemu-vdagent,id=vdagent,name=vdagent,clipboard=on,mouse=off",
+                "-device",
+                "virtserialport,chardev=vdagent,name=com.redhat.spice.0",
+            ][..]
+        })
         .arg("-display")
-        .arg(format!("dbus,addr={}", bus.address()))
+        .arg(format!("dbus,addr={},audiodev=snd0", bus.address()))
         .arg("-serial")
         .arg(format!("unix:{},server=on,wait=off", serial.display()))
         .args(&cfg.extra_qemu_args)
@@ -115,6 +138,23 @@ pub async fn run(cfg: DemoConfig, stop: CancellationToken) -> Result<(), Error> 
             };
             println!("  RDP   {rdp}   user: {user}, same password");
             println!("  e.g.  xfreerdp3 /v:{rdp} /u:{user} /cert:ignore");
+        }
+        // VeNCrypt is offered with a generated certificate: say how clients come to trust it
+        // (gtk-vnc clients refuse it otherwise, and rightly).
+        if let Some(id) = &vnc.tls {
+            let ca = dir.join("ca.pem");
+            if std::fs::write(&ca, &id.trust_pem).is_ok() {
+                let ca = ca.display();
+                println!("  TLS   the certificate is generated for this run; its CA is {ca}");
+                println!(
+                    "        TigerVNC: vncviewer -X509CA={ca} {}::{}",
+                    addr.ip(),
+                    addr.port()
+                );
+                println!(
+                    "        gtk-vnc (remote-viewer, gvncviewer): cp {ca} ~/.pki/CA/cacert.pem"
+                );
+            }
         }
         println!("Ctrl-C stops the demo (QEMU and the bus are stopped too).");
     }

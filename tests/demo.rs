@@ -70,6 +70,18 @@ fn demo_serves_the_guest_over_vnc_and_stops_cleanly() {
         .unwrap_or_else(|| panic!("no RDP address: {rdp_line}"))
         .to_owned();
     assert!(rdp_line.contains("user: vdi"), "{rdp_line}");
+    let _rdp_example = lines.next().expect("rdp example").expect("read");
+    // How clients trust the generated certificate: the CA is written and named.
+    let tls_line = lines.next().expect("tls line").expect("read");
+    let ca = tls_line
+        .split_whitespace()
+        .last()
+        .unwrap_or_else(|| panic!("no CA path: {tls_line}"))
+        .to_owned();
+    let pem = std::fs::read_to_string(&ca).unwrap_or_default();
+    assert!(pem.contains("BEGIN CERTIFICATE"), "{tls_line}: {pem}");
+    let tiger = lines.next().expect("tigervnc line").expect("read");
+    assert!(tiger.contains(&format!("-X509CA={ca}")), "{tiger}");
     let rdp_port: u16 = rdp
         .rsplit(':')
         .next()

@@ -116,6 +116,23 @@ fn libvirt_validates_and_defines_every_rewritten_domain() {
                 usize::from(sound),
                 "{name}: audio link"
             );
+            // The clipboard channel, as libvirt keeps it (ours, or the domain's own).
+            assert_eq!(
+                dump.matches("<channel type='qemu-vdagent'>").count(),
+                1,
+                "{name}: vdagent channel:\n{dump}"
+            );
+            assert!(
+                dump.contains("<target type='virtio' name='com.redhat.spice.0'"),
+                "{name}: vdagent port name:\n{dump}"
+            );
+            if !xml.contains("qemu-vdagent") {
+                assert!(
+                    dump.contains("<clipboard copypaste='yes'/>")
+                        && dump.contains("<mouse mode='server'/>"),
+                    "{name}: clipboard settings:\n{dump}"
+                );
+            }
             n += 1;
         }
     }

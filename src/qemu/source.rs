@@ -313,7 +313,11 @@ async fn attach(
             .await?;
         // QEMU is the auth server on this socket and calls our objects: build a p2p *client*
         // that already serves both interfaces when the handshake completes.
-        let parked = ParkedFrames::default();
+        let parked = ParkedFrames::with_limit(if opts.holds_frames() {
+            super::parked::MAX_IN_FLIGHT_BUDGET
+        } else {
+            super::parked::MAX_IN_FLIGHT
+        });
         let (listener, map, taker) =
             listener_objects(id, fb.clone(), opts.shared_memory, parked.clone());
         // Our own socket halves: inline frames are read into a reused buffer, and under a

@@ -58,9 +58,13 @@ impl ServerEventSender for ClipboardFactory {
     }
 }
 
+/// Client events queued for the session's task at most; a client that floods cliprdr loses
+/// the excess (logged), it never grows a queue.
+const QUEUE: usize = 64;
+
 impl CliprdrBackendFactory for ClipboardFactory {
     fn build_cliprdr_backend(&self) -> Box<dyn CliprdrBackend> {
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = mpsc::channel(QUEUE);
         if let Some(events) = self.events.clone() {
             tokio::spawn(run(self.hub.viewer(), events, rx));
         }
@@ -73,14 +77,16 @@ impl CliprdrServerFactory for ClipboardFactory {}
 /// The backend ironrdp calls; it only forwards.
 #[derive(Debug)]
 struct Backend {
-    tx: mpsc::UnboundedSender<FromClient>,
+    tx: mpsc::Sender<FromClient>,
 }
 
 ironrdp::core::impl_as_any!(Backend);
 
 impl Backend {
     fn send(&self, m: FromClient) {
-        let _ = self.tx.send(m);
+        if let Err(mpsc::error::TrySendError::Full(m)) = self.tx.try_send(m) {
+            info!(dropped = ?m, "clipboard: RDP client sends cliprdr faster than it is handled");
+        }
     }
 }
 
@@ -155,6 +161,9 @@ fn encode(format: ClipboardFormatId, text: &str) -> Option<OwnedFormatDataRespon
     if format == ClipboardFormatId::CF_UNICODETEXT {
         return Some(OwnedFormatDataResponse::new_unicode_string(&crlf(text)));
     }
+    if format != ClipboardFormatId::CF_TEXT {
+        return None;
+    }
     let mut bytes: Vec<u8> = crlf(text)
         .chars()
         .map(|c| u8::try_from(u32::from(c)).ok())
@@ -184,13 +193,14 @@ fn decode(format: ClipboardFormatId, data: &[u8]) -> Option<String> {
 async fn run(
     mut viewer: ClipboardViewer,
     events: mpsc::UnboundedSender<ServerEvent>,
-    mut rx: mpsc::UnboundedReceiver<FromClient>,
+    mut rx: mpsc::Receiver<FromClient>,
 ) {
     let mut ready = false;
     // The format we asked the client for.
     let mut asked = ClipboardFormatId::CF_UNICODETEXT;
-    let (fetched_tx, mut fetched) =
-        mpsc::channel::<(ClipboardFormatId, Result<Arc<str>, ClipError>)>(4);
+    // One fetch at a time; requests that come meanwhile wait for its result (in order).
+    let (fetched_tx, mut fetched) = mpsc::channel::<Result<Arc<str>, ClipError>>(1);
+    let mut waiting: Vec<ClipboardFormatId> = Vec::new();
     loop {
         tokio::select! {
             r = viewer.offers().changed() => {
@@ -240,35 +250,43 @@ async fn run(
                         info!("clipboard: the RDP client could not give its text");
                     }
                     FromClient::Wants(format) => {
-                        if ![ClipboardFormatId::CF_UNICODETEXT, ClipboardFormatId::CF_TEXT]
-                            .contains(&format)
-                        {
+                        // Responses carry no format: the client pairs them with its requests
+                        // in order, so a refusal waits its turn behind a fetch.
+                        let text = [ClipboardFormatId::CF_UNICODETEXT, ClipboardFormatId::CF_TEXT]
+                            .contains(&format);
+                        if (!text && waiting.is_empty()) || waiting.len() >= QUEUE {
                             send(&events, ClipboardMessage::SendFormatData(
                                 OwnedFormatDataResponse::new_error(),
                             ));
                             continue;
                         }
-                        let paste = viewer.paste_task();
-                        let tx = fetched_tx.clone();
-                        tokio::spawn(async move {
-                            let _ = tx.send((format, paste.await)).await;
-                        });
+                        waiting.push(format);
+                        if waiting.len() == 1 {
+                            let paste = viewer.paste_task();
+                            let tx = fetched_tx.clone();
+                            tokio::spawn(async move {
+                                let _ = tx.send(paste.await).await;
+                            });
+                        }
                     }
                 }
             }
-            Some((format, text)) = fetched.recv() => {
-                let response = match text.map(|t| encode(format, &t)) {
-                    Ok(Some(r)) => r,
-                    Ok(None) => {
-                        info!("clipboard: the guest's text has characters CF_TEXT cannot carry");
-                        OwnedFormatDataResponse::new_error()
-                    }
-                    Err(e) => {
-                        info!(error = %e, "clipboard: the guest's text could not be fetched");
-                        OwnedFormatDataResponse::new_error()
-                    }
-                };
-                send(&events, ClipboardMessage::SendFormatData(response));
+            Some(text) = fetched.recv() => {
+                // Every request is answered, each with one response, in order.
+                for format in waiting.drain(..) {
+                    let response = match text.as_ref().map(|t| encode(format, t)) {
+                        Ok(Some(r)) => r,
+                        Ok(None) => {
+                            info!(?format, "clipboard: the guest's text cannot go in this format");
+                            OwnedFormatDataResponse::new_error()
+                        }
+                        Err(e) => {
+                            info!(error = %e, "clipboard: the guest's text could not be fetched");
+                            OwnedFormatDataResponse::new_error()
+                        }
+                    };
+                    send(&events, ClipboardMessage::SendFormatData(response));
+                }
             }
         }
     }
@@ -286,6 +304,7 @@ mod tests {
         let t = encode(ClipboardFormatId::CF_TEXT, "café\n").expect("latin-1");
         assert_eq!(t.data(), b"caf\xe9\r\n\0");
         assert!(encode(ClipboardFormatId::CF_TEXT, "日本語").is_none());
+        assert!(encode(ClipboardFormatId::new(49_000), "x").is_none());
     }
 
     #[test]

@@ -13,8 +13,8 @@ use tracing::{debug, info, trace};
 use super::clipboard::{self as clip, Extended};
 use crate::qemu::clipboard::{ClipError, ClipboardViewer, Policy};
 
-/// The guest's text fetched for this client: for a `provide` (true) or classic cut text.
-type GuestText = (bool, Result<Arc<str>, ClipError>);
+/// The guest's text fetched for this client.
+type GuestText = Result<Arc<str>, ClipError>;
 
 /// Something to tell the client.
 pub enum Event {
@@ -30,6 +30,11 @@ pub struct ClientClipboard {
     /// The client announced a copy (notify) whose text we asked for.
     announced: bool,
     results: (mpsc::Sender<GuestText>, mpsc::Receiver<GuestText>),
+    /// A fetch is running (at most one per client, however many requests it sends); what its
+    /// result is for: a `provide`, classic cut text, or both.
+    fetching: bool,
+    want_provide: bool,
+    want_classic: bool,
     /// Bytes of an over-long cut text still to be discarded.
     skip: u64,
 }
@@ -40,7 +45,10 @@ impl ClientClipboard {
             clip,
             actions: clip::flag::REQUEST | clip::flag::NOTIFY | clip::flag::PROVIDE,
             announced: false,
-            results: mpsc::channel(2),
+            results: mpsc::channel(1),
+            fetching: false,
+            want_provide: false,
+            want_classic: false,
             skip: 0,
         }
     }
@@ -94,17 +102,27 @@ impl ClientClipboard {
                     self.fetch(false);
                 }
             }
-            Event::GuestText((provide, text)) => {
-                match (provide, text) {
-                    (true, Ok(t)) => clip::provide(out, &t),
-                    (false, Ok(t)) => match clip::string_to_latin1(&t) {
-                        Some(latin1) => clip::server_cut_text(out, &latin1),
-                        None => info!(
-                            "clipboard: the guest's text has characters outside Latin-1; not \
-                             sent to this classic VNC client (Extended Clipboard clients get it)"
-                        ),
-                    },
-                    (provide, Err(e)) => {
+            Event::GuestText(text) => {
+                self.fetching = false;
+                let provide = std::mem::take(&mut self.want_provide);
+                let classic = std::mem::take(&mut self.want_classic);
+                match text {
+                    Ok(t) => {
+                        if provide {
+                            clip::provide(out, &t);
+                        }
+                        if classic {
+                            match clip::string_to_latin1(&t) {
+                                Some(latin1) => clip::server_cut_text(out, &latin1),
+                                None => info!(
+                                    "clipboard: the guest's text has characters outside \
+                                     Latin-1; not sent to this classic VNC client (Extended \
+                                     Clipboard clients get it)"
+                                ),
+                            }
+                        }
+                    }
+                    Err(e) => {
                         info!(error = %e, "clipboard: the guest's text could not be fetched");
                         if provide {
                             clip::notify(out, false);
@@ -118,11 +136,22 @@ impl ClientClipboard {
         }
     }
 
-    fn fetch(&self, provide: bool) {
+    /// Asks for the guest's text; one fetch at a time, later asks share its result (a client
+    /// repeating requests cannot pile up tasks).
+    fn fetch(&mut self, provide: bool) {
+        if provide {
+            self.want_provide = true;
+        } else {
+            self.want_classic = true;
+        }
+        if self.fetching {
+            return;
+        }
+        self.fetching = true;
         let paste = self.clip.paste_task();
         let tx = self.results.0.clone();
         tokio::spawn(async move {
-            let _ = tx.send((provide, paste.await)).await;
+            let _ = tx.send(paste.await).await;
         });
     }
 
