@@ -119,6 +119,9 @@ pub fn user_name(uid: u32) -> Option<String> {
     })
 }
 
+/// Largest message the bus carries: the largest clipboard text plus room for its framing.
+pub const MAX_BUS_MESSAGE: u32 = 17 << 20;
+
 /// The generated dbus-daemon configuration. dbus-daemon only lets its own uid in unless the
 /// policy names others, so QEMU (107), root and we are named explicitly.
 pub fn render_config(socket: &Path, admit: &Admit) -> String {
@@ -139,6 +142,10 @@ pub fn render_config(socket: &Path, admit: &Admit) -> String {
   <type>session</type>
   <listen>unix:path={listen}</listen>
   <auth>EXTERNAL</auth>
+  <!-- Frames and sound travel on p2p sockets; the bus carries input, properties and clipboard
+       text (at most 16 MiB, --clipboard-limit). A guest copying more cannot make QEMU's reply
+       grow our memory past this (dbus-daemon's own default is 32 MiB). -->
+  <limit name="max_message_size">{MAX_BUS_MESSAGE}</limit>
   <policy context="default">
 {users}    <allow own="*"/>
     <allow send_destination="*" eavesdrop="true"/>
@@ -329,6 +336,7 @@ mod tests {
         assert!(conf.contains("<allow user=\"u0\"/>"));
         assert!(conf.contains("<allow user=\"u107\"/>"));
         assert!(!conf.contains("user=\"*\""));
+        assert!(conf.contains("<limit name=\"max_message_size\">17825792</limit>"));
     }
 
     #[test]
