@@ -143,7 +143,7 @@ pub fn render_config(socket: &Path, admit: &Admit) -> String {
   <listen>unix:path={listen}</listen>
   <auth>EXTERNAL</auth>
   <!-- Frames and sound travel on p2p sockets; the bus carries input, properties and clipboard
-       text (at most 16 MiB, --clipboard-limit). A guest copying more cannot make QEMU's reply
+       text (at most 16 MiB, the clipboard limit). A guest copying more cannot make QEMU's reply
        grow our memory past this (dbus-daemon's own default is 32 MiB). -->
   <limit name="max_message_size">{MAX_BUS_MESSAGE}</limit>
   <policy context="default">
@@ -337,6 +337,19 @@ mod tests {
         assert!(conf.contains("<allow user=\"u107\"/>"));
         assert!(!conf.contains("user=\"*\""));
         assert!(conf.contains("<limit name=\"max_message_size\">17825792</limit>"));
+        // Well-formed XML (dbus-daemon exits on anything else; "--" in a comment once did).
+        let mut r = quick_xml::Reader::from_str(&conf);
+        loop {
+            match r.read_event() {
+                Ok(quick_xml::events::Event::Eof) => break,
+                Ok(quick_xml::events::Event::Comment(c)) => {
+                    let text = c.into_inner();
+                    assert!(!text.contains("--"), "-- in a comment");
+                }
+                Ok(_) => {}
+                Err(e) => panic!("config is not XML: {e}"),
+            }
+        }
     }
 
     #[test]
