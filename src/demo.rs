@@ -44,6 +44,28 @@ pub struct DemoConfig {
     pub guest_commands: Vec<String>,
 }
 
+/// QEMU arguments for a sound card whose audio goes to the D-Bus display (48 kHz stereo, what the
+/// domain rewrite asks libvirt for). Shared with the tests and the benchmark.
+pub const AUDIO_ARGS: &[&str] = &[
+    "-audiodev",
+    "dbus,id=snd0,out.frequency=48000",
+    "-device",
+    "intel-hda",
+    "-device",
+    "hda-duplex,audiodev=snd0",
+];
+
+/// A virtio-serial port named as spice-vdagent expects, on QEMU's vdagent chardev with the
+/// clipboard on: what the domain rewrite's `qemu-vdagent` channel becomes.
+pub const VDAGENT_ARGS: &[&str] = &[
+    "-device",
+    "virtio-serial-pci",
+    "-chardev",
+    "qemu-vdagent,id=vdagent,name=vdagent,clipboard=on,mouse=off",
+    "-device",
+    "virtserialport,chardev=vdagent,name=com.redhat.spice.0",
+];
+
 /// Runs the demo until `stop`.
 pub async fn run(cfg: DemoConfig, stop: CancellationToken) -> Result<(), Error> {
     let dir = std::env::temp_dir().join(format!("vdi-demo-{}", std::process::id()));
@@ -90,25 +112,11 @@ pub async fn run(cfg: DemoConfig, stop: CancellationToken) -> Result<(), Error> 
         .args(["-append", "console=ttyS0 quiet"])
         // A sound card (its audio goes to the D-Bus display) and, unless the clipboard is off,
         // the vdagent port a guest agent would use: what the domain rewrite gives a real VM.
-        .args([
-            "-audiodev",
-            "dbus,id=snd0,out.frequency=48000",
-            "-device",
-            "intel-hda",
-            "-device",
-            "hda-duplex,audiodev=snd0",
-        ])
+        .args(AUDIO_ARGS)
         .args(if cfg.viewers.clipboard.policy == Policy::Off {
             &[][..]
         } else {
-            &[
-                "-device",
-                "virtio-serial-pci",
-                "-chardev",
-                "qemu-vdagent,id=vdagent,name=vdagent,clipboard=on,mouse=off",
-                "-device",
-                "virtserialport,chardev=vdagent,name=com.redhat.spice.0",
-            ][..]
+            VDAGENT_ARGS
         })
         .arg("-display")
         .arg(format!("dbus,addr={},audiodev=snd0", bus.address()))

@@ -178,14 +178,7 @@ impl QemuCfg {
             .arg("-initrd")
             .arg(self.kernel_dir.join("initrd.gz"))
             .args(["-append", "console=ttyS0 quiet"])
-            .args([
-                "-audiodev",
-                "dbus,id=snd0,out.frequency=48000",
-                "-device",
-                "intel-hda",
-                "-device",
-                "hda-duplex,audiodev=snd0",
-            ])
+            .args(vdi_sidecar::demo::AUDIO_ARGS)
             .arg("-display")
             .arg(format!("dbus,addr={},audiodev=snd0", self.bus_address))
             .args([

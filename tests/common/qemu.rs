@@ -34,28 +34,9 @@ pub fn guest() -> PathBuf {
     )
 }
 
-/// QEMU arguments for a sound card whose audio goes to the D-Bus display (48 kHz, as the domain
-/// rewrite asks libvirt for).
-pub const AUDIO_ARGS: &[&str] = &[
-    "-audiodev",
-    "dbus,id=snd0,out.frequency=48000",
-    "-device",
-    "intel-hda",
-    "-device",
-    "hda-duplex,audiodev=snd0",
-];
-
-/// A virtio-serial port named as spice-vdagent expects, on QEMU's vdagent chardev with the
-/// clipboard on (what the domain rewrite adds as a `qemu-vdagent` channel); the test guest's own
-/// agent speaks on it (`copy`, `paste`).
-pub const VDAGENT_ARGS: &[&str] = &[
-    "-device",
-    "virtio-serial-pci",
-    "-chardev",
-    "qemu-vdagent,id=vdagent,name=vdagent,clipboard=on,mouse=off",
-    "-device",
-    "virtserialport,chardev=vdagent,name=com.redhat.spice.0",
-];
+/// A sound card on the D-Bus display, and the vdagent port the test guest's agent speaks on.
+#[allow(unused_imports)] // each test binary uses what it needs
+pub use vdi_sidecar::demo::{AUDIO_ARGS, VDAGENT_ARGS};
 
 /// Which display device the VM gets.
 #[derive(Clone, Copy, Debug)]
