@@ -125,6 +125,23 @@ fn remove_stale(path: &Path) -> Result<(), Error> {
     }
 }
 
+/// Binds the hook socket at `path` so that it is never seen there before it listens: bound at a
+/// temporary name in the same directory, given its mode, then renamed (atomic on one filesystem).
+fn bind_hook_socket(path: &Path) -> std::io::Result<UnixListener> {
+    let tmp = path.with_extension("binding");
+    let _ = std::fs::remove_file(&tmp);
+    let listener = UnixListener::bind(&tmp)?;
+    // virt-launcher runs as the same uid (107, or root for root VMIs) and group (fsGroup 107).
+    if let Err(e) = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o660)) {
+        warn!(error = %e, "cannot set hook socket permissions");
+    }
+    if let Err(e) = std::fs::rename(&tmp, path) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    Ok(listener)
+}
+
 /// Cancels `token` on SIGTERM or SIGINT.
 pub fn cancel_on_signals(token: CancellationToken) -> std::io::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
@@ -155,24 +172,6 @@ pub async fn run(cfg: ServeConfig, shutdown: CancellationToken) -> Result<(), Er
     // domain right after collecting every hook socket, and QEMU connects to the bus at start.
     let bus = Bus::start(cfg.bus.clone()).await?;
 
-    let listener = match UnixListener::bind(&socket_path) {
-        Ok(l) => l,
-        Err(e) => {
-            bus.stop().await;
-            return Err(socket_err(e));
-        }
-    };
-    // virt-launcher runs as the same uid (107, or root for root VMIs) and group (fsGroup 107).
-    if let Err(e) = std::fs::set_permissions(&socket_path, std::fs::Permissions::from_mode(0o660)) {
-        warn!(error = %e, "cannot set hook socket permissions");
-    }
-    info!(
-        socket = %socket_path.display(),
-        mode = ?cfg.mode,
-        qemu_bus_address = %cfg.rewrite.bus_address,
-        "hook server listening"
-    );
-
     // The display side: attach to QEMU on our bus whenever it is there.
     let (consoles, display) = source::spawn(
         bus.address().to_owned(),
@@ -183,12 +182,31 @@ pub async fn run(cfg: ServeConfig, shutdown: CancellationToken) -> Result<(), Er
         shutdown.child_token(),
     );
     if let Err(e) = cfg.viewers.start(&consoles, &shutdown).await {
+        display.abort();
         bus.stop().await;
         return Err(Error::Listen {
             addr: e.addr,
             source: e.source,
         });
     }
+
+    // The hook socket appears only once everything behind it works (virt-launcher calls it as soon
+    // as it sees the file, and a failed call fails the VMI): bound and listening under a temporary
+    // name, then renamed into place.
+    let listener = match bind_hook_socket(&socket_path) {
+        Ok(l) => l,
+        Err(e) => {
+            display.abort();
+            bus.stop().await;
+            return Err(socket_err(e));
+        }
+    };
+    info!(
+        socket = %socket_path.display(),
+        mode = ?cfg.mode,
+        qemu_bus_address = %cfg.rewrite.bus_address,
+        "hook server listening"
+    );
 
     let service = HookService::new(cfg.rewrite.clone(), shutdown.clone())
         .with_health(consoles.health())
@@ -269,5 +287,21 @@ mod tests {
             default_qemu_bus_address(Some("")),
             "unix:path=/var/run/kubevirt-hooks/vdi/bus"
         );
+    }
+
+    #[tokio::test]
+    async fn the_hook_socket_appears_listening_and_with_its_mode() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("vdi-sidecar.sock");
+        // A leftover of a crash between bind and rename does not stop the next start.
+        std::fs::write(path.with_extension("binding"), b"stale").expect("write");
+        let listener = bind_hook_socket(&path).expect("bind");
+        assert!(!path.with_extension("binding").exists());
+        let mode = std::fs::metadata(&path).expect("stat").permissions().mode();
+        assert_eq!(mode & 0o777, 0o660);
+        let (client, accepted) =
+            tokio::join!(tokio::net::UnixStream::connect(&path), listener.accept());
+        assert!(client.is_ok() && accepted.is_ok());
     }
 }

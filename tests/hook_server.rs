@@ -348,3 +348,39 @@ fn a_grpc_client_sending_the_socket_path_as_authority_is_answered() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// A sidecar that cannot serve its desktop (port taken) must fail before virt-launcher sees its
+/// hook socket: a socket left behind without a server makes virt-launcher's call fail the VMI
+/// with "connection refused" instead of a clear exit of the sidecar container.
+#[test]
+fn a_busy_viewer_port_fails_the_start_before_the_hook_socket_appears() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = taken.local_addr().expect("addr").to_string();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let hooks = dir.path().join("hooks");
+    let out = std::process::Command::new(common::BIN)
+        .args(["serve", "--vnc", &addr, "--insecure-no-auth", "--hooks-dir"])
+        .arg(&hooks)
+        .env_remove("CONTAINER_NAME")
+        .env("VDI_HTTP", "none")
+        .env("VDI_RDP", "none")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&addr),
+        "the error names the address:\n{stderr}"
+    );
+    assert!(
+        !hooks.join("vdi-sidecar.sock").exists(),
+        "socket left behind"
+    );
+    let leftovers: Vec<_> = std::fs::read_dir(&hooks)
+        .expect("hooks dir")
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().contains("sock"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
