@@ -19,3 +19,9 @@ cargo fmt --check
 cargo clippy --all-targets --locked -- -D warnings
 cargo test --locked --all-targets --no-fail-fast
 ./ci/check-packaging.sh
+# Every fuzz target for a short fixed time on its seeds: a regression check (finds what the
+# committed seeds reach; the long hunts run outside CI with `./ci/fuzz.sh 600`).
+if [ "${VDI_SKIP_FUZZ:-0}" != 1 ]; then
+  (cd fuzz && cargo fmt --check)
+  JOBS=2 ./ci/fuzz.sh "${VDI_FUZZ_SECONDS:-20}"
+fi

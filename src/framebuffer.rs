@@ -17,6 +17,8 @@ use crate::pixman::{Format, UnsupportedFormat};
 pub const MAX_WIDTH: u32 = 8192;
 pub const MAX_HEIGHT: u32 = 8192;
 pub const MAX_PIXELS: u64 = 7680 * 4320;
+/// Largest surface an `Update` beyond the current size may grow it to (4K UHD, 33 MB).
+pub const MAX_GROWN_PIXELS: u64 = 3840 * 2160;
 /// Damage entries kept; a viewer further behind gets a full refresh.
 const DAMAGE_LOG: usize = 256;
 
@@ -281,6 +283,15 @@ impl Framebuffer {
         Ok(())
     }
 
+    /// A size QEMU announced without pixels (Console `Width`/`Height`): as [`Self::resize`], but
+    /// only up to [`MAX_GROWN_PIXELS`]; a larger surface comes with its Scanout.
+    pub fn resize_hint(&self, width: u32, height: u32) -> Result<(), FrameError> {
+        if u64::from(width) * u64::from(height) > MAX_GROWN_PIXELS {
+            return Err(FrameError::BadSize { width, height });
+        }
+        self.resize(width, height)
+    }
+
     /// `Scanout`: a whole new surface.
     pub fn scanout(
         &self,
@@ -292,6 +303,9 @@ impl Framebuffer {
     ) -> Result<(), FrameError> {
         let fmt = Format::from_code(format)?;
         check_size(width, height)?;
+        // The pixels must be there before the surface is sized for them: a Scanout claiming
+        // 8K with a few bytes would otherwise cost a 132 MB allocation (found by fuzzing).
+        check_layout(fmt, Rect::full(width, height), stride, data)?;
         let mut st = self.lock();
         if std::mem::take(&mut st.stale_scanout) && (st.width, st.height) != (width, height) {
             PathCounters::bump(&self.counters.stale_scanout);
@@ -343,15 +357,6 @@ impl Framebuffer {
         }
         let right = ux.checked_add(uw).ok_or_else(|| oob(0, 0))?;
         let bottom = uy.checked_add(uh).ok_or_else(|| oob(0, 0))?;
-        let mut st = self.lock();
-        if right > st.width || bottom > st.height {
-            // The resize-without-Scanout case: grow to cover the rect (bounded by check_size).
-            let (nw, nh) = (right.max(st.width), bottom.max(st.height));
-            check_size(nw, nh).map_err(|_| oob(st.width, st.height))?;
-            self.resize_locked(&mut st, nw, nh)?;
-            PathCounters::bump(&self.counters.resized_without_scanout);
-            self.damage(&mut st, Rect::full(nw, nh));
-        }
         let rect = Rect {
             x: ux,
             y: uy,
@@ -363,6 +368,22 @@ impl Framebuffer {
         } else {
             data
         };
+        // Checked before any growth below, which must not be bought with a short message.
+        check_layout(fmt, rect, stride, data)?;
+        let mut st = self.lock();
+        if right > st.width || bottom > st.height {
+            // The resize-without-Scanout case: grow to cover the rect. A tiny rect far out would
+            // make a huge surface, so growth stops at 4K UHD (a Scanout, which carries or maps
+            // all of its pixels, may still go up to check_size's limit).
+            let (nw, nh) = (right.max(st.width), bottom.max(st.height));
+            if u64::from(nw) * u64::from(nh) > MAX_GROWN_PIXELS {
+                return Err(oob(st.width, st.height));
+            }
+            check_size(nw, nh).map_err(|_| oob(st.width, st.height))?;
+            self.resize_locked(&mut st, nw, nh)?;
+            PathCounters::bump(&self.counters.resized_without_scanout);
+            self.damage(&mut st, Rect::full(nw, nh));
+        }
         // Guests (and QEMU's page-granular dirty tracking) report far more than what changed:
         // only the 16-pixel chunks whose pixels differ become damage.
         let changed = blit_changed(&mut st, fmt, rect, stride, data)?;
@@ -837,6 +858,32 @@ mod tests {
             assert!(r.is_err());
         }
         assert_eq!(fb.snapshot().pixels, before.pixels);
+    }
+
+    #[test]
+    fn short_frames_never_size_the_surface() {
+        let fb = Framebuffer::new();
+        fb.scanout(2, 2, 8, X8R8G8B8, &solid(2, 2, 7)).unwrap();
+        // A big Scanout or a far-out Update whose pixels are not in the message.
+        assert!(
+            fb.scanout(7680, 4320, 30720, X8R8G8B8, &solid(2, 2, 1))
+                .is_err()
+        );
+        assert!(
+            fb.update(7000, 4000, 8, 8, 32, X8R8G8B8, &[], false)
+                .is_err()
+        );
+        // A tiny Update far beyond 4K UHD, with its pixels: growth is bounded.
+        assert!(
+            fb.update(7000, 4000, 1, 1, 4, X8R8G8B8, &solid(1, 1, 1), false)
+                .is_err()
+        );
+        // A console size announced without pixels is bounded the same way.
+        assert!(fb.resize_hint(7680, 4320).is_err());
+        let s = fb.snapshot();
+        assert_eq!((s.width, s.height, s.pixels.len()), (2, 2, 4));
+        fb.resize_hint(1920, 1080).unwrap();
+        assert_eq!(fb.size(), (1920, 1080));
     }
 
     #[test]

@@ -54,35 +54,12 @@ impl TlsIdentity {
     }
 
     /// A fresh CA (its key is discarded) and a server certificate for `names` (DNS names or
-    /// IP addresses) signed by it.
+    /// IP addresses) signed by it, valid from an hour ago (clients' clocks drift) for
+    /// [`GENERATED_VALIDITY`], as a public CA would issue it: clients and policies refuse
+    /// server certificates valid for longer than 398 days.
     pub fn generate(names: &[String]) -> Result<Self> {
-        use rcgen::{
-            BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose,
-            IsCa, KeyPair, KeyUsagePurpose,
-        };
-        let mut ca = CertificateParams::new(Vec::<String>::new())?;
-        ca.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-        ca.distinguished_name
-            .push(DnType::CommonName, "vdi-sidecar generated CA");
-        ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        let ca =
-            CertifiedIssuer::self_signed(ca, KeyPair::generate()?).context("generating a CA")?;
-        let mut leaf = CertificateParams::new(names.to_vec()).context("certificate names")?;
-        leaf.distinguished_name.push(
-            DnType::CommonName,
-            names.first().map_or("vdi-sidecar", String::as_str),
-        );
-        leaf.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        leaf.key_usages = vec![
-            KeyUsagePurpose::DigitalSignature,
-            KeyUsagePurpose::KeyEncipherment,
-        ];
-        let leaf_key = KeyPair::generate()?;
-        let cert = leaf
-            .signed_by(&leaf_key, &ca)
-            .context("signing the server certificate")?;
-        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(leaf_key.serialize_der()));
-        Self::build(vec![cert.der().clone(), ca.der().clone()], key, ca.pem())
+        let (chain, key, trust_pem) = generate_chain(names)?;
+        Self::build(chain, key, trust_pem)
     }
 
     fn build(
@@ -125,6 +102,47 @@ impl TlsIdentity {
     }
 }
 
+/// The server certificate, its CA, the server key, and the CA as PEM.
+type GeneratedChain = (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>, String);
+
+fn generate_chain(names: &[String]) -> Result<GeneratedChain> {
+    let now = time::OffsetDateTime::now_utc();
+    let not_before = now - time::Duration::hours(1);
+    let not_after = now + GENERATED_VALIDITY;
+    use rcgen::{
+        BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose,
+        IsCa, KeyPair, KeyUsagePurpose,
+    };
+    let mut ca = CertificateParams::new(Vec::<String>::new())?;
+    ca.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    ca.distinguished_name
+        .push(DnType::CommonName, "vdi-sidecar generated CA");
+    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    (ca.not_before, ca.not_after) = (not_before, not_after);
+    let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate()?).context("generating a CA")?;
+    let mut leaf = CertificateParams::new(names.to_vec()).context("certificate names")?;
+    leaf.distinguished_name.push(
+        DnType::CommonName,
+        names.first().map_or("vdi-sidecar", String::as_str),
+    );
+    leaf.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    (leaf.not_before, leaf.not_after) = (not_before, not_after);
+    leaf.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyEncipherment,
+    ];
+    let leaf_key = KeyPair::generate()?;
+    let cert = leaf
+        .signed_by(&leaf_key, &ca)
+        .context("signing the server certificate")?;
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(leaf_key.serialize_der()));
+    Ok((vec![cert.der().clone(), ca.der().clone()], key, ca.pem()))
+}
+
+/// How long a generated certificate is valid: one day inside the CA/Browser Forum's 398-day limit
+/// (which Apple's and Chrome's policies enforce). The sidecar makes a new one at every start.
+pub const GENERATED_VALIDITY: time::Duration = time::Duration::days(397);
+
 /// Names a generated certificate covers: loopback, this host's name, and `extra`.
 pub fn default_names(extra: &[String]) -> Vec<String> {
     let mut names = vec![
@@ -146,6 +164,27 @@ pub fn default_names(extra: &[String]) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn generated_certificates_are_valid_now_and_for_at_most_398_days() {
+        use x509_cert::der::Decode as _;
+        let (chain, _, _) = generate_chain(&default_names(&[])).unwrap();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap();
+        assert_eq!(chain.len(), 2);
+        for der in chain {
+            let cert = x509_cert::Certificate::from_der(&der).unwrap();
+            let v = &cert.tbs_certificate.validity;
+            let (from, to) = (
+                v.not_before.to_unix_duration(),
+                v.not_after.to_unix_duration(),
+            );
+            assert!(from <= now && now < to, "{from:?}..{to:?} misses {now:?}");
+            let days = (to - from).as_secs() as f64 / 86_400.0;
+            assert!(days <= 398.0 && days >= 397.0, "{days} days");
+        }
+    }
 
     #[test]
     fn generated_identity_round_trips_through_files() {

@@ -51,6 +51,8 @@ pub struct Rewriter {
     decoder: fluke_hpack::Decoder<'static>,
     /// Header blocks whose `:authority` was replaced (logs, tests).
     pub replaced: u64,
+    /// The HPACK decoder panicked: its table is unknown, nothing more is decoded.
+    broken: bool,
 }
 
 impl Default for Rewriter {
@@ -63,6 +65,7 @@ impl Default for Rewriter {
             block: None,
             decoder,
             replaced: 0,
+            broken: false,
         }
     }
 }
@@ -74,6 +77,9 @@ fn invalid(why: &str) -> io::Error {
 impl Rewriter {
     /// Takes bytes from the client; appends what the server should read to `out`.
     pub fn feed(&mut self, bytes: &[u8], out: &mut BytesMut) -> io::Result<()> {
+        if self.broken {
+            return Err(invalid("undecodable header compression"));
+        }
         self.raw.extend_from_slice(bytes);
         if self.preface < PREFACE_LEN {
             let n = (PREFACE_LEN - self.preface).min(self.raw.len());
@@ -130,8 +136,12 @@ impl Rewriter {
     fn reencode(&mut self, b: Block, out: &mut BytesMut) -> io::Result<()> {
         let mut block = Vec::with_capacity(b.fragment.len() + 64);
         let mut replaced = false;
-        self.decoder
-            .decode_with_cb(&b.fragment, |name, value| {
+        // fluke-hpack 0.3.1 panics (an `unwrap`) on a dynamic-table size update whose integer is
+        // cut short, instead of returning an error (found by fuzzing). The panic is kept inside
+        // this call and becomes the connection's error; the decoder is not used again after it,
+        // because the connection ends.
+        let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.decoder.decode_with_cb(&b.fragment, |name, value| {
                 let value: &[u8] = if &*name == b":authority"
                     && http::uri::Authority::try_from(&*value).is_err()
                 {
@@ -142,7 +152,15 @@ impl Rewriter {
                 };
                 literal(&name, value, &mut block);
             })
-            .map_err(|_| invalid("bad header compression"))?;
+        }));
+        match decoded {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return Err(invalid("bad header compression")),
+            Err(_) => {
+                self.broken = true;
+                return Err(invalid("undecodable header compression"));
+            }
+        }
         if replaced {
             self.replaced += 1;
         }
@@ -394,6 +412,19 @@ mod tests {
         assert_eq!(frames[2].1, END_HEADERS | END_STREAM | PRIORITY);
         assert_eq!(frames[3].0, 0x0, "DATA untouched");
         assert_eq!(r.replaced, 2);
+    }
+
+    #[test]
+    fn a_cut_short_table_size_update_is_an_error_not_a_panic() {
+        // 0x3f: a dynamic-table size update whose integer continues in a byte that is missing.
+        let mut input = PREFACE.to_vec();
+        input.extend(frame(HEADERS, END_HEADERS, 1, &[0x3f]));
+        let mut r = Rewriter::default();
+        let mut out = BytesMut::new();
+        let err = r.feed(&input, &mut out).unwrap_err();
+        assert!(err.to_string().contains("header compression"), "{err}");
+        // The connection is over: nothing more is accepted.
+        assert!(r.feed(&frame(0x4, 0, 0, &[]), &mut out).is_err());
     }
 
     #[test]

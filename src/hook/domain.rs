@@ -146,6 +146,9 @@ pub fn rewrite(xml: &str, opts: &RewriteOptions) -> Result<Rewritten, Error> {
     if opts.bus_address.is_empty() {
         return Err(Error::EmptyBusAddress);
     }
+    // A byte-order mark is skipped by the reader but not by its positions' users (our edits
+    // landed 3 bytes early: found by fuzzing); UTF-8 needs none, and libvirt writes none.
+    let xml = xml.strip_prefix('\u{feff}').unwrap_or(xml);
     let scan = scan(xml, opts)?;
     let mut edits: Vec<Edit> = scan.cuts.iter().cloned().map(Edit::Cut).collect();
     if opts.display {
@@ -233,6 +236,8 @@ struct Scan {
 struct QemuScan {
     /// The prefix bound to [`QEMU_NS`] on the root element, if any.
     prefix: Option<String>,
+    /// Every namespace prefix the root element declares or an element uses.
+    root_prefixes: Vec<String>,
     /// Where a namespace declaration goes (before the root start tag's `>`).
     root_attrs_end: usize,
     /// Whitespace before the root's children and before `</domain>`, and where that closing
@@ -280,8 +285,14 @@ fn attr(reader: &Reader<&[u8]>, e: &BytesStart<'_>, key: &str) -> Result<Option<
     }
 }
 
-/// The prefix the root element binds to [`QEMU_NS`] (`xmlns:qemu="…"` → `qemu`).
-fn qemu_prefix(reader: &Reader<&[u8]>, e: &BytesStart<'_>) -> Result<Option<String>, Error> {
+/// The prefix the root element binds to [`QEMU_NS`] (`xmlns:qemu="…"` → `qemu`), and every
+/// prefix it declares (a new declaration must not repeat one).
+fn qemu_prefix(
+    reader: &Reader<&[u8]>,
+    e: &BytesStart<'_>,
+) -> Result<(Option<String>, Vec<String>), Error> {
+    let mut found = None;
+    let mut declared = Vec::new();
     for a in e.attributes() {
         let a = a.map_err(|err| malformed(reader, err))?;
         let key: &str = a.key.into_inner();
@@ -289,12 +300,22 @@ fn qemu_prefix(reader: &Reader<&[u8]>, e: &BytesStart<'_>) -> Result<Option<Stri
             let value = a
                 .normalized_value(quick_xml::XmlVersion::Implicit1_0)
                 .map_err(|err| malformed(reader, err))?;
-            if value == QEMU_NS {
-                return Ok(Some(prefix.to_owned()));
+            if value == QEMU_NS && found.is_none() {
+                found = Some(prefix.to_owned());
             }
+            declared.push(prefix.to_owned());
         }
     }
-    Ok(None)
+    Ok((found, declared))
+}
+
+/// A prefix for [`QEMU_NS`] that the root does not declare yet: `qemu`, unless a domain binds
+/// `qemu` to something else (then `qemu1`, `qemu2`, …).
+fn free_qemu_prefix(declared: &[String]) -> String {
+    std::iter::once("qemu".to_owned())
+        .chain((1..).map(|n| format!("qemu{n}")))
+        .find(|p| !declared.contains(p))
+        .unwrap_or_else(|| "qemu".to_owned())
 }
 
 fn scan(xml: &str, opts: &RewriteOptions) -> Result<Scan, Error> {
@@ -364,6 +385,13 @@ fn scan(xml: &str, opts: &RewriteOptions) -> Result<Scan, Error> {
                 let is_empty = matches!(event, Event::Empty(_));
                 let qname = e.name();
                 let name: &str = qname.into_inner();
+                // A prefix used without a declaration must not become ours either: the next
+                // rewrite would then see its elements as libvirt's (found by fuzzing).
+                if let Some((p, _)) = name.split_once(':')
+                    && !scan.qemu.root_prefixes.iter().any(|d| d == p)
+                {
+                    scan.qemu.root_prefixes.push(p.to_owned());
+                }
                 if depth == 0 {
                     if root_closed {
                         return Err(malformed(&reader, "more than one root element"));
@@ -375,7 +403,9 @@ fn scan(xml: &str, opts: &RewriteOptions) -> Result<Scan, Error> {
                     if is_empty {
                         return Err(Error::NoDevices);
                     }
-                    scan.qemu.prefix = qemu_prefix(&reader, e)?;
+                    let (prefix, declared) = qemu_prefix(&reader, e)?;
+                    scan.qemu.prefix = prefix;
+                    scan.qemu.root_prefixes.extend(declared);
                     scan.qemu.root_attrs_end = end.saturating_sub(1);
                 } else if depth == 1
                     && scan
@@ -641,11 +671,12 @@ fn render_qemu_env(scan: &Scan, opts: &RewriteOptions) -> Vec<Edit> {
     let prefix = match &q.prefix {
         Some(p) => p.clone(),
         None => {
+            let p = free_qemu_prefix(&q.root_prefixes);
             edits.push(Edit::Insert(
                 q.root_attrs_end,
-                format!(" xmlns:qemu=\"{QEMU_NS}\""),
+                format!(" xmlns:{p}=\"{QEMU_NS}\""),
             ));
-            "qemu".to_owned()
+            p
         }
     };
     let entry = |indent: &str, (name, value): &(String, String)| {
@@ -726,6 +757,55 @@ mod tests {
             out.xml
         );
         assert_eq!(out.summary.qemu_env, 1);
+        assert_eq!(rewrite(&out.xml, &with_modules()).unwrap().xml, out.xml);
+    }
+
+    #[test]
+    fn an_undeclared_qemu_prefix_is_left_alone_and_the_rewrite_stays_idempotent() {
+        let xml = "<domain><devices/><qemu:commandline><qemu:arg value=\"-x\"/>\
+                   </qemu:commandline></domain>";
+        let out = rewrite(xml, &with_modules()).unwrap();
+        assert!(
+            out.xml.contains(&format!("xmlns:qemu1=\"{QEMU_NS}\"")),
+            "{}",
+            out.xml
+        );
+        assert_eq!(rewrite(&out.xml, &with_modules()).unwrap().xml, out.xml);
+    }
+
+    #[test]
+    fn a_byte_order_mark_does_not_shift_the_edits() {
+        let xml =
+            "\u{feff}<?xml version='1.0'?>\n<domain type='kvm'><devices>\n</devices></domain>";
+        let out = rewrite(xml, &with_modules()).unwrap();
+        assert!(
+            out.xml
+                .starts_with("<?xml version='1.0'?>\n<domain type='kvm' xmlns:qemu="),
+            "{}",
+            out.xml
+        );
+        assert!(
+            out.xml.contains("<graphics type=\"dbus\"") && out.xml.ends_with("</domain>"),
+            "{}",
+            out.xml
+        );
+        assert_eq!(rewrite(&out.xml, &with_modules()).unwrap().xml, out.xml);
+    }
+
+    #[test]
+    fn a_qemu_prefix_bound_to_another_namespace_is_not_declared_twice() {
+        // Found by fuzzing: `xmlns:qemu` bound to another URI got a second `xmlns:qemu`, a
+        // duplicated attribute that libvirt refuses (the VM would not start).
+        let xml = "<domain type=\"kvm\" xmlns:qemu=\"http://example.org/other\" \
+                   xmlns:qemu1=\"urn:x\"><devices/></domain>";
+        let out = rewrite(xml, &with_modules()).unwrap();
+        assert!(
+            out.xml.contains(&format!("xmlns:qemu2=\"{QEMU_NS}\""))
+                && out.xml.contains("<qemu2:commandline>")
+                && out.xml.contains("xmlns:qemu=\"http://example.org/other\""),
+            "{}",
+            out.xml
+        );
         assert_eq!(rewrite(&out.xml, &with_modules()).unwrap().xml, out.xml);
     }
 

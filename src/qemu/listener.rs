@@ -252,12 +252,14 @@ impl MapListener {
         if u64::from(stride) < row {
             return Err(invalid(format!("stride {stride} < row of {row} bytes")));
         }
-        self.fb
-            .resize(width, height)
-            .map_err(|e| invalid(e.to_string()))?;
+        // Mapped (and the fd's size checked) before the surface is sized: claimed dimensions
+        // alone must not buy an allocation (found by fuzzing the framebuffer's checks).
         let len = u64::from(stride) * u64::from(height);
         let surface =
             SharedSurface::map(fd, u64::from(offset), len).map_err(|e| invalid(e.to_string()))?;
+        self.fb
+            .resize(width, height)
+            .map_err(|e| invalid(e.to_string()))?;
         debug!(
             console = self.console,
             width, height, stride, offset, "ScanoutMap"

@@ -428,7 +428,7 @@ async fn follow_size(console: ConsoleProxy<'static>, fb: Framebuffer) {
         if fb.size() != (w, h) {
             debug!(w, h, "console size changed");
             crate::framebuffer::PathCounters::bump(&fb.counters().resized_without_scanout);
-            if let Err(e) = fb.resize(w, h) {
+            if let Err(e) = fb.resize_hint(w, h) {
                 warn!(error = %e, "console size refused");
             }
         }

@@ -173,7 +173,7 @@ fn encode(format: ClipboardFormatId, text: &str) -> Option<OwnedFormatDataRespon
 }
 
 /// The client's data in `format`, up to its NUL; line ends made LF. `None`: not text.
-fn decode(format: ClipboardFormatId, data: &[u8]) -> Option<String> {
+pub fn decode(format: ClipboardFormatId, data: &[u8]) -> Option<String> {
     let text = if format == ClipboardFormatId::CF_UNICODETEXT {
         let units: Vec<u16> = data
             .chunks_exact(2)
