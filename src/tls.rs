@@ -182,7 +182,7 @@ mod tests {
             );
             assert!(from <= now && now < to, "{from:?}..{to:?} misses {now:?}");
             let days = (to - from).as_secs() as f64 / 86_400.0;
-            assert!(days <= 398.0 && days >= 397.0, "{days} days");
+            assert!((397.0..=398.0).contains(&days), "{days} days");
         }
     }
 
