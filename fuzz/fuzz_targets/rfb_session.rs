@@ -5,14 +5,14 @@
 //! never panic; what it writes is drained as a client would.
 #![no_main]
 
+mod common;
+
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use libfuzzer_sys::fuzz_target;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use vdi_sidecar::pixman::X8R8G8B8;
-use vdi_sidecar::qemu::source::Consoles;
 use vdi_sidecar::session::Desktop;
 use vdi_sidecar::session::auth::Auth;
 use vdi_sidecar::tls::{TlsIdentity, default_names};
@@ -32,18 +32,7 @@ fn world() -> &'static World {
             .enable_all()
             .build()
             .expect("runtime");
-        let desktop = rt.block_on(async {
-            let (consoles, input) = Consoles::new();
-            tokio::spawn(input);
-            let px: Vec<u8> = (0..64u32 * 48)
-                .flat_map(|i| i.wrapping_mul(2_654_435_761).to_ne_bytes())
-                .collect();
-            consoles
-                .primary()
-                .scanout(64, 48, 256, X8R8G8B8, &px)
-                .expect("scanout");
-            Desktop::primary(&consoles)
-        });
+        let desktop = rt.block_on(async { common::desktop_with_frame(64, 48) });
         let tls = TlsIdentity::generate(&default_names(&[])).expect("tls");
         let config = |auth: Auth, tls: Option<TlsIdentity>, require_tls: bool| {
             let mut c = VncConfig::new(Arc::new(auth), "fuzz");

@@ -5,6 +5,8 @@
 //! must keep answering.
 #![no_main]
 
+mod common;
+
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -12,9 +14,6 @@ use std::time::Duration;
 use libfuzzer_sys::fuzz_target;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
-use vdi_sidecar::pixman::X8R8G8B8;
-use vdi_sidecar::qemu::source::Consoles;
-use vdi_sidecar::session::Desktop;
 use vdi_sidecar::session::auth::Auth;
 use vdi_sidecar::vnc::VncConfig;
 use vdi_sidecar::web::{StreamServer, WebConfig};
@@ -32,14 +31,7 @@ fn world() -> &'static World {
             .build()
             .expect("runtime");
         let addr = rt.block_on(async {
-            let (consoles, input) = Consoles::new();
-            tokio::spawn(input);
-            let px = vec![0x40u8; 32 * 24 * 4];
-            consoles
-                .primary()
-                .scanout(32, 24, 128, X8R8G8B8, &px)
-                .expect("scanout");
-            let desktop = Desktop::primary(&consoles);
+            let desktop = common::desktop_with_frame(32, 24);
             let mut vnc = VncConfig::new(Arc::new(Auth::open()), "fuzz");
             vnc.handshake_timeout = Duration::from_millis(300);
             let vnc = Arc::new(vnc);
