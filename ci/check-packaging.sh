@@ -161,3 +161,27 @@ for iface in ptmpl["spec"]["domain"]["devices"]["interfaces"]:
         assert iface.get("ports"), "masquerade without ports swallows the sidecar's ports"
 print("packaging: manifests, annotation, plugin mode, Containerfiles and workflow check out")
 PY
+
+# Monitoring: the scrape job is YAML with the Service's port name, and every metric the Grafana
+# dashboard queries is one the sidecar exports (src/metrics.rs names each family once).
+python3 - <<'PY'
+import json, re, yaml
+scrape = yaml.safe_load(open("manifests/monitoring/prometheus-scrape.yaml"))
+job = scrape["scrape_configs"][0]
+assert any(r.get("regex") == "metrics" for r in job["relabel_configs"]), job
+svc = yaml.safe_load(open("manifests/service.yaml"))
+assert any(p["name"] == "metrics" for p in svc["spec"]["ports"]), "no metrics port on the Service"
+src = open("src/metrics.rs").read()
+dash = json.load(open("manifests/monitoring/grafana-dashboard.json"))
+names = set()
+for panel in dash["panels"]:
+    for t in panel["targets"]:
+        names |= set(re.findall(r"\b((?:vdi|process)_[a-z_]+)\{", t["expr"]))
+assert names, "the dashboard queries nothing"
+for n in sorted(names):
+    base = re.sub(r"_(bucket|count|sum)$", "", n)
+    base = re.sub(r"_total$", "", base)
+    base = re.sub(r"_(bytes|seconds)$", "", base)
+    assert f'"{base}"' in src, f"the dashboard queries {n}, which src/metrics.rs does not export"
+print(f"monitoring: scrape job and dashboard ({len(names)} metrics) check out")
+PY

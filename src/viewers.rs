@@ -10,6 +10,7 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::metrics::Protocol;
 use crate::qemu::source::Consoles;
 use crate::rdp::RdpConfig;
 use crate::session::Desktop;
@@ -25,6 +26,8 @@ pub struct Viewers {
     /// The web listener, and the VNC settings for connections over its WebSocket (no VeNCrypt:
     /// the page's HTTPS is the TLS).
     pub web: Option<(SocketAddr, WebConfig, Arc<VncConfig>)>,
+    /// Plain-HTTP `/metrics` for scrapers (the web listener serves it too).
+    pub metrics: Option<SocketAddr>,
     /// What viewers may cost (unlimited unless set).
     pub budget: Option<Arc<Budget>>,
     /// Which way clipboard text may go, and how much (the source applies it, see
@@ -46,6 +49,7 @@ pub struct Listening {
     pub vnc: Option<SocketAddr>,
     pub rdp: Option<SocketAddr>,
     pub web: Option<SocketAddr>,
+    pub metrics: Option<SocketAddr>,
 }
 
 async fn bind(addr: SocketAddr) -> Result<TcpListener, ListenError> {
@@ -74,9 +78,26 @@ impl Viewers {
             Some((addr, cfg, vnc)) => Some((bind(*addr).await?, cfg.clone(), Arc::clone(vnc))),
             None => None,
         };
+        let metrics_listener = match self.metrics {
+            Some(addr) => Some(bind(addr).await?),
+            None => None,
+        };
         let mut desktop = Desktop::primary(consoles);
         if let Some(b) = &self.budget {
             desktop.budget = Arc::clone(b);
+        }
+        let metrics = crate::metrics::global();
+        metrics.register_budget(&desktop.budget);
+        metrics.register_console(&desktop.fb);
+        metrics.register_clipboard(&desktop.clipboard);
+        if let Some((_, cfg)) = &vnc {
+            metrics.register_traffic(cfg.protocol, &cfg.stats);
+        }
+        if let Some((_, cfg)) = &rdp {
+            metrics.register_traffic(Protocol::Rdp, &cfg.stats);
+        }
+        if let Some((_, _, cfg)) = &web {
+            metrics.register_traffic(cfg.protocol, &cfg.stats);
         }
         let mut at = Listening::default();
         if let Some((listener, cfg)) = vnc {
@@ -112,6 +133,10 @@ impl Viewers {
                 rfb,
                 stop.child_token(),
             ));
+        }
+        if let Some(listener) = metrics_listener {
+            at.metrics = listener.local_addr().ok();
+            tokio::spawn(crate::web::run_metrics(listener, stop.child_token()));
         }
         Ok(at)
     }

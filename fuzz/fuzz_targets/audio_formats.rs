@@ -2,14 +2,19 @@
 //! listener's `Init` (and its `SetVolume` bytes), the format a VNC client sets, the conversion
 //! between any accepted pair, and the RDP client's AUDIO_INPUT channel messages (version,
 //! formats, open reply, format change, data) feeding the guest's microphone.
-#![no_main]
+// Built by cargo-fuzz (`--cfg fuzzing`) as a libFuzzer target; included by tests/fuzz_seeds.rs
+// as a module whose `fuzz` replays the committed seeds in the ordinary test run.
+#![cfg_attr(fuzzing, no_main)]
 
-use libfuzzer_sys::fuzz_target;
 use vdi_sidecar::pcm::{ClientFormat, Converter, PcmFormat, Volume};
 use vdi_sidecar::qemu::audio_in::MicHub;
 use vdi_sidecar::rdp::audio_input::AudioInput;
 
-fuzz_target!(|input: &[u8]| {
+#[cfg(fuzzing)]
+libfuzzer_sys::fuzz_target!(|input: &[u8]| fuzz(input));
+
+/// One input.
+pub fn fuzz(input: &[u8]) {
     if input.len() < 16 {
         return;
     }
@@ -57,4 +62,4 @@ fuzz_target!(|input: &[u8]| {
         }
         msgs = next;
     }
-});
+}

@@ -1,9 +1,10 @@
 //! Any bytes as the libvirt domain KubeVirt hands us. When the rewrite succeeds its output is
 //! well-formed XML and rewriting it again changes nothing (idempotence is what makes a repeated
 //! OnDefineDomain, or hook plus plugin, safe).
-#![no_main]
+// Built by cargo-fuzz (`--cfg fuzzing`) as a libFuzzer target; included by tests/fuzz_seeds.rs
+// as a module whose `fuzz` replays the committed seeds in the ordinary test run.
+#![cfg_attr(fuzzing, no_main)]
 
-use libfuzzer_sys::fuzz_target;
 use quick_xml::events::Event;
 use vdi_sidecar::hook::domain::{RewriteOptions, rewrite_bytes};
 
@@ -47,7 +48,11 @@ fn between_tags_trimmed(xml: &str) -> String {
     out
 }
 
-fuzz_target!(|input: &[u8]| {
+#[cfg(fuzzing)]
+libfuzzer_sys::fuzz_target!(|input: &[u8]| fuzz(input));
+
+/// One input.
+pub fn fuzz(input: &[u8]) {
     let Some((&knobs, xml)) = input.split_first() else {
         return;
     };
@@ -79,4 +84,4 @@ fuzz_target!(|input: &[u8]| {
         once.xml,
         twice.xml
     );
-});
+}

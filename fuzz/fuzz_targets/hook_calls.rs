@@ -2,11 +2,12 @@
 //! body of OnDefineDomain (v1alpha1/2/3), PreCloudInitIso (v1alpha2/3) and the Plugin API's
 //! MutateDomain, handled by the real service (VMI JSON and its annotations, the domain rewrite,
 //! the module-pack plan). Every call ends in a response or a gRPC status, never a panic.
-#![no_main]
+// Built by cargo-fuzz (`--cfg fuzzing`) as a libFuzzer target; included by tests/fuzz_seeds.rs
+// as a module whose `fuzz` replays the committed seeds in the ordinary test run.
+#![cfg_attr(fuzzing, no_main)]
 
 use std::sync::OnceLock;
 
-use libfuzzer_sys::fuzz_target;
 use prost::Message;
 use tokio_util::sync::CancellationToken;
 use tonic::Request;
@@ -25,7 +26,11 @@ fn rt() -> &'static tokio::runtime::Runtime {
     })
 }
 
-fuzz_target!(|input: &[u8]| {
+#[cfg(fuzzing)]
+libfuzzer_sys::fuzz_target!(|input: &[u8]| fuzz(input));
+
+/// One input.
+pub fn fuzz(input: &[u8]) {
     let Some((&pick, body)) = input.split_first() else {
         return;
     };
@@ -79,4 +84,4 @@ fuzz_target!(|input: &[u8]| {
             }
         }
     });
-});
+}

@@ -1,10 +1,11 @@
 //! The hook socket's HTTP/2 `:authority` rewriter (frames and HPACK from virt-launcher, before
 //! tonic sees them): fed in any pieces it gives the same output, or the same error, as fed
 //! whole, and its buffers stay bounded.
-#![no_main]
+// Built by cargo-fuzz (`--cfg fuzzing`) as a libFuzzer target; included by tests/fuzz_seeds.rs
+// as a module whose `fuzz` replays the committed seeds in the ordinary test run.
+#![cfg_attr(fuzzing, no_main)]
 
 use bytes::BytesMut;
-use libfuzzer_sys::fuzz_target;
 use vdi_sidecar::hook::authority::Rewriter;
 
 fn run(data: &[u8], chunk: usize) -> (BytesMut, bool) {
@@ -37,7 +38,11 @@ fn allow_known_upstream_panic() {
     });
 }
 
-fuzz_target!(|input: &[u8]| {
+#[cfg(fuzzing)]
+libfuzzer_sys::fuzz_target!(|input: &[u8]| fuzz(input));
+
+/// One input.
+pub fn fuzz(input: &[u8]) {
     allow_known_upstream_panic();
     let Some((&knobs, data)) = input.split_first() else {
         return;
@@ -58,4 +63,4 @@ fuzz_target!(|input: &[u8]| {
         whole.len(),
         data.len()
     );
-});
+}

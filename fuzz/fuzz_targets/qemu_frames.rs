@@ -3,9 +3,10 @@
 //! framebuffer's size, stride and format checks on what they yield (and on fields taken
 //! straight from the input), pixman conversion, and reads of the result. Allocations stay in
 //! proportion to the input (libFuzzer's -malloc_limit_mb catches any that do not).
-#![no_main]
+// Built by cargo-fuzz (`--cfg fuzzing`) as a libFuzzer target; included by tests/fuzz_seeds.rs
+// as a module whose `fuzz` replays the committed seeds in the ordinary test run.
+#![cfg_attr(fuzzing, no_main)]
 
-use libfuzzer_sys::fuzz_target;
 use vdi_sidecar::framebuffer::{Framebuffer, Rect};
 use vdi_sidecar::pixman::Format;
 use vdi_sidecar::qemu::listener_socket::{Call, scanout_size};
@@ -41,7 +42,11 @@ fn word(b: &[u8], i: usize) -> u32 {
         .map_or(0, |w| u32::from_le_bytes([w[0], w[1], w[2], w[3]]))
 }
 
-fuzz_target!(|input: &[u8]| {
+#[cfg(fuzzing)]
+libfuzzer_sys::fuzz_target!(|input: &[u8]| fuzz(input));
+
+/// One input.
+pub fn fuzz(input: &[u8]) {
     let fb = Framebuffer::new();
     let parked = ParkedFrames::with_limit(2);
     // 1. As a D-Bus message on the listener socket.
@@ -110,4 +115,4 @@ fuzz_target!(|input: &[u8]| {
         snap.pixels.len(),
         snap.width as usize * snap.height as usize
     );
-});
+}

@@ -3,11 +3,12 @@
 //! output and its TSRequest reader, the output framer, the dynamic-channel tap (drdynvc and the
 //! AUDIO_INPUT channel inside MCS Send Data Requests), fast-path input decoding and translation,
 //! and clipboard text from the client.
-#![no_main]
+// Built by cargo-fuzz (`--cfg fuzzing`) as a libFuzzer target; included by tests/fuzz_seeds.rs
+// as a module whose `fuzz` replays the committed seeds in the ordinary test run.
+#![cfg_attr(fuzzing, no_main)]
 
 use ironrdp::cliprdr::pdu::ClipboardFormatId;
 use ironrdp::pdu::input::fast_path::FastPathInput;
-use libfuzzer_sys::fuzz_target;
 use vdi_sidecar::qemu::audio_in::MicHub;
 use vdi_sidecar::rdp::dvc_tap::DvcTap;
 use vdi_sidecar::rdp::framing::{
@@ -42,7 +43,11 @@ fn frame(data: &[u8], chunk: usize) -> (Vec<Pdu>, bool) {
     (pdus, false)
 }
 
-fuzz_target!(|input: &[u8]| {
+#[cfg(fuzzing)]
+libfuzzer_sys::fuzz_target!(|input: &[u8]| fuzz(input));
+
+/// One input.
+pub fn fuzz(input: &[u8]) {
     let Some((&knobs, data)) = input.split_first() else {
         return;
     };
@@ -100,4 +105,4 @@ fuzz_target!(|input: &[u8]| {
     }
     let _ = vdi_sidecar::rdp::clipboard::decode(ClipboardFormatId::CF_UNICODETEXT, data);
     let _ = vdi_sidecar::rdp::clipboard::decode(ClipboardFormatId::CF_TEXT, data);
-});
+}

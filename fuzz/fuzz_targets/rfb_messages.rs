@@ -1,10 +1,11 @@
 //! RFB client messages as a byte stream, cut as it arrives: the decoder never panics, never
 //! consumes bytes it did not decode, and a message it decodes is the same whichever way the
 //! stream was cut. Extended Clipboard bodies go through their own decoder.
-#![no_main]
+// Built by cargo-fuzz (`--cfg fuzzing`) as a libFuzzer target; included by tests/fuzz_seeds.rs
+// as a module whose `fuzz` replays the committed seeds in the ordinary test run.
+#![cfg_attr(fuzzing, no_main)]
 
 use bytes::BytesMut;
-use libfuzzer_sys::fuzz_target;
 use vdi_sidecar::vnc::clipboard::decode_extended;
 use vdi_sidecar::vnc::proto::{ClientMsg, decode_with, extended_cut_bound};
 
@@ -47,7 +48,11 @@ fn decode_all(data: &[u8], chunk: usize, limit: u32) -> (Vec<ClientMsg>, bool) {
     (out, false)
 }
 
-fuzz_target!(|input: &[u8]| {
+#[cfg(fuzzing)]
+libfuzzer_sys::fuzz_target!(|input: &[u8]| fuzz(input));
+
+/// One input.
+pub fn fuzz(input: &[u8]) {
     let Some((&knobs, data)) = input.split_first() else {
         return;
     };
@@ -70,4 +75,4 @@ fuzz_target!(|input: &[u8]| {
             _ => {}
         }
     }
-});
+}

@@ -3,7 +3,9 @@
 //! messages), served by the real server over an in-memory pipe. The first byte picks the
 //! server's security setup. The server must end every connection on its own (no hang) and
 //! never panic; what it writes is drained as a client would.
-#![no_main]
+// Built by cargo-fuzz (`--cfg fuzzing`) as a libFuzzer target; included by tests/fuzz_seeds.rs
+// as a module whose `fuzz` replays the committed seeds in the ordinary test run.
+#![cfg_attr(fuzzing, no_main)]
 
 mod common;
 
@@ -11,7 +13,6 @@ use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use libfuzzer_sys::fuzz_target;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use vdi_sidecar::session::Desktop;
 use vdi_sidecar::session::auth::Auth;
@@ -55,7 +56,11 @@ fn world() -> &'static World {
     })
 }
 
-fuzz_target!(|input: &[u8]| {
+#[cfg(fuzzing)]
+libfuzzer_sys::fuzz_target!(|input: &[u8]| fuzz(input));
+
+/// One input.
+pub fn fuzz(input: &[u8]) {
     let Some((&pick, bytes)) = input.split_first() else {
         return;
     };
@@ -95,4 +100,4 @@ fuzz_target!(|input: &[u8]| {
             "the session did not end after the client's input ended"
         );
     });
-});
+}

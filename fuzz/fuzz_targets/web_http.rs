@@ -3,7 +3,9 @@
 //! control frames, sizes) whose payload reaches the real VNC server. Served by the real listener
 //! on loopback; the connection must end on its own once the peer's input ends, and the listener
 //! must keep answering.
-#![no_main]
+// Built by cargo-fuzz (`--cfg fuzzing`) as a libFuzzer target; included by tests/fuzz_seeds.rs
+// as a module whose `fuzz` replays the committed seeds in the ordinary test run.
+#![cfg_attr(fuzzing, no_main)]
 
 mod common;
 
@@ -11,7 +13,6 @@ use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use libfuzzer_sys::fuzz_target;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 use vdi_sidecar::session::auth::Auth;
@@ -63,7 +64,11 @@ fn world() -> &'static World {
     })
 }
 
-fuzz_target!(|bytes: &[u8]| {
+#[cfg(fuzzing)]
+libfuzzer_sys::fuzz_target!(|bytes: &[u8]| fuzz(bytes));
+
+/// One input.
+pub fn fuzz(bytes: &[u8]) {
     let w = world();
     w.rt.block_on(async {
         let done = tokio::time::timeout(Duration::from_secs(3), async {
@@ -91,4 +96,4 @@ fuzz_target!(|bytes: &[u8]| {
             "the connection did not end after the peer's input ended"
         );
     });
-});
+}

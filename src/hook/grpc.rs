@@ -89,6 +89,10 @@ fn define_blocking(
         Status::invalid_argument(e.to_string())
     })?;
     let _span = info_span!("define", vm = %vmi.name, version).entered();
+    if !vmi.name.is_empty() {
+        let (namespace, name) = vmi.name.split_once('/').unwrap_or(("", &vmi.name));
+        crate::metrics::global().set_vm(namespace, name, true);
+    }
     let mut opts = vmi.apply(base);
     let no_display = match modules.plan(vmi.launcher.as_deref()) {
         Plan::Launcher => None,

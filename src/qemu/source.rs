@@ -241,11 +241,13 @@ pub async fn run(
                 Some(Some(name)) => {
                     info!(owner = %name, "org.qemu appeared");
                     drop(attachment.take());
+                    crate::metrics::global().qemu_attached(false);
                     has_owner = true;
                 }
                 Some(None) => {
                     info!("org.qemu went away; display detached");
                     drop(attachment.take());
+                    crate::metrics::global().qemu_attached(false);
                     consoles.detach_all();
                     has_owner = false;
                 }
@@ -270,6 +272,7 @@ async fn attach(
     let name = vm.name().await.unwrap_or_default();
     let ids = vm.console_ids().await?;
     info!(vm = %name, ?ids, "attaching to QEMU's display");
+    crate::metrics::global().set_vm("", &name, false);
     let mut listeners = Vec::new();
     let mut tasks = Vec::new();
     let mut first = true;
@@ -343,6 +346,7 @@ async fn attach(
     }
     let audio = attach_audio(conn, consoles.audio()).await?;
     consoles.health().qemu_attached(audio.is_some());
+    crate::metrics::global().qemu_attached(true);
     if audio.is_some() {
         listeners.extend(attach_mic(conn, consoles.mic.clone()).await?);
     }
@@ -451,13 +455,21 @@ pub fn spawn(
     let c = consoles.clone();
     let task = tokio::spawn(
         async move {
-            let Some(conn) = connect_bus(&address, &stop).await else {
-                input.abort();
-                return;
-            };
-            info!(%address, "display source connected to the bus");
-            if let Err(e) = run(conn, c, opts, stop).await {
-                warn!(error = %e, "display source stopped");
+            // The bus can go away under us (dbus-daemon killed and restarted by `Bus`): then
+            // connect again and wait for QEMU there, as at start.
+            while let Some(conn) = connect_bus(&address, &stop).await {
+                info!(%address, "display source connected to the bus");
+                match run(conn, c.clone(), opts, stop.clone()).await {
+                    Ok(()) => break,
+                    Err(e) => warn!(error = %e, "display source lost the bus; reconnecting"),
+                }
+                c.detach_all();
+                crate::metrics::global().qemu_attached(false);
+                // Not a busy loop when the bus answers but keeps failing us.
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    () = stop.cancelled() => break,
+                }
             }
             input.abort();
         }

@@ -15,6 +15,7 @@ use tracing::{info, warn};
 
 use super::Security;
 use super::framing::{CredsspOut, CredsspWatch, ntstatus, ts_request_refusal, ts_request_status};
+use crate::metrics::{self, Login as Attempt, Protocol};
 use crate::session::auth::Auth;
 
 /// Where the login stands.
@@ -69,6 +70,16 @@ impl Login {
             return;
         }
         self.outcome = outcome;
+        let counted = match outcome {
+            Outcome::Succeeded => Some(Attempt::Ok),
+            Outcome::Failed => Some(Attempt::Failed),
+            Outcome::Limited => Some(Attempt::Limited),
+            Outcome::OverBudget => Some(Attempt::OverBudget),
+            Outcome::Pending => None,
+        };
+        if let Some(c) = counted {
+            metrics::global().login(Protocol::Rdp, c);
+        }
         match outcome {
             Outcome::Succeeded => self.auth.succeeded(self.peer),
             Outcome::Failed => {

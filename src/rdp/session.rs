@@ -23,6 +23,7 @@ use super::login::Login;
 use super::sound::SoundFactory;
 use super::transport::RdpStream;
 use super::{Policy, RdpConfig, Security};
+use crate::metrics::{self, Protocol};
 use crate::qemu::clipboard::Policy as ClipboardPolicy;
 use crate::qemu::input::button;
 use crate::session::Desktop;
@@ -165,6 +166,7 @@ impl Session {
             match seen {
                 Ok(true) => {
                     if registry.admit(id, &token, policy) {
+                        let _viewer = metrics::global().viewer(Protocol::Rdp);
                         info!(
                             session = id,
                             login_ms = started.elapsed().as_millis() as u64,

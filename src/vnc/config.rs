@@ -9,6 +9,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use super::share::Groups;
+use crate::metrics::Protocol;
 use crate::session::auth::Auth;
 use crate::session::stats::Counters;
 use crate::tls::TlsIdentity;
@@ -41,6 +42,8 @@ pub struct VncConfig {
     pub handshake_timeout: Duration,
     /// What was sent, summed over all connections (logs, tests, benchmarks).
     pub stats: Arc<Counters>,
+    /// The front end these viewers come by (plain VNC, or the browser's WebSocket), for metrics.
+    pub protocol: Protocol,
     /// The shared encodings (and encoder pool) of the console; give every listener serving it
     /// the same one so their viewers share.
     pub groups: Arc<Groups>,
@@ -60,6 +63,7 @@ impl VncConfig {
             share: SharePolicy::default(),
             handshake_timeout: HANDSHAKE_TIMEOUT,
             stats: Arc::default(),
+            protocol: Protocol::Vnc,
             groups: Groups::new(
                 std::thread::available_parallelism().map_or(1, |n| n.get()),
                 DEFAULT_FRAME_BYTES,

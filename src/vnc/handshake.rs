@@ -11,6 +11,7 @@ use tracing::debug;
 use super::auth::{challenge, vnc_response};
 use super::config::VncConfig;
 use super::proto::ProtoError;
+use crate::metrics::{self, Login};
 use crate::net::Io;
 use crate::session::auth::{RATE_LIMITED, constant_time_eq};
 use crate::session::budget::Refused;
@@ -142,6 +143,13 @@ pub async fn handshake<S: Io + 'static>(
         None if limited => Some((RATE_LIMITED.to_owned(), ConnError::RateLimited)),
         None => None,
     };
+    if let Some((_, e)) = &early {
+        let why = match e {
+            ConnError::OverBudget(_) => Login::OverBudget,
+            _ => Login::Limited,
+        };
+        metrics::global().login(cfg.protocol, why);
+    }
     let chosen = if version == Version::V3_3 {
         // 3.3: the server decides (no VeNCrypt there); a failure is 0 followed by a reason.
         let pick = offered.iter().copied().find(|&t| t != SEC_VENCRYPT);
@@ -200,12 +208,14 @@ pub async fn handshake<S: Io + 'static>(
             if inner != Inner::None {
                 cfg.auth.succeeded(peer.ip());
             }
+            metrics::global().login(cfg.protocol, Login::Ok);
             if send_result {
                 s.write_all(&0u32.to_be_bytes()).await?;
             }
         }
         Err(reason) => {
             cfg.auth.failed(peer.ip());
+            metrics::global().login(cfg.protocol, Login::Failed);
             s.write_all(&1u32.to_be_bytes()).await?;
             if version == Version::V3_8 {
                 send_failure(&mut s, reason).await?;

@@ -58,6 +58,7 @@ pub async fn serve<S: Io + 'static>(
         cfg.sessions.evict_before(id);
     }
     info!(shared, "VNC client authenticated");
+    let _viewer = crate::metrics::global().viewer(cfg.protocol);
     Session::new(io, cfg, desktop, id, evict).run().await
 }
 
@@ -271,7 +272,9 @@ impl Session {
         if rects.is_empty() && n_extras == 0 && self.pending.is_some_and(|r| r.incremental) {
             return Ok(());
         }
+        let t = Instant::now();
         self.write_update(rects, extras, n_extras).await?;
+        crate::metrics::global().written(self.cfg.protocol, t.elapsed());
         self.stats.add(|c| &c.updates, 1);
         self.stats.add(|c| &c.rects, rects.len() as u64);
         let jpeg = rects.iter().filter(|r| r.lossy.is_some()).count();

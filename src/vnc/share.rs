@@ -467,7 +467,9 @@ impl Group {
             }
         };
         let damage: Vec<Rect> = parts.iter().map(|p| p.0).collect();
+        let started = std::time::Instant::now();
         let encoded = frame::encode(&self.fb, &parts, &settings, width, &self.pool);
+        crate::metrics::global().encoded(started.elapsed());
         let copies = parts
             .iter()
             .filter(|p| matches!(p.1, Source::CopyFrom(_)))

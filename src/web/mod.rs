@@ -87,13 +87,13 @@ pub async fn run(
         novnc_ok,
         viewers: Arc::new(Semaphore::new(MAX_VIEWERS)),
     };
-    let connections = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let mut app = Router::new()
         .route("/", get(index))
         .route("/app.js", get(app_js))
         .route("/websockify", get(websocket))
         .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(readyz));
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics));
     if let Some(dir) = cfg.novnc.filter(|_| novnc_ok) {
         app = app.nest_service("/novnc", ServeDir::new(dir));
     }
@@ -105,6 +105,36 @@ pub async fn run(
         let scheme = if acceptor.is_some() { "https" } else { "http" };
         info!(%addr, "web client at {scheme}://{addr}/");
     }
+    serve_http(listener, app, acceptor, "web", stop).await;
+}
+
+/// Serves `/metrics` alone, in plain HTTP, on `listener` until `stop` (`--metrics`: for scrapers
+/// inside the cluster, apart from the viewers' listener).
+pub async fn run_metrics(listener: TcpListener, stop: CancellationToken) {
+    if let Ok(addr) = listener.local_addr() {
+        info!(%addr, "metrics at http://{addr}/metrics");
+    }
+    let app = Router::new().route("/metrics", get(metrics));
+    serve_http(listener, app, None, "metrics", stop).await;
+}
+
+async fn metrics() -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)],
+        crate::metrics::global().render(),
+    )
+}
+
+/// The accept loop of an HTTP(S) listener: connections bounded in number, TLS and request
+/// headers bounded in time, each connection a task until it ends or `stop`.
+async fn serve_http(
+    listener: TcpListener,
+    app: Router,
+    acceptor: Option<tokio_rustls::TlsAcceptor>,
+    name: &'static str,
+    stop: CancellationToken,
+) {
+    let connections = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     while let Some((permit, tcp, peer)) = accept_bounded(&listener, &connections, &stop).await {
         let app = app.clone().layer(Extension(peer));
         let acceptor = acceptor.clone();
@@ -140,7 +170,7 @@ pub async fn run(
                     () = stop.cancelled() => {}
                 }
             }
-            .instrument(info_span!("web", %peer)),
+            .instrument(info_span!("web", listener = name, %peer)),
         );
     }
 }

@@ -216,6 +216,7 @@ pub mod pulse;
 pub mod qemu;
 pub mod rdp;
 pub mod rfb;
+pub mod ws;
 pub mod x11;
 
 /// Logs of the code under test on stderr, filtered by `VDI_TEST_LOG` (off when unset).

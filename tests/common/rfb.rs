@@ -73,8 +73,15 @@ pub async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
         }
         let mut types = vec![0u8; n as usize];
         s.read_exact(&mut types).await.map_err(err)?;
-        s.write_all(&[types[0]]).await.map_err(err)?;
-        types[0]
+        // VNC authentication when a password is given and it is offered (a server with TLS
+        // offers VeNCrypt first, which this client does not speak).
+        let pick = if password.is_some() && types.contains(&2) {
+            2
+        } else {
+            types[0]
+        };
+        s.write_all(&[pick]).await.map_err(err)?;
+        pick
     };
     if sec == 2 {
         let mut ch = [0u8; 16];
