@@ -227,6 +227,26 @@ fn remove_if_exists(path: &Path) {
     }
 }
 
+/// dbus-daemon's own messages, line by line (each bounded), as our log events.
+async fn relay_stderr(stderr: tokio::process::ChildStderr) {
+    use tokio::io::AsyncReadExt;
+    let mut reader = BufReader::new(stderr);
+    let mut buf = Vec::new();
+    loop {
+        buf.clear();
+        match (&mut reader).take(4096).read_until(b'\n', &mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {
+                let line = String::from_utf8_lossy(&buf);
+                let line = line.trim_end();
+                if !line.is_empty() {
+                    info!(target: "dbus-daemon", "{line}");
+                }
+            }
+        }
+    }
+}
+
 async fn spawn_daemon(cfg: &BusConfig) -> Result<(Child, String), Error> {
     // A socket left by an earlier run would make dbus-daemon fail with "address in use".
     remove_if_exists(&cfg.socket_path());
@@ -235,7 +255,8 @@ async fn spawn_daemon(cfg: &BusConfig) -> Result<(Child, String), Error> {
         .args(["--nofork", "--nopidfile", "--nosyslog", "--print-address=1"])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
+        // Relayed through our log, so `--log-format json` stays one JSON object per line.
+        .stderr(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
         .map_err(|source| Error::Spawn {
@@ -246,6 +267,9 @@ async fn spawn_daemon(cfg: &BusConfig) -> Result<(Child, String), Error> {
         .stdout
         .take()
         .ok_or_else(|| Error::NotReady("no stdout pipe".into()))?;
+    if let Some(stderr) = child.stderr.take() {
+        tokio::spawn(relay_stderr(stderr));
+    }
     let mut line = String::new();
     let mut reader = BufReader::new(stdout);
     match tokio::time::timeout(START_TIMEOUT, reader.read_line(&mut line)).await {

@@ -18,8 +18,18 @@ struct Cli {
     /// Print what this program offers as libvirt's RDP helper (JSON) and exit.
     #[arg(long)]
     print_capabilities: bool,
+    /// Log lines as text (the default; coloured only on a terminal) or JSON, one object per line
+    /// (for log pipelines; the session audit events are target `audit`).
+    #[arg(long, env = "VDI_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Option<Command>,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -83,13 +93,18 @@ fn env(name: &str) -> Option<String> {
     std::env::var(name).ok()
 }
 
-fn init_tracing() {
+fn init_tracing(format: LogFormat) {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_env("VDI_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
+    let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        // `kubectl logs` is not a terminal: no colour codes there.
+        LogFormat::Text => fmt.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => fmt.json().flatten_event(true).init(),
+    }
 }
 
 fn main() -> ExitCode {
@@ -98,7 +113,7 @@ fn main() -> ExitCode {
         println!("{}", vdi_sidecar::rdp::capabilities_json());
         return ExitCode::SUCCESS;
     }
-    init_tracing();
+    init_tracing(cli.log_format);
     let result = match cli.command {
         Some(Command::Serve(args)) => run_serve(&args),
         Some(Command::RewriteDomain(args)) => run_rewrite(&args),

@@ -62,7 +62,7 @@ pub enum Login {
 
 impl Login {
     const ALL: [Login; 4] = [Login::Ok, Login::Failed, Login::Limited, Login::OverBudget];
-    fn name(self) -> &'static str {
+    pub fn name(self) -> &'static str {
         match self {
             Login::Ok => "ok",
             Login::Failed => "failed",
@@ -153,6 +153,15 @@ impl Metrics {
         let mut vm = lock(&self.vm);
         if from_hook || vm.is_none() {
             *vm = Some((namespace.to_owned(), name.to_owned()));
+        }
+    }
+
+    /// The VM's name (`namespace/name` once the hook has named it), for audit lines.
+    pub fn vm_name(&self) -> String {
+        match &*lock(&self.vm) {
+            Some((ns, name)) if !ns.is_empty() => format!("{ns}/{name}"),
+            Some((_, name)) => name.clone(),
+            None => String::new(),
         }
     }
 

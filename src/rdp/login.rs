@@ -5,7 +5,7 @@
 //! that failed too often is answered like CredSSP answers a locked account
 //! (`STATUS_ACCOUNT_LOCKED_OUT`, which mstsc and FreeRDP show as such) and never reaches ironrdp.
 
-use std::net::IpAddr;
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use ironrdp::pdu::mcs::McsMessage;
@@ -15,7 +15,8 @@ use tracing::{info, warn};
 
 use super::Security;
 use super::framing::{CredsspOut, CredsspWatch, ntstatus, ts_request_refusal, ts_request_status};
-use crate::metrics::{self, Login as Attempt, Protocol};
+use crate::metrics::{Login as Attempt, Protocol};
+use crate::session::audit;
 use crate::session::auth::Auth;
 
 /// Where the login stands.
@@ -33,7 +34,7 @@ pub enum Outcome {
 /// One connection's login, as the transport sees it.
 pub struct Login {
     auth: Arc<Auth>,
-    peer: IpAddr,
+    peer: SocketAddr,
     security: Security,
     credssp_started: bool,
     out: CredsspWatch,
@@ -42,7 +43,7 @@ pub struct Login {
 }
 
 impl Login {
-    pub fn new(auth: Arc<Auth>, peer: IpAddr, security: Security) -> Self {
+    pub fn new(auth: Arc<Auth>, peer: SocketAddr, security: Security) -> Self {
         Self {
             auth,
             peer,
@@ -78,12 +79,13 @@ impl Login {
             Outcome::Pending => None,
         };
         if let Some(c) = counted {
-            metrics::global().login(Protocol::Rdp, c);
+            let user = self.auth.rdp_username().to_owned();
+            audit::login(Protocol::Rdp, self.peer, Some(&user), c);
         }
         match outcome {
-            Outcome::Succeeded => self.auth.succeeded(self.peer),
+            Outcome::Succeeded => self.auth.succeeded(self.peer.ip()),
             Outcome::Failed => {
-                self.auth.failed(self.peer);
+                self.auth.failed(self.peer.ip());
                 warn!("RDP login failed");
             }
             Outcome::Limited => info!("RDP client refused: too many failed logins"),
@@ -102,7 +104,7 @@ impl Login {
         let status = if self.over_budget {
             self.settle(Outcome::OverBudget);
             ntstatus::NO_MEMORY
-        } else if !self.auth.allowed(self.peer) {
+        } else if !self.auth.allowed(self.peer.ip()) {
             self.settle(Outcome::Limited);
             ntstatus::ACCOUNT_LOCKED_OUT
         } else {
@@ -158,7 +160,7 @@ impl Login {
         else {
             return true;
         };
-        if !self.auth.allowed(self.peer) {
+        if !self.auth.allowed(self.peer.ip()) {
             self.settle(Outcome::Limited);
             return false;
         }
@@ -187,7 +189,11 @@ mod tests {
     use crate::session::auth::LoginLimiter;
 
     fn login(auth: &Arc<Auth>) -> Login {
-        Login::new(Arc::clone(auth), "10.1.2.3".parse().unwrap(), Security::Nla)
+        Login::new(
+            Arc::clone(auth),
+            "10.1.2.3:50000".parse().unwrap(),
+            Security::Nla,
+        )
     }
 
     const CLIENT_HELLO: [u8; 7] = [0x30, 0x05, 0xa0, 0x03, 0x02, 0x01, 0x06];

@@ -163,6 +163,7 @@ async fn accept_loop(
             desktop: desktop.clone(),
             registry: registry.clone(),
             stop: stop.child_token(),
+            server_stop: stop.clone(),
         };
         tokio::task::spawn_local(
             async move {

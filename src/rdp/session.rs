@@ -23,10 +23,11 @@ use super::login::Login;
 use super::sound::SoundFactory;
 use super::transport::RdpStream;
 use super::{Policy, RdpConfig, Security};
-use crate::metrics::{self, Protocol};
+use crate::metrics::Protocol;
 use crate::qemu::clipboard::Policy as ClipboardPolicy;
 use crate::qemu::input::button;
 use crate::session::Desktop;
+use crate::session::audit::SessionAudit;
 use crate::session::budget::rdp_viewer_cost;
 use crate::session::stats::{Counters, ViewerStats};
 
@@ -86,6 +87,9 @@ pub struct Session {
     pub desktop: Desktop,
     pub registry: Registry,
     pub stop: CancellationToken,
+    /// The listener's token (`stop` is this session's child of it): cancelled means shutdown,
+    /// `stop` alone cancelled means another client preempted this one.
+    pub server_stop: CancellationToken,
 }
 
 impl Session {
@@ -136,7 +140,7 @@ impl Session {
             password: c.password.clone(),
             domain: None,
         }));
-        let mut login = Login::new(Arc::clone(auth), peer.ip(), self.cfg.security);
+        let mut login = Login::new(Arc::clone(auth), peer, self.cfg.security);
         let (w, h) = self.desktop.fb.size();
         if let Err(e) = self.desktop.budget.admit(rdp_viewer_cost(w, h)) {
             warn!(session = id, "{e}");
@@ -157,6 +161,8 @@ impl Session {
         let timeout = self.cfg.handshake_timeout;
         // Until the desktop is activated the client gets `handshake_timeout`; once it is, the
         // policy decides whether it may stay.
+        let mut audit = None;
+        let audit_slot = &mut audit;
         let gate = async {
             // Drop the watch's read guard at once: the display sets the flag again on every
             // reactivation and would wait for it.
@@ -166,7 +172,15 @@ impl Session {
             match seen {
                 Ok(true) => {
                     if registry.admit(id, &token, policy) {
-                        let _viewer = metrics::global().viewer(Protocol::Rdp);
+                        let user = Some(auth.rdp_username());
+                        let shared = policy == Policy::Share;
+                        *audit_slot = Some(SessionAudit::start(
+                            Protocol::Rdp,
+                            peer,
+                            user,
+                            shared,
+                            &stats,
+                        ));
                         info!(
                             session = id,
                             login_ms = started.elapsed().as_millis() as u64,
@@ -181,13 +195,38 @@ impl Session {
                 Err(_) => "no desktop within the handshake timeout",
             }
         };
-        tokio::select! {
+        let reason: String = tokio::select! {
             r = server.run_connection_with(&mut stream, TransportTls::AlreadyDone) => match r {
-                Ok(()) => debug!(session = id, "RDP client left"),
-                Err(e) => info!(session = id, error = format!("{e:#}"), "RDP connection ended"),
+                Ok(()) => {
+                    debug!(session = id, "RDP client left");
+                    "client disconnected".into()
+                }
+                Err(e) => {
+                    let error = format!("{e:#}");
+                    info!(session = id, error, "RDP connection ended");
+                    let lower = error.to_ascii_lowercase();
+                    if ["reset", "broken pipe", "eof"].iter().any(|w| lower.contains(w)) {
+                        "client reset".into()
+                    } else {
+                        format!("connection error: {error}")
+                    }
+                }
             },
-            why = gate => warn!(session = id, reason = why, "RDP client disconnected"),
-            () = token.cancelled() => debug!(session = id, "RDP session closed"),
+            why = gate => {
+                warn!(session = id, reason = why, "RDP client disconnected");
+                why.into()
+            }
+            () = token.cancelled() => {
+                debug!(session = id, "RDP session closed");
+                if self.server_stop.is_cancelled() {
+                    "sidecar shutdown".into()
+                } else {
+                    "preempted by a new RDP client".into()
+                }
+            }
+        };
+        if let Some(a) = audit.take() {
+            a.end(&reason);
         }
         self.registry.remove(id);
         let own = stats.own();

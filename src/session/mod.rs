@@ -3,6 +3,7 @@
 //! the one failed-login limiter ([`auth`]), the input translator ([`input`]) and per-viewer
 //! counters ([`stats`]). Front ends (vnc/, rdp/, web/) build on this and never on each other.
 
+pub mod audit;
 pub mod auth;
 pub mod budget;
 pub mod input;

@@ -11,8 +11,9 @@ use tracing::debug;
 use super::auth::{challenge, vnc_response};
 use super::config::VncConfig;
 use super::proto::ProtoError;
-use crate::metrics::{self, Login};
+use crate::metrics::Login;
 use crate::net::Io;
+use crate::session::audit;
 use crate::session::auth::{RATE_LIMITED, constant_time_eq};
 use crate::session::budget::Refused;
 
@@ -110,15 +111,15 @@ enum Inner {
     Plain,
 }
 
-/// Runs the handshake up to and including ClientInit; returns the stream to go on with and the
-/// shared flag.
+/// Runs the handshake up to and including ClientInit; returns the stream to go on with, the
+/// shared flag and the user name (VeNCrypt Plain has one).
 /// `over_budget`: the viewer cannot be admitted; it is told why instead of the security types.
 pub async fn handshake<S: Io + 'static>(
     mut s: S,
     cfg: &VncConfig,
     peer: SocketAddr,
     over_budget: Option<Refused>,
-) -> Result<(Box<dyn Io>, bool), ConnError> {
+) -> Result<(Box<dyn Io>, bool, Option<String>), ConnError> {
     s.write_all(b"RFB 003.008\n").await?;
     let mut v = [0u8; 12];
     s.read_exact(&mut v).await?;
@@ -148,7 +149,7 @@ pub async fn handshake<S: Io + 'static>(
             ConnError::OverBudget(_) => Login::OverBudget,
             _ => Login::Limited,
         };
-        metrics::global().login(cfg.protocol, why);
+        audit::login(cfg.protocol, peer, None, why);
     }
     let chosen = if version == Version::V3_3 {
         // 3.3: the server decides (no VeNCrypt there); a failure is 0 followed by a reason.
@@ -199,23 +200,24 @@ pub async fn handshake<S: Io + 'static>(
     // A SecurityResult follows every type but None before 3.8.
     let send_result = version == Version::V3_8 || chosen != SEC_NONE;
     let outcome = match inner {
-        Inner::None => Ok(()),
-        Inner::Vnc => vnc_auth(&mut s, cfg).await?,
+        Inner::None => Ok(None),
+        Inner::Vnc => vnc_auth(&mut s, cfg).await?.map(|()| None),
         Inner::Plain => plain_auth(&mut s, cfg).await?,
     };
-    match outcome {
-        Ok(()) => {
+    let user = match outcome {
+        Ok(user) => {
             if inner != Inner::None {
                 cfg.auth.succeeded(peer.ip());
             }
-            metrics::global().login(cfg.protocol, Login::Ok);
+            audit::login(cfg.protocol, peer, user.as_deref(), Login::Ok);
             if send_result {
                 s.write_all(&0u32.to_be_bytes()).await?;
             }
+            user
         }
         Err(reason) => {
             cfg.auth.failed(peer.ip());
-            metrics::global().login(cfg.protocol, Login::Failed);
+            audit::login(cfg.protocol, peer, None, Login::Failed);
             s.write_all(&1u32.to_be_bytes()).await?;
             if version == Version::V3_8 {
                 send_failure(&mut s, reason).await?;
@@ -223,11 +225,11 @@ pub async fn handshake<S: Io + 'static>(
             s.flush().await?;
             return Err(ConnError::AuthFailed);
         }
-    }
+    };
 
     let mut shared = [0u8; 1];
     s.read_exact(&mut shared).await?;
-    Ok((s, shared[0] != 0))
+    Ok((s, shared[0] != 0, user))
 }
 
 /// VeNCrypt 0.2 negotiation and the TLS handshake; returns the TLS stream and the inner
@@ -299,7 +301,7 @@ async fn vnc_auth(
 async fn plain_auth(
     s: &mut Box<dyn Io>,
     cfg: &VncConfig,
-) -> Result<Result<(), &'static str>, ConnError> {
+) -> Result<Result<Option<String>, &'static str>, ConnError> {
     s.flush().await?;
     let mut lens = [0u8; 8];
     s.read_exact(&mut lens).await?;
@@ -312,7 +314,7 @@ async fn plain_auth(
     s.read_exact(&mut buf).await?;
     let (user, pass) = buf.split_at(ulen as usize);
     Ok(if cfg.auth.check(Some(user), pass) {
-        Ok(())
+        Ok(Some(String::from_utf8_lossy(user).into_owned()))
     } else {
         Err("authentication failed")
     })

@@ -9,11 +9,14 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use super::config::VncConfig;
-use super::handshake::ConnError;
-use super::session::serve;
+use super::config::{SharePolicy, VncConfig};
+use super::handshake::{ConnError, handshake};
+use super::session::Session;
 use crate::net::{Io, accept_bounded};
 use crate::session::Desktop;
+use crate::session::audit::{SessionAudit, io_reason};
+use crate::session::budget::vnc_viewer_cost;
+use crate::session::stats::ViewerStats;
 
 /// Most clients served at once; more wait in the kernel backlog.
 pub const MAX_CLIENTS: usize = 64;
@@ -59,4 +62,37 @@ pub async fn serve_client<S: Io + 'static>(
         Err(ConnError::Io(e)) => debug!(error = %e, "VNC client connection ended"),
         Err(e) => warn!(error = %e, "VNC client refused or dropped"),
     }
+}
+
+/// Serves one accepted connection to the end: handshake, then the session, audited from login
+/// to its end.
+async fn serve<S: Io + 'static>(
+    s: S,
+    peer: SocketAddr,
+    cfg: Arc<VncConfig>,
+    desktop: Desktop,
+) -> Result<(), ConnError> {
+    let (w, h) = desktop.fb.size();
+    let over_budget = desktop.budget.admit(vnc_viewer_cost(w, h)).err();
+    let hs = handshake(s, &cfg, peer, over_budget);
+    let (io, shared, user) = match tokio::time::timeout(cfg.handshake_timeout, hs).await {
+        Ok(r) => r?,
+        Err(_) => return Err(ConnError::Timeout),
+    };
+    let session = cfg.sessions.join();
+    if !shared && cfg.share == SharePolicy::AllowExclusive {
+        info!("exclusive client: disconnecting the other viewers");
+        cfg.sessions.evict_before(session.0);
+    }
+    info!(shared, "VNC client authenticated");
+    let stats = ViewerStats::new(&cfg.stats);
+    let audit = SessionAudit::start(cfg.protocol, peer, user.as_deref(), shared, &stats);
+    let r = Session::new(io, cfg, desktop, session, stats).run().await;
+    audit.end(&match &r {
+        Ok(()) => "client disconnected".to_owned(),
+        Err(ConnError::Io(e)) => io_reason(e),
+        Err(ConnError::Evicted) => "preempted by an exclusive viewer".to_owned(),
+        Err(e) => format!("protocol error: {e}"),
+    });
+    r
 }

@@ -2,7 +2,6 @@
 //! when it asked for one (or turned continuous updates on) and something changed; sound goes out
 //! as it comes; input goes to the guest in order. A slow client only ever falls behind itself.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,12 +13,12 @@ use tracing::{debug, info, trace};
 
 use super::audio::Sound;
 use super::caps::ClientCaps;
-use super::config::{SharePolicy, VncConfig};
+use super::config::VncConfig;
 use super::cut_text::ClientClipboard;
 use super::delivery::{Fetched, Place};
 use super::extras::{self, Told};
 use super::frame::{EncodedRect, ZLIB_HEADER};
-use super::handshake::{ConnError, handshake};
+use super::handshake::ConnError;
 use super::proto::{ClientMsg, PixelFormat, decode_with};
 use super::pseudo;
 use super::share::{Frame, Kind};
@@ -28,7 +27,6 @@ use crate::net::Io;
 use crate::qemu::audio::AudioEvent;
 use crate::qemu::input::button;
 use crate::session::Desktop;
-use crate::session::budget::vnc_viewer_cost;
 use crate::session::input::ViewerInput;
 use crate::session::stats::ViewerStats;
 
@@ -38,30 +36,6 @@ const CONTROL_POLL: Duration = Duration::from_millis(250);
 /// the shared frame.
 const WRITE_BATCH: usize = 64 * 1024;
 
-/// Serves one accepted connection to the end: handshake, then the session.
-pub async fn serve<S: Io + 'static>(
-    s: S,
-    peer: SocketAddr,
-    cfg: Arc<VncConfig>,
-    desktop: Desktop,
-) -> Result<(), ConnError> {
-    let (w, h) = desktop.fb.size();
-    let over_budget = desktop.budget.admit(vnc_viewer_cost(w, h)).err();
-    let hs = handshake(s, &cfg, peer, over_budget);
-    let (io, shared) = match tokio::time::timeout(cfg.handshake_timeout, hs).await {
-        Ok(r) => r?,
-        Err(_) => return Err(ConnError::Timeout),
-    };
-    let (id, evict) = cfg.sessions.join();
-    if !shared && cfg.share == SharePolicy::AllowExclusive {
-        info!("exclusive client: disconnecting the other viewers");
-        cfg.sessions.evict_before(id);
-    }
-    info!(shared, "VNC client authenticated");
-    let _viewer = crate::metrics::global().viewer(cfg.protocol);
-    Session::new(io, cfg, desktop, id, evict).run().await
-}
-
 /// An update the client is waiting for.
 #[derive(Clone, Copy)]
 struct Request {
@@ -69,7 +43,7 @@ struct Request {
     region: Rect,
 }
 
-struct Session {
+pub(super) struct Session {
     io: Box<dyn Io>,
     cfg: Arc<VncConfig>,
     desktop: Desktop,
@@ -101,12 +75,12 @@ struct Session {
 }
 
 impl Session {
-    fn new(
+    pub(super) fn new(
         io: Box<dyn Io>,
         cfg: Arc<VncConfig>,
         desktop: Desktop,
-        id: u64,
-        evict: watch::Receiver<u64>,
+        (id, evict): (u64, watch::Receiver<u64>),
+        stats: ViewerStats,
     ) -> Self {
         let clip = desktop.clipboard.viewer();
         // Before QEMU attaches the surface is empty: announce a placeholder.
@@ -118,7 +92,7 @@ impl Session {
             io,
             viewer: desktop.fb.viewer(),
             input: desktop.viewer_input(),
-            stats: ViewerStats::new(&cfg.stats),
+            stats,
             cfg,
             desktop,
             id,
@@ -145,7 +119,7 @@ impl Session {
         Ok(())
     }
 
-    async fn run(mut self) -> Result<(), ConnError> {
+    pub(super) async fn run(mut self) -> Result<(), ConnError> {
         self.server_init().await?;
         let mut poll = tokio::time::interval(CONTROL_POLL);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
