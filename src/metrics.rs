@@ -3,10 +3,12 @@
 //! (as a process collector is), bumped where things happen — logins, sessions, frames from QEMU,
 //! encodes, clipboard transfers — and encoded on each scrape with the VM's name as a label (the
 //! name is learnt after start, from the hook or from QEMU). Traffic is not counted twice: the
-//! front ends' own totals ([`Counters`]) are read at scrape time.
+//! front ends' own totals, the console's frame counters, the clipboard's and the budget's are read
+//! at scrape time through [`Reader`]s the listeners' wiring registers, so this module depends on
+//! none of the layers it describes.
 
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
+use std::sync::{LazyLock, Mutex, MutexGuard};
 use std::time::Duration;
 
 use prometheus_client::collector::Collector;
@@ -16,12 +18,6 @@ use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
-
-use crate::cgroup::Limits;
-use crate::framebuffer::{Framebuffer, PathCounters};
-use crate::qemu::clipboard::ClipboardHub;
-use crate::session::budget::Budget;
-use crate::session::stats::Counters;
 
 /// The content type of [`Metrics::render`]'s output (OpenMetrics text, which Prometheus reads).
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -77,24 +73,66 @@ fn buckets() -> impl Iterator<Item = f64> {
     exponential_buckets(0.0001, 2.0, 17)
 }
 
+/// A front end's traffic so far (the sum over its viewers).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Traffic {
+    pub bytes_out: u64,
+    pub bytes_in: u64,
+    pub updates: u64,
+    pub input_events: u64,
+    pub audio_bytes: u64,
+}
+
+/// Frames from QEMU so far, by how the pixels came.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Frames {
+    pub inline: u64,
+    pub shm: u64,
+}
+
+/// Clipboard transfers so far.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Clipboard {
+    pub to_guest: u64,
+    pub from_guest: u64,
+    pub refused: u64,
+}
+
+/// The budget viewers are admitted against.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Budget {
+    pub memory_limit: Option<u64>,
+    /// CPUs' worth of quota (0.2 for 200m).
+    pub cpus: Option<f64>,
+    pub usage: u64,
+    pub refusals: u64,
+}
+
+/// Reads one of those at scrape time.
+pub type Reader<T> = Box<dyn Fn() -> T + Send + Sync>;
+
+#[derive(Default)]
+struct Readers {
+    /// By protocol and a key naming the totals (a listener registers once however often it asks).
+    traffic: Vec<(Protocol, usize, Reader<Traffic>)>,
+    frames: Option<Reader<Frames>>,
+    clipboard: Option<Reader<Clipboard>>,
+    budget: Option<Reader<Budget>>,
+}
+
 /// Every metric of the process. [`global`] is the one the sidecar uses; tests make their own.
 pub struct Metrics {
     vm: Mutex<Option<(String, String)>>,
     viewers: [AtomicI64; 3],
     sessions: [Counter; 3],
     logins: [[Counter; 4]; 3],
-    /// The front ends' traffic totals, read at scrape time.
-    traffic: Mutex<Vec<(Protocol, Arc<Counters>)>>,
-    budget: Mutex<Option<Arc<Budget>>>,
+    readers: Mutex<Readers>,
     /// Time to encode one shared update (all VNC and browser viewers of a group share it).
     encode: Histogram,
     /// Time to write one update to a viewer's socket: grows when a client or its network is slow.
     write: [Histogram; 3],
-    /// The primary console, whose delivery-path counters say how QEMU's frames came.
-    console: Mutex<Option<Framebuffer>>,
     attached: AtomicI64,
     attaches: Counter,
-    clipboard: Mutex<Option<ClipboardHub>>,
 }
 
 impl Default for Metrics {
@@ -104,14 +142,11 @@ impl Default for Metrics {
             viewers: Default::default(),
             sessions: Default::default(),
             logins: Default::default(),
-            traffic: Mutex::new(Vec::new()),
-            budget: Mutex::new(None),
+            readers: Mutex::new(Readers::default()),
             encode: Histogram::new(buckets()),
             write: std::array::from_fn(|_| Histogram::new(buckets())),
-            console: Mutex::new(None),
             attached: AtomicI64::new(0),
             attaches: Counter::default(),
-            clipboard: Mutex::new(None),
         }
     }
 }
@@ -165,19 +200,25 @@ impl Metrics {
         }
     }
 
-    /// A front end's traffic totals, and the budget viewers are admitted against.
-    pub fn register_traffic(&self, protocol: Protocol, totals: &Arc<Counters>) {
-        let mut t = lock(&self.traffic);
-        if !t
-            .iter()
-            .any(|(p, c)| *p == protocol && Arc::ptr_eq(c, totals))
-        {
-            t.push((protocol, Arc::clone(totals)));
-        }
+    /// A front end's traffic totals; `key` names them (registering the same key again replaces).
+    pub fn register_traffic(&self, protocol: Protocol, key: usize, read: Reader<Traffic>) {
+        let mut r = lock(&self.readers);
+        r.traffic.retain(|(p, k, _)| !(*p == protocol && *k == key));
+        r.traffic.push((protocol, key, read));
     }
 
-    pub fn register_budget(&self, budget: &Arc<Budget>) {
-        *lock(&self.budget) = Some(Arc::clone(budget));
+    pub fn register_budget(&self, read: Reader<Budget>) {
+        lock(&self.readers).budget = Some(read);
+    }
+
+    /// The console whose frames `vdi_qemu_frames_total` counts.
+    pub fn register_frames(&self, read: Reader<Frames>) {
+        lock(&self.readers).frames = Some(read);
+    }
+
+    /// The VM's clipboard, whose transfers `vdi_clipboard_transfers_total` counts.
+    pub fn register_clipboard(&self, read: Reader<Clipboard>) {
+        lock(&self.readers).clipboard = Some(read);
     }
 
     pub fn login(&self, protocol: Protocol, outcome: Login) {
@@ -202,22 +243,12 @@ impl Metrics {
         self.write[protocol as usize].observe(took.as_secs_f64());
     }
 
-    /// The console whose frames `vdi_qemu_frames_total` counts.
-    pub fn register_console(&self, fb: &Framebuffer) {
-        *lock(&self.console) = Some(fb.clone());
-    }
-
     /// QEMU's display attached (`true`) or went away.
     pub fn qemu_attached(&self, attached: bool) {
         self.attached.store(i64::from(attached), Ordering::Relaxed);
         if attached {
             self.attaches.inc();
         }
-    }
-
-    /// The VM's clipboard, whose transfers `vdi_clipboard_transfers_total` counts.
-    pub fn register_clipboard(&self, hub: &ClipboardHub) {
-        *lock(&self.clipboard) = Some(hub.clone());
     }
 
     /// The OpenMetrics text of every metric now.
@@ -243,7 +274,7 @@ type TrafficFamily = (
     &'static str,
     &'static str,
     Option<Unit>,
-    fn(&Counters) -> u64,
+    fn(&Traffic) -> u64,
 );
 
 /// Writes one metric family: each `(labels, value)` as a sample.
@@ -341,13 +372,24 @@ impl Collector for Scrape {
         });
         family(e, "vdi_logins", "Login attempts by outcome", None, logins)?;
 
-        // Traffic, from the front ends' own totals (a protocol may have several listeners).
-        let traffic = lock(&m.traffic).clone();
-        let sum = |p: usize, f: &dyn Fn(&Counters) -> u64| -> u64 {
+        // Read everything registered first, then encode without the lock.
+        let (traffic, frames, clipboard, budget) = {
+            let r = lock(&m.readers);
+            let traffic: Vec<(Protocol, Traffic)> =
+                r.traffic.iter().map(|(p, _, read)| (*p, read())).collect();
+            (
+                traffic,
+                r.frames.as_ref().map(|f| f()),
+                r.clipboard.as_ref().map(|f| f()),
+                r.budget.as_ref().map(|f| f()),
+            )
+        };
+        // A protocol may have several listeners.
+        let sum = |p: usize, f: &dyn Fn(&Traffic) -> u64| -> u64 {
             traffic
                 .iter()
                 .filter(|(q, _)| *q as usize == p)
-                .map(|(_, c)| f(c))
+                .map(|(_, t)| f(t))
                 .sum()
         };
         let counted: [TrafficFamily; 5] = [
@@ -355,28 +397,28 @@ impl Collector for Scrape {
                 "vdi_sent",
                 "Bytes written to viewers (after TLS)",
                 Some(Unit::Bytes),
-                |c| Counters::get(&c.bytes_out),
+                |t| t.bytes_out,
             ),
             (
                 "vdi_received",
                 "Bytes read from viewers",
                 Some(Unit::Bytes),
-                |c| Counters::get(&c.bytes_in),
+                |t| t.bytes_in,
             ),
-            ("vdi_updates", "Screen updates sent to viewers", None, |c| {
-                Counters::get(&c.updates)
+            ("vdi_updates", "Screen updates sent to viewers", None, |t| {
+                t.updates
             }),
             (
                 "vdi_input_events",
                 "Keyboard and pointer events from viewers",
                 None,
-                |c| Counters::get(&c.input_events),
+                |t| t.input_events,
             ),
             (
                 "vdi_audio_sent",
                 "Guest sound (PCM) handed to viewers",
                 Some(Unit::Bytes),
-                |c| Counters::get(&c.audio_bytes),
+                |t| t.audio_bytes,
             ),
         ];
         for (name, help, unit, f) in counted {
@@ -399,19 +441,14 @@ impl Collector for Scrape {
                 .iter()
                 .map(|p| (with("protocol", p.name()), Ref(&m.write[*p as usize]))),
         )?;
-        if let Some(fb) = lock(&m.console).clone() {
-            let c = fb.counters();
-            let get = PathCounters::get;
+        if let Some(f) = frames {
             family(
                 e,
                 "vdi_qemu_frames",
                 "Frames received from QEMU: pixels in the message (inline) or in shared memory",
                 None,
-                [
-                    ("inline", get(&c.scanout) + get(&c.update)),
-                    ("shm", get(&c.scanout_map) + get(&c.update_map)),
-                ]
-                .map(|(n, v)| (with("path", n), ConstCounter::new(v))),
+                [("inline", f.inline), ("shm", f.shm)]
+                    .map(|(n, v)| (with("path", n), ConstCounter::new(v))),
             )?;
         }
         family(
@@ -428,8 +465,7 @@ impl Collector for Scrape {
             None,
             [(base(), Ref(&m.attaches))],
         )?;
-        if let Some(hub) = lock(&m.clipboard).clone() {
-            let c = hub.counters();
+        if let Some(c) = clipboard {
             family(
                 e,
                 "vdi_clipboard_transfers",
@@ -444,22 +480,21 @@ impl Collector for Scrape {
             )?;
         }
 
-        let budget = lock(&m.budget).clone();
         if let Some(b) = &budget {
-            limits(e, &base, &b.limits)?;
+            limits(e, &base, b)?;
             family(
                 e,
                 "vdi_budget_refusals",
                 "Viewers refused because they would exceed the memory limit",
                 None,
-                [(base(), ConstCounter::new(b.refused()))],
+                [(base(), ConstCounter::new(b.refusals))],
             )?;
             family(
                 e,
                 "vdi_memory_usage",
                 "Memory in use, as admissions see it (the cgroup's usage, or RSS without one)",
                 Some(&Unit::Bytes),
-                [(base(), gauge(b.usage()))],
+                [(base(), gauge(b.usage))],
             )?;
         }
         process(e, &base)
@@ -469,9 +504,9 @@ impl Collector for Scrape {
 fn limits<'a>(
     e: &mut DescriptorEncoder,
     base: &dyn Fn() -> Labels<'a>,
-    l: &Limits,
+    l: &Budget,
 ) -> Result<(), std::fmt::Error> {
-    if let Some(mem) = l.memory {
+    if let Some(mem) = l.memory_limit {
         family(
             e,
             "vdi_cgroup_memory_limit",
@@ -548,6 +583,7 @@ fn process<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
 
     fn fresh() -> &'static Metrics {
         Box::leak(Box::default())
@@ -568,17 +604,21 @@ mod tests {
         m.login(Protocol::Vnc, Login::Ok);
         m.login(Protocol::Rdp, Login::Failed);
         m.login(Protocol::Rdp, Login::Failed);
-        let traffic = Arc::new(Counters::default());
-        traffic.bytes_out.fetch_add(1000, Ordering::Relaxed);
-        m.register_traffic(Protocol::Web, &traffic);
-        m.register_traffic(Protocol::Web, &traffic);
+        let sent = Arc::new(AtomicI64::new(400));
+        let read = |s: &Arc<AtomicI64>| -> Reader<Traffic> {
+            let s = Arc::clone(s);
+            Box::new(move || Traffic {
+                bytes_out: s.load(Ordering::Relaxed) as u64,
+                ..Traffic::default()
+            })
+        };
+        m.register_traffic(Protocol::Web, 1, read(&sent));
+        sent.store(1000, Ordering::Relaxed);
+        m.register_traffic(Protocol::Web, 1, read(&sent));
         let a = m.viewer(Protocol::Web);
         let b = m.viewer(Protocol::Web);
         drop(a);
-        let fb = Framebuffer::new();
-        PathCounters::bump(&fb.counters().update_map);
-        PathCounters::bump(&fb.counters().scanout_map);
-        m.register_console(&fb);
+        m.register_frames(Box::new(|| Frames { inline: 0, shm: 2 }));
         m.qemu_attached(true);
         m.qemu_attached(false);
         m.qemu_attached(true);
@@ -634,17 +674,14 @@ mod tests {
         let m = fresh();
         let text = m.render();
         assert!(!text.contains("vdi_cgroup_memory_limit"));
-        // cgroup v2 inside a pod: the container's cgroup is the mount's root.
-        let limits = Limits::from_files(
-            "0::/kubepods/pod1/c1\n",
-            "30 23 0:26 /kubepods/pod1/c1 /sys/fs/cgroup rw - cgroup2 cgroup2 rw",
-            |p| match p.to_str()? {
-                "/sys/fs/cgroup/memory.max" => Some("64000000\n".into()),
-                "/sys/fs/cgroup/cpu.max" => Some("20000 100000\n".into()),
-                _ => None,
-            },
-        );
-        m.register_budget(&Budget::new(limits));
+        m.register_budget(Box::new(Budget::default));
+        assert!(!m.render().contains("vdi_cgroup_memory_limit"));
+        m.register_budget(Box::new(|| Budget {
+            memory_limit: Some(64_000_000),
+            cpus: Some(0.2),
+            usage: 20 << 20,
+            refusals: 1,
+        }));
         let text = m.render();
         assert_eq!(
             sample(&text, "vdi_cgroup_memory_limit_bytes{"),
@@ -655,5 +692,6 @@ mod tests {
             sample(&text, "vdi_cgroup_cpu_limit_millicores{"),
             Some(200.0)
         );
+        assert_eq!(sample(&text, "vdi_budget_refusals_total{"), Some(1.0));
     }
 }

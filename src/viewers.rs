@@ -15,6 +15,7 @@ use crate::qemu::source::Consoles;
 use crate::rdp::RdpConfig;
 use crate::session::Desktop;
 use crate::session::budget::Budget;
+use crate::session::stats::Counters;
 use crate::vnc::VncConfig;
 use crate::web::{StreamServer, WebConfig};
 
@@ -86,19 +87,7 @@ impl Viewers {
         if let Some(b) = &self.budget {
             desktop.budget = Arc::clone(b);
         }
-        let metrics = crate::metrics::global();
-        metrics.register_budget(&desktop.budget);
-        metrics.register_console(&desktop.fb);
-        metrics.register_clipboard(&desktop.clipboard);
-        if let Some((_, cfg)) = &vnc {
-            metrics.register_traffic(cfg.protocol, &cfg.stats);
-        }
-        if let Some((_, cfg)) = &rdp {
-            metrics.register_traffic(Protocol::Rdp, &cfg.stats);
-        }
-        if let Some((_, _, cfg)) = &web {
-            metrics.register_traffic(cfg.protocol, &cfg.stats);
-        }
+        register_metrics(&desktop, &vnc, &rdp, &web);
         let mut at = Listening::default();
         if let Some((listener, cfg)) = vnc {
             at.vnc = listener.local_addr().ok();
@@ -139,5 +128,58 @@ impl Viewers {
             tokio::spawn(crate::web::run_metrics(listener, stop.child_token()));
         }
         Ok(at)
+    }
+}
+
+/// What `/metrics` reads at scrape time from the console, the clipboard, the budget and each
+/// front end's totals (the metrics module depends on none of them).
+fn register_metrics(
+    desktop: &Desktop,
+    vnc: &Option<(TcpListener, Arc<VncConfig>)>,
+    rdp: &Option<(TcpListener, Arc<RdpConfig>)>,
+    web: &Option<(TcpListener, WebConfig, Arc<VncConfig>)>,
+) {
+    use crate::framebuffer::PathCounters;
+    use crate::metrics as m;
+    let metrics = m::global();
+    let budget = Arc::clone(&desktop.budget);
+    metrics.register_budget(Box::new(move || m::Budget {
+        memory_limit: budget.limits.memory,
+        cpus: budget.limits.cpus,
+        usage: budget.usage(),
+        refusals: budget.refused(),
+    }));
+    let fb = desktop.fb.clone();
+    metrics.register_frames(Box::new(move || {
+        let (c, get) = (fb.counters(), PathCounters::get);
+        m::Frames {
+            inline: get(&c.scanout) + get(&c.update),
+            shm: get(&c.scanout_map) + get(&c.update_map),
+        }
+    }));
+    let clipboard = desktop.clipboard.clone();
+    metrics.register_clipboard(Box::new(move || {
+        let c = clipboard.counters();
+        m::Clipboard {
+            to_guest: c.to_guest,
+            from_guest: c.from_guest,
+            refused: c.refused,
+        }
+    }));
+    let totals = [
+        vnc.as_ref().map(|(_, c)| (c.protocol, &c.stats)),
+        rdp.as_ref().map(|(_, c)| (Protocol::Rdp, &c.stats)),
+        web.as_ref().map(|(_, _, c)| (c.protocol, &c.stats)),
+    ];
+    for (protocol, stats) in totals.into_iter().flatten() {
+        let c = Arc::clone(stats);
+        let read = move || m::Traffic {
+            bytes_out: Counters::get(&c.bytes_out),
+            bytes_in: Counters::get(&c.bytes_in),
+            updates: Counters::get(&c.updates),
+            input_events: Counters::get(&c.input_events),
+            audio_bytes: Counters::get(&c.audio_bytes),
+        };
+        metrics.register_traffic(protocol, Arc::as_ptr(stats) as usize, Box::new(read));
     }
 }

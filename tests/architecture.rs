@@ -16,6 +16,7 @@ fn allowed() -> BTreeMap<&'static str, &'static [&'static str]> {
         "tls",
         "pixman",
         "health",
+        "metrics",
     ];
     BTreeMap::from([
         ("pixman", &[][..]),
@@ -25,23 +26,41 @@ fn allowed() -> BTreeMap<&'static str, &'static [&'static str]> {
         ("health", &[][..]),
         ("tls", &[][..]),
         ("bus", &[][..]),
+        // What everyone counts into; it reads the layers it describes through closures.
+        ("metrics", &[][..]),
         ("framebuffer", &["pixman"][..]),
         ("modules", &[][..]),
-        ("hook", &["health", "modules"][..]),
+        ("hook", &["health", "modules", "metrics"][..]),
         (
             "qemu",
-            &["framebuffer", "pixman", "pcm", "health", "cgroup"][..],
+            &[
+                "framebuffer",
+                "pixman",
+                "pcm",
+                "health",
+                "cgroup",
+                "metrics",
+            ][..],
         ),
         (
             "session",
-            &["qemu", "framebuffer", "health", "pcm", "cgroup"][..],
+            &["qemu", "framebuffer", "health", "pcm", "cgroup", "metrics"][..],
         ),
         ("vnc", FRONT),
         ("rdp", FRONT),
         ("web", FRONT),
         (
             "viewers",
-            &["vnc", "rdp", "web", "session", "qemu", "framebuffer", "net"][..],
+            &[
+                "vnc",
+                "rdp",
+                "web",
+                "session",
+                "qemu",
+                "framebuffer",
+                "net",
+                "metrics",
+            ][..],
         ),
     ])
 }

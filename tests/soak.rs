@@ -327,6 +327,22 @@ fn soak() {
         web.to_string(),
         metrics.to_string(),
     );
+    // The allocator settings of our image (its Containerfile's `ENV MALLOC_…` line): RSS as in a pod.
+    let containerfile =
+        std::fs::read_to_string(common::data_file("../../Containerfile")).expect("Containerfile");
+    let malloc: Vec<(&str, &str)> = containerfile
+        .lines()
+        .filter_map(|l| l.strip_prefix("ENV "))
+        .flat_map(|l| l.split_whitespace())
+        .filter(|kv| kv.starts_with("MALLOC_"))
+        .filter_map(|kv| kv.split_once('='))
+        .collect();
+    assert!(
+        !malloc.is_empty(),
+        "no MALLOC_ settings in the Containerfile"
+    );
+    let mut env: Vec<(&str, &str)> = vec![("VDI_PASSWORD", PASSWORD), ("VDI_LOG", "info")];
+    env.extend(&malloc);
     let sc = Sidecar::start(
         &[
             "--vnc",
@@ -341,7 +357,7 @@ fn soak() {
             "--username",
             USER,
         ],
-        &[("VDI_PASSWORD", PASSWORD), ("VDI_LOG", "info")],
+        &env,
     );
     let pid = sc.proc.pid();
     let bus_conf = sc
