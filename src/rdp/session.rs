@@ -236,6 +236,7 @@ impl Session {
             login = ?stream.login().outcome(),
             bytes_out = Counters::get(&own.bytes_out),
             bytes_in = Counters::get(&own.bytes_in),
+            updates = Counters::get(&own.updates),
             "RDP session over"
         );
     }
