@@ -8,15 +8,9 @@ mod common;
 use std::time::Duration;
 
 use common::rdp::{PASSWORD, USER};
-use common::{Sidecar, wait_until};
+use common::{Sidecar, free_addr, wait_until};
 use serde_json::Value;
 use tokio::net::TcpStream;
-
-fn free_addr() -> std::net::SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-}
 
 /// Every line as JSON (a line that is not JSON fails the test).
 fn lines(sc: &Sidecar) -> Vec<Value> {

@@ -5,7 +5,6 @@
 mod common;
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -13,13 +12,7 @@ use common::qemu::{Video, Vm};
 use common::rdp::{FreeRdp, PASSWORD, USER};
 use common::rfb::Client;
 use common::x11::Xvfb;
-use common::{Sidecar, wait_until};
-
-fn free_addr() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-}
+use common::{Sidecar, free_addr, wait_until};
 
 /// The samples of an exposition, by `name{labels}` as written.
 fn samples(text: &str) -> HashMap<String, f64> {

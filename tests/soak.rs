@@ -25,7 +25,7 @@ use common::qemu::{Video, Vm};
 use common::rdp::{PASSWORD, USER};
 use common::rfb::Client;
 use common::x11::Xvfb;
-use common::{Proc, Sidecar, pids_with_cmdline, wait_until};
+use common::{Proc, Sidecar, free_addr, pids_with_cmdline, wait_until};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpSocket;
 
@@ -34,12 +34,6 @@ fn env_u64(name: &str, default: u64) -> u64 {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
-}
-
-fn free_addr() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
 }
 
 /// What the churn saw, by viewer kind: (sessions, sessions that needed a picture, pictures).

@@ -4,6 +4,8 @@
 
 mod common;
 
+use common::ws::frame;
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
@@ -93,26 +95,6 @@ fn ws_open(addr: SocketAddr, path: &str, protocol: Option<&str>) -> (TcpStream, 
         head.push(b[0]);
     }
     (s, String::from_utf8_lossy(&head).into_owned())
-}
-
-/// A masked client frame.
-fn frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
-    let mut f = vec![(u8::from(fin) << 7) | opcode];
-    let mask = [0x11, 0x22, 0x33, 0x44];
-    match payload.len() {
-        n if n < 126 => f.push(0x80 | n as u8),
-        n if n < 65536 => {
-            f.push(0x80 | 126);
-            f.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-        n => {
-            f.push(0x80 | 127);
-            f.extend_from_slice(&(n as u64).to_be_bytes());
-        }
-    }
-    f.extend_from_slice(&mask);
-    f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-    f
 }
 
 /// Reads one server frame: (opcode, payload); `None` when the connection closed.

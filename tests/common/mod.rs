@@ -100,6 +100,13 @@ pub fn pids_with_cmdline(needle: &str) -> Vec<u32> {
     pids
 }
 
+/// A loopback address with a port free now (for listeners the binary binds itself).
+pub fn free_addr() -> std::net::SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+}
+
 /// A `vdi-sidecar serve` in a temporary hooks directory.
 pub struct Sidecar {
     pub proc: Proc,
