@@ -70,6 +70,10 @@ pub struct ViewerArgs {
     /// for clients without NLA. Plain RDP security is never offered.
     #[arg(long, env = "VDI_RDP_SECURITY", value_enum, default_value_t = Security::Nla)]
     pub rdp_security: Security,
+    /// H.264 over RDP's graphics pipeline for clients that take it (mstsc, FreeRDP 3); `off`
+    /// keeps every client on bitmaps (RemoteFX).
+    #[arg(long, env = "VDI_RDP_H264", value_enum, default_value_t = Switch::On)]
+    pub rdp_h264: Switch,
     /// Web client (HTTPS + WebSocket + noVNC page) listen address, or `none`.
     #[arg(long, env = "VDI_HTTP")]
     pub http: Option<String>,
@@ -281,6 +285,7 @@ impl ViewerArgs {
         let rdp = rdp_addr.map(|addr| {
             let mut cfg = RdpConfig::new(tls.clone(), Arc::clone(&auth));
             cfg.policy = self.rdp_policy;
+            cfg.h264 = self.rdp_h264 == Switch::On;
             if auth.required() {
                 cfg.security = self.rdp_security;
             } else if self.rdp_security == Security::Nla {
@@ -297,6 +302,14 @@ impl ViewerArgs {
             clipboard: self.clipboard(),
         })
     }
+}
+
+/// A feature switched on or off on the command line.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum Switch {
+    #[default]
+    On,
+    Off,
 }
 
 /// Which KubeVirt API `serve` speaks.
@@ -603,5 +616,22 @@ mod tests {
         .viewers(["none", "127.0.0.1:0", "none"], "t", None)
         .unwrap();
         assert_eq!(open.rdp.unwrap().1.security, Security::Tls);
+    }
+
+    #[test]
+    fn rdp_h264_is_on_unless_switched_off() {
+        let rdp = |args: ViewerArgs| {
+            args.viewers(["none", "127.0.0.1:0", "none"], "t", Some("pw".into()))
+                .unwrap()
+                .rdp
+                .unwrap()
+                .1
+        };
+        assert!(rdp(ViewerArgs::default()).h264);
+        let off = ViewerArgs {
+            rdp_h264: Switch::Off,
+            ..ViewerArgs::default()
+        };
+        assert!(!rdp(off).h264);
     }
 }

@@ -728,6 +728,16 @@ impl Framebuffer {
     pub fn with_rows(&self, rect: Rect, row: impl FnMut(&[u32])) -> Rect {
         self.read_rows(rect, row)
     }
+
+    /// Calls `band` once, under the lock, with the full-width rows `y0..y1` (clipped) as one
+    /// slice, and the surface's width and height (converters that take whole images).
+    pub fn with_band(&self, y0: u32, y1: u32, band: impl FnOnce(&[u32], u32, u32)) {
+        let st = self.lock();
+        let (y0, y1) = (y0.min(st.height), y1.min(st.height));
+        let w = st.width as usize;
+        let rows = st.pixels.get(y0 as usize * w..y1.max(y0) as usize * w);
+        band(rows.unwrap_or(&[]), st.width, st.height);
+    }
 }
 
 fn damage_locked(st: &State, since: Option<Position>) -> Damage {

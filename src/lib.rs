@@ -9,6 +9,7 @@ pub mod cgroup;
 pub mod config;
 pub mod demo;
 pub mod framebuffer;
+pub mod h264;
 pub mod health;
 pub mod hook;
 pub mod metrics;

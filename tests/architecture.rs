@@ -11,6 +11,7 @@ fn allowed() -> BTreeMap<&'static str, &'static [&'static str]> {
         "session",
         "qemu",
         "framebuffer",
+        "h264",
         "pcm",
         "net",
         "tls",
@@ -29,6 +30,8 @@ fn allowed() -> BTreeMap<&'static str, &'static [&'static str]> {
         // What everyone counts into; it reads the layers it describes through closures.
         ("metrics", &[][..]),
         ("framebuffer", &["pixman"][..]),
+        // The shared H.264 stream: framebuffer in, pictures out.
+        ("h264", &["framebuffer", "pixman"][..]),
         ("modules", &[][..]),
         ("hook", &["health", "modules", "metrics"][..]),
         (
@@ -44,7 +47,15 @@ fn allowed() -> BTreeMap<&'static str, &'static [&'static str]> {
         ),
         (
             "session",
-            &["qemu", "framebuffer", "health", "pcm", "cgroup", "metrics"][..],
+            &[
+                "qemu",
+                "framebuffer",
+                "h264",
+                "health",
+                "pcm",
+                "cgroup",
+                "metrics",
+            ][..],
         ),
         ("vnc", FRONT),
         ("rdp", FRONT),

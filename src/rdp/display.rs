@@ -16,7 +16,10 @@ use ironrdp_server::{
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
+use super::gfx::GfxLink;
+use super::gfx_display::GfxView;
 use crate::framebuffer::{Cursor, Framebuffer, Rect, Viewer};
+use crate::h264::Video;
 use crate::qemu::control::ConsoleControl;
 use crate::session::stats::ViewerStats;
 
@@ -40,6 +43,17 @@ pub struct Display {
     /// authenticated and finished the connection sequence).
     activated: watch::Sender<bool>,
     stats: ViewerStats,
+    /// The graphics pipeline and the console's H.264 stream, when H.264 is offered.
+    gfx: Option<H264>,
+}
+
+/// What a session needs to send H.264.
+#[derive(Clone)]
+pub struct H264 {
+    pub link: GfxLink,
+    pub video: Video,
+    /// Stillness after which lossy areas are sent losslessly; `None`: never.
+    pub lossless_after: Option<std::time::Duration>,
 }
 
 impl Display {
@@ -54,7 +68,14 @@ impl Display {
             control,
             activated,
             stats,
+            gfx: None,
         }
+    }
+
+    /// Sends H.264 once the client has confirmed over the pipeline that it takes it.
+    pub fn with_h264(mut self, h264: H264) -> Self {
+        self.gfx = Some(h264);
+        self
     }
 }
 
@@ -92,6 +113,8 @@ impl RdpServerDisplay for Display {
             cursor_serial: 0,
             pointer_visible: true,
             stats: self.stats.clone(),
+            gfx: self.gfx.clone(),
+            h264: None,
         }))
     }
 
@@ -132,29 +155,21 @@ struct Updates {
     cursor_serial: u64,
     pointer_visible: bool,
     stats: ViewerStats,
+    gfx: Option<H264>,
+    /// Set while pictures go out over the graphics pipeline instead of bitmaps.
+    h264: Option<GfxView>,
 }
 
 impl Updates {
     /// Turns what changed since the last call into updates.
     fn collect(&mut self) {
         let damage = self.viewer.take_damage();
+        self.collect_pointer();
+        if self.h264.is_some() {
+            // Pictures come from the shared H.264 stream; only the pointer goes this way.
+            return;
+        }
         let fb = self.viewer.framebuffer().clone();
-        let (cursor, serial, pointer) = fb.cursor();
-        if serial != self.cursor_serial {
-            self.cursor_serial = serial;
-            if let Some(c) = cursor.as_deref() {
-                self.pending.push_back(pointer_update(c));
-            }
-        }
-        if pointer.visible != self.pointer_visible {
-            self.pointer_visible = pointer.visible;
-            self.pending
-                .push_back(match (pointer.visible, cursor.as_deref()) {
-                    (false, _) => DisplayUpdate::HidePointer,
-                    (true, Some(c)) => pointer_update(c),
-                    (true, None) => DisplayUpdate::DefaultPointer,
-                });
-        }
         if !damage.attached && damage.width == 0 {
             return;
         }
@@ -180,6 +195,27 @@ impl Updates {
         if sent > 0 {
             self.stats.add(|c| &c.updates, 1);
             self.stats.add(|c| &c.rects, sent);
+        }
+    }
+
+    /// Queues pointer shape and visibility changes.
+    fn collect_pointer(&mut self) {
+        let fb = self.viewer.framebuffer().clone();
+        let (cursor, serial, pointer) = fb.cursor();
+        if serial != self.cursor_serial {
+            self.cursor_serial = serial;
+            if let Some(c) = cursor.as_deref() {
+                self.pending.push_back(pointer_update(c));
+            }
+        }
+        if pointer.visible != self.pointer_visible {
+            self.pointer_visible = pointer.visible;
+            self.pending
+                .push_back(match (pointer.visible, cursor.as_deref()) {
+                    (false, _) => DisplayUpdate::HidePointer,
+                    (true, Some(c)) => pointer_update(c),
+                    (true, None) => DisplayUpdate::DefaultPointer,
+                });
         }
     }
 
@@ -210,13 +246,45 @@ impl Updates {
 #[async_trait::async_trait]
 impl RdpServerDisplayUpdates for Updates {
     async fn next_update(&mut self) -> Result<Option<DisplayUpdate>> {
-        // Cancel safe: `changed` consumes nothing; everything after it is synchronous.
+        // Cancel safe: every wait consumes nothing; everything after one is synchronous.
         loop {
             if let Some(u) = self.pending.pop_front() {
                 return Ok(Some(u));
             }
-            self.viewer.changed().await;
-            self.collect();
+            if let Some(view) = self.h264.as_mut() {
+                if !view.active() {
+                    // The client closed the pipeline: bitmaps again, from a full frame.
+                    info!("RDP graphics pipeline closed: back to bitmaps");
+                    self.h264 = None;
+                    self.viewer = self.viewer.framebuffer().viewer();
+                    continue;
+                }
+                tokio::select! {
+                    wake = view.wait() => view.handle(wake)?,
+                    _ = self.viewer.changed() => self.collect(),
+                }
+                continue;
+            }
+            match &self.gfx {
+                Some(g) if g.link.avc_ready() => {
+                    self.h264 = Some(GfxView::new(
+                        g.link.clone(),
+                        &g.video,
+                        self.stats.clone(),
+                        g.lossless_after,
+                    ));
+                }
+                Some(g) if !g.link.avc_refused() => {
+                    tokio::select! {
+                        _ = self.viewer.changed() => self.collect(),
+                        _ = g.link.changed() => {}
+                    }
+                }
+                _ => {
+                    self.viewer.changed().await;
+                    self.collect();
+                }
+            }
         }
     }
 }
@@ -272,6 +340,8 @@ mod tests {
             cursor_serial: 0,
             pointer_visible: true,
             stats: ViewerStats::new(&std::sync::Arc::default()),
+            gfx: None,
+            h264: None,
         }
     }
 

@@ -15,6 +15,8 @@ pub mod clipboard;
 pub mod display;
 pub mod dvc_tap;
 pub mod framing;
+pub mod gfx;
+pub mod gfx_display;
 pub mod input;
 pub mod login;
 pub mod session;
@@ -73,6 +75,11 @@ pub struct RdpConfig {
     pub handshake_timeout: Duration,
     /// Counters summed over every session (logs, tests, benchmarks).
     pub stats: Arc<Counters>,
+    /// Offer the graphics pipeline and send H.264 to clients that take it.
+    pub h264: bool,
+    /// How long the screen must be still before H.264's lossy areas are sent again exactly
+    /// (Planar); `None`: never (tests look at the lossy picture).
+    pub h264_lossless_after: Option<Duration>,
 }
 
 impl RdpConfig {
@@ -88,6 +95,8 @@ impl RdpConfig {
             policy: Policy::Share,
             handshake_timeout: Duration::from_secs(30),
             stats: Arc::default(),
+            h264: true,
+            h264_lossless_after: Some(gfx_display::STILL),
         }
     }
 }

@@ -16,8 +16,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::clipboard::ClipboardFactory;
-use super::display::Display;
+use super::display::{Display, H264};
 use super::dvc_tap::DvcTap;
+use super::gfx::GfxLink;
 use super::input::{self, Event, Inbound};
 use super::login::Login;
 use super::sound::SoundFactory;
@@ -104,12 +105,20 @@ impl Session {
             input_rx,
         ));
         let (activated_tx, mut activated) = watch::channel(false);
-        let display = Display::new(
+        let gfx = GfxLink::default();
+        let mut display = Display::new(
             self.desktop.fb.clone(),
             self.desktop.control.clone(),
             activated_tx,
             stats.clone(),
         );
+        if self.cfg.h264 {
+            display = display.with_h264(H264 {
+                link: gfx.clone(),
+                video: self.desktop.video.clone(),
+                lossless_after: self.cfg.h264_lossless_after,
+            });
+        }
         let acceptor = TlsAcceptor::from(Arc::clone(&self.cfg.tls.config));
         let builder = RdpServer::builder().with_addr(([127, 0, 0, 1], 0));
         let builder = match self.cfg.security {
@@ -122,6 +131,8 @@ impl Session {
                 stats: stats.clone(),
             })
             .with_display_handler(display)
+            // The graphics pipeline channel, offered only with H.264 on.
+            .with_gfx_factory(self.cfg.h264.then(|| gfx.factory()))
             .with_sound_factory(Some(Box::new(SoundFactory::new(
                 self.desktop.audio.clone(),
                 stats.clone(),

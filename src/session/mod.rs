@@ -13,6 +13,7 @@ pub mod stats;
 use std::sync::Arc;
 
 use crate::framebuffer::Framebuffer;
+use crate::h264::Video;
 use crate::health::Health;
 use crate::qemu::audio::AudioHub;
 use crate::qemu::audio_in::MicHub;
@@ -38,6 +39,8 @@ pub struct Desktop {
     pub health: Health,
     /// Memory and CPU limits: whether another viewer fits.
     pub budget: Arc<budget::Budget>,
+    /// The console's shared H.264 stream (idle until a viewer subscribes).
+    pub video: Video,
 }
 
 impl Desktop {
@@ -52,6 +55,7 @@ impl Desktop {
             clipboard: consoles.clipboard(),
             health: consoles.health(),
             budget: budget::Budget::unlimited(),
+            video: Video::new(consoles.primary(), crate::h264::MAX_FPS),
         }
     }
 

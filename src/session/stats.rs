@@ -19,6 +19,13 @@ pub struct Counters {
     pub lossless_refreshes: AtomicU64,
     /// Updates a viewer that fell behind the shared encoding got for itself.
     pub catch_ups: AtomicU64,
+    /// H.264 pictures sent (RDP graphics pipeline), how many of them were key frames, how many
+    /// were not sent because the client was too far behind, and the (shared) encoding time of
+    /// those sent.
+    pub h264_frames: AtomicU64,
+    pub h264_key_frames: AtomicU64,
+    pub h264_dropped: AtomicU64,
+    pub h264_encode_ns: AtomicU64,
     /// Bytes written to and read from the client (after TLS).
     pub bytes_out: AtomicU64,
     pub bytes_in: AtomicU64,
