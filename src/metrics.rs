@@ -90,6 +90,16 @@ pub struct Frames {
     pub shm: u64,
 }
 
+/// The shared H.264 stream so far.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct H264 {
+    pub key_frames: u64,
+    pub frames: u64,
+    pub bytes: u64,
+    pub encode_seconds: f64,
+    pub subscribers: u64,
+}
+
 /// Clipboard transfers so far.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Clipboard {
@@ -116,6 +126,7 @@ struct Readers {
     /// By protocol and a key naming the totals (a listener registers once however often it asks).
     traffic: Vec<(Protocol, usize, Reader<Traffic>)>,
     frames: Option<Reader<Frames>>,
+    h264: Option<Reader<H264>>,
     clipboard: Option<Reader<Clipboard>>,
     budget: Option<Reader<Budget>>,
 }
@@ -214,6 +225,11 @@ impl Metrics {
     /// The console whose frames `vdi_qemu_frames_total` counts.
     pub fn register_frames(&self, read: Reader<Frames>) {
         lock(&self.readers).frames = Some(read);
+    }
+
+    /// The console's shared H.264 stream (`vdi_h264_*`).
+    pub fn register_h264(&self, read: Reader<H264>) {
+        lock(&self.readers).h264 = Some(read);
     }
 
     /// The VM's clipboard, whose transfers `vdi_clipboard_transfers_total` counts.
@@ -373,13 +389,14 @@ impl Collector for Scrape {
         family(e, "vdi_logins", "Login attempts by outcome", None, logins)?;
 
         // Read everything registered first, then encode without the lock.
-        let (traffic, frames, clipboard, budget) = {
+        let (traffic, frames, h264, clipboard, budget) = {
             let r = lock(&m.readers);
             let traffic: Vec<(Protocol, Traffic)> =
                 r.traffic.iter().map(|(p, _, read)| (*p, read())).collect();
             (
                 traffic,
                 r.frames.as_ref().map(|f| f()),
+                r.h264.as_ref().map(|f| f()),
                 r.clipboard.as_ref().map(|f| f()),
                 r.budget.as_ref().map(|f| f()),
             )
@@ -449,6 +466,40 @@ impl Collector for Scrape {
                 None,
                 [("inline", f.inline), ("shm", f.shm)]
                     .map(|(n, v)| (with("path", n), ConstCounter::new(v))),
+            )?;
+        }
+        if let Some(v) = h264 {
+            family(
+                e,
+                "vdi_h264_frames",
+                "Pictures of the shared H.264 stream, by kind (one encoding for every viewer)",
+                None,
+                [
+                    ("key", v.key_frames),
+                    ("delta", v.frames - v.key_frames.min(v.frames)),
+                ]
+                .map(|(n, c)| (with("kind", n), ConstCounter::new(c))),
+            )?;
+            family(
+                e,
+                "vdi_h264_encoded",
+                "Bytes of the shared H.264 stream",
+                Some(&Unit::Bytes),
+                [(base(), ConstCounter::new(v.bytes))],
+            )?;
+            family(
+                e,
+                "vdi_h264_encode",
+                "CPU time converting and encoding the shared H.264 stream",
+                Some(&Unit::Seconds),
+                [(base(), ConstCounter::new(v.encode_seconds))],
+            )?;
+            family(
+                e,
+                "vdi_h264_viewers",
+                "Viewers subscribed to the shared H.264 stream",
+                None,
+                [(base(), ConstGauge::new(v.subscribers as i64))],
             )?;
         }
         family(
@@ -619,6 +670,13 @@ mod tests {
         let b = m.viewer(Protocol::Web);
         drop(a);
         m.register_frames(Box::new(|| Frames { inline: 0, shm: 2 }));
+        m.register_h264(Box::new(|| H264 {
+            key_frames: 2,
+            frames: 10,
+            bytes: 5000,
+            encode_seconds: 0.25,
+            subscribers: 3,
+        }));
         m.qemu_attached(true);
         m.qemu_attached(false);
         m.qemu_attached(true);
@@ -656,6 +714,19 @@ mod tests {
             at(&format!("vdi_qemu_frames_total{{{l},path=\"shm\"}}")),
             Some(2.0)
         );
+        assert_eq!(
+            at(&format!("vdi_h264_frames_total{{{l},kind=\"delta\"}}")),
+            Some(8.0)
+        );
+        assert_eq!(
+            at(&format!("vdi_h264_encoded_bytes_total{{{l}}}")),
+            Some(5000.0)
+        );
+        assert_eq!(
+            at(&format!("vdi_h264_encode_seconds_total{{{l}}}")),
+            Some(0.25)
+        );
+        assert_eq!(at(&format!("vdi_h264_viewers{{{l}}}")), Some(3.0));
         assert_eq!(at(&format!("vdi_qemu_attached{{{l}}}")), Some(1.0));
         assert_eq!(at(&format!("vdi_qemu_attaches_total{{{l}}}")), Some(2.0));
         assert_eq!(at(&format!("vdi_encode_seconds_count{{{l}}}")), Some(1.0));

@@ -45,12 +45,14 @@ pub struct ListenError {
 }
 
 /// Where the listeners ended up (ports may have been chosen by the system).
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct Listening {
     pub vnc: Option<SocketAddr>,
     pub rdp: Option<SocketAddr>,
     pub web: Option<SocketAddr>,
     pub metrics: Option<SocketAddr>,
+    /// The console's shared H.264 stream (its counters, for benchmarks).
+    pub video: Option<crate::h264::Video>,
 }
 
 async fn bind(addr: SocketAddr) -> Result<TcpListener, ListenError> {
@@ -88,7 +90,10 @@ impl Viewers {
             desktop.budget = Arc::clone(b);
         }
         register_metrics(&desktop, &vnc, &rdp, &web);
-        let mut at = Listening::default();
+        let mut at = Listening {
+            video: Some(desktop.video.clone()),
+            ..Listening::default()
+        };
         if let Some((listener, cfg)) = vnc {
             at.vnc = listener.local_addr().ok();
             tokio::spawn(crate::vnc::server::run(
@@ -155,6 +160,18 @@ fn register_metrics(
         m::Frames {
             inline: get(&c.scanout) + get(&c.update),
             shm: get(&c.scanout_map) + get(&c.update_map),
+        }
+    }));
+    let video = desktop.video.clone();
+    metrics.register_h264(Box::new(move || {
+        let s = video.stats();
+        let get = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+        m::H264 {
+            key_frames: get(&s.key_frames),
+            frames: get(&s.frames),
+            bytes: get(&s.bytes),
+            encode_seconds: get(&s.encode_ns) as f64 / 1e9,
+            subscribers: video.subscribers() as u64,
         }
     }));
     let clipboard = desktop.clipboard.clone();

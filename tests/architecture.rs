@@ -69,6 +69,7 @@ fn allowed() -> BTreeMap<&'static str, &'static [&'static str]> {
                 "session",
                 "qemu",
                 "framebuffer",
+                "h264",
                 "net",
                 "metrics",
             ][..],

@@ -9,7 +9,8 @@
 //! `cargo bench --bench compare` runs the full table; `cargo test` runs it as a smoke test
 //! (small mode, one short round: the table must come out complete, nothing is timed).
 //! Options after `--`: `--secs N` (window), `--rounds N`, `--samples N` (latency),
-//! `--sizes 1280x800,1920x1080`, `--no-rdp`, `--memory-only`, `--audio-only`, `--budget-only`.
+//! `--sizes 1280x800,1920x1080`, `--no-rdp`, `--memory-only`, `--audio-only`, `--budget-only`,
+//! `--rdp-only`.
 
 mod audio;
 mod budget;
@@ -54,6 +55,7 @@ struct Opts {
     audio_only: bool,
     budget_only: bool,
     latency_only: bool,
+    rdp_only: bool,
 }
 
 impl Opts {
@@ -72,6 +74,7 @@ impl Opts {
                 audio_only: false,
                 budget_only: false,
                 latency_only: false,
+                rdp_only: false,
             }
         } else {
             Opts {
@@ -85,6 +88,7 @@ impl Opts {
                 audio_only: false,
                 budget_only: false,
                 latency_only: false,
+                rdp_only: false,
             }
         };
         let mut it = args.iter().skip(1);
@@ -108,6 +112,7 @@ impl Opts {
                 "--audio-only" => o.audio_only = true,
                 "--budget-only" => o.budget_only = true,
                 "--latency-only" => o.latency_only = true,
+                "--rdp-only" => o.rdp_only = true,
                 _ => {} // --bench and libtest's own flags
             }
         }
@@ -209,6 +214,8 @@ struct Rig {
     rdp: SocketAddr,
     rdp_cfg: Arc<RdpConfig>,
     vnc_cfg: Arc<VncConfig>,
+    /// The console's shared H.264 stream (encoder counters).
+    video: vdi_sidecar::h264::Video,
     /// Our in-process server's console model (frames for the resets rows).
     fb: vdi_sidecar::framebuffer::Framebuffer,
     qemu: tokio::process::Child,
@@ -244,6 +251,7 @@ async fn run(opts: Opts) -> Result<()> {
     let at = viewers.start(&consoles, &stop).await?;
     let ours = at.vnc.context("our VNC server")?;
     let rdp = at.rdp.unwrap_or(loopback);
+    let video = at.video.clone().context("the H.264 stream")?;
 
     let qemu_vnc = free_vnc_display()?;
     let qemu_cfg = QemuCfg {
@@ -264,6 +272,7 @@ async fn run(opts: Opts) -> Result<()> {
         rdp,
         rdp_cfg,
         vnc_cfg,
+        video,
         fb: consoles.primary(),
         keys: 0,
         qemu,
@@ -326,6 +335,11 @@ async fn measure_all(rig: &mut Rig, opts: &Opts) -> Result<Table> {
     let last = *opts.sizes.last().context("no sizes")?;
     if opts.audio_only {
         audio::rows(rig, opts, &mut table).await?;
+        return Ok(table);
+    }
+    if opts.rdp_only {
+        show_test_image(rig, last.0, last.1).await?;
+        rdp::rows(rig, opts, last, &mut table).await?;
         return Ok(table);
     }
     if opts.memory_only {

@@ -167,6 +167,7 @@ impl Session {
         );
 
         let token = self.stop.clone();
+        let recorder = self.desktop.recorder.clone();
         let registry = self.registry.clone();
         let policy = self.cfg.policy;
         let timeout = self.cfg.handshake_timeout;
@@ -185,13 +186,10 @@ impl Session {
                     if registry.admit(id, &token, policy) {
                         let user = Some(auth.rdp_username());
                         let shared = policy == Policy::Share;
-                        *audit_slot = Some(SessionAudit::start(
-                            Protocol::Rdp,
-                            peer,
-                            user,
-                            shared,
-                            &stats,
-                        ));
+                        *audit_slot = Some(
+                            SessionAudit::start(Protocol::Rdp, peer, user, shared, &stats)
+                                .record(recorder.as_ref()),
+                        );
                         info!(
                             session = id,
                             login_ms = started.elapsed().as_millis() as u64,

@@ -12,6 +12,7 @@ use time::format_description::well_known::Rfc3339;
 use tracing::info;
 
 use super::stats::{Counters, ViewerStats};
+use crate::h264::record::{Recorder, Recording};
 use crate::metrics::{self, Login, Protocol};
 
 fn now() -> String {
@@ -54,6 +55,8 @@ pub struct SessionAudit {
     stats: ViewerStats,
     ended: bool,
     _viewer: metrics::ViewerGuard,
+    /// The session's recording (`--record-dir`), stopped with the session.
+    recording: Option<Recording>,
 }
 
 impl SessionAudit {
@@ -75,6 +78,7 @@ impl SessionAudit {
             stats: stats.clone(),
             ended: false,
             _viewer: metrics::global().viewer(protocol),
+            recording: None,
         };
         info!(
             target: "audit",
@@ -88,6 +92,19 @@ impl SessionAudit {
             "session started"
         );
         a
+    }
+
+    /// Records the console while this session lasts, into a file named after it (start, VM,
+    /// protocol, peer, user).
+    pub fn record(mut self, recorder: Option<&Recorder>) -> Self {
+        if let Some(r) = recorder {
+            let start = self.start.replace(':', "");
+            let (vm, peer) = (vm(), self.peer.to_string());
+            let rec = r.start(&[&start, &vm, self.protocol.name(), &peer, &self.user]);
+            info!(target: "audit", event = "recording", path = %rec.path.display(), "session recorded");
+            self.recording = Some(rec);
+        }
+        self
     }
 
     /// The session ended for `reason` (the client left, reset, was preempted, …).

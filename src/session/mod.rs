@@ -41,6 +41,8 @@ pub struct Desktop {
     pub budget: Arc<budget::Budget>,
     /// The console's shared H.264 stream (idle until a viewer subscribes).
     pub video: Video,
+    /// Records sessions (`--record-dir`), if set.
+    pub recorder: Option<crate::h264::record::Recorder>,
 }
 
 impl Desktop {
@@ -56,6 +58,7 @@ impl Desktop {
             health: consoles.health(),
             budget: budget::Budget::unlimited(),
             video: Video::new(consoles.primary(), crate::h264::MAX_FPS),
+            recorder: None,
         }
     }
 

@@ -86,7 +86,8 @@ async fn serve<S: Io + 'static>(
     }
     info!(shared, "VNC client authenticated");
     let stats = ViewerStats::new(&cfg.stats);
-    let audit = SessionAudit::start(cfg.protocol, peer, user.as_deref(), shared, &stats);
+    let audit = SessionAudit::start(cfg.protocol, peer, user.as_deref(), shared, &stats)
+        .record(desktop.recorder.as_ref());
     let r = Session::new(io, cfg, desktop, session, stats).run().await;
     audit.end(&match &r {
         Ok(()) => "client disconnected".to_owned(),
