@@ -486,7 +486,8 @@ impl Framebuffer {
     }
 }
 
-fn clip(r: Rect, width: u32, height: u32) -> Rect {
+/// `r` cut to a `width`x`height` surface (empty when outside it).
+pub fn clip(r: Rect, width: u32, height: u32) -> Rect {
     let x = r.x.min(width);
     let y = r.y.min(height);
     Rect {

@@ -10,7 +10,7 @@ use anyhow::Result;
 use tracing::{debug, info};
 
 use super::gfx::{GfxLink, Lossy, avc420_frame, planar_frame, timestamp};
-use crate::framebuffer::{Framebuffer, Rect};
+use crate::framebuffer::{Framebuffer, Rect, clip};
 use crate::h264::{Frame, Subscription, Video};
 use crate::session::stats::{Counters, ViewerStats};
 
@@ -223,17 +223,6 @@ impl GfxView {
         debug!(rects = rects.len(), bytes, "lossless refresh (Planar)");
         self.stats.add(|c| &c.lossless_refreshes, 1);
         Ok(())
-    }
-}
-
-fn clip(r: Rect, w: u32, h: u32) -> Rect {
-    let x = r.x.min(w);
-    let y = r.y.min(h);
-    Rect {
-        x,
-        y,
-        w: r.w.min(w - x),
-        h: r.h.min(h - y),
     }
 }
 
