@@ -20,6 +20,7 @@ with open(f"{out}/core.yaml", "w") as f:
     yaml.safe_dump_all([d for d in docs if d["apiVersion"] == "v1"], f)
 PY
 kubernetes-validate --strict --quiet "$built/core.yaml"
+kubernetes-validate --strict --quiet manifests/recording/pvc.yaml
 for schema in tests/data/kubevirt-v*-schema.json; do
   python3 ci/kubevirt-schema.py check "$schema" "$built/all.yaml"
   python3 ci/kubevirt-schema.py check "$schema" --patch manifests/kubevirt-cr-patch.yaml
@@ -66,30 +67,57 @@ vm = docs[("VirtualMachine", "vdi-demo")]
 tmpl = vm["spec"]["template"]
 assert "hooks.kubevirt.io/hookSidecars" not in vm["metadata"].get("annotations", {}), \
     "the annotation belongs on the VMI template, not the VM"
-hooks = json.loads(tmpl["metadata"]["annotations"]["hooks.kubevirt.io/hookSidecars"])
 allowed = {"image", "imagePullPolicy", "command", "args", "configMap", "pvc"}
 help_text = os.environ["VDI_SERVE_HELP"]
-for h in hooks:
-    extra = set(h) - allowed
-    assert not extra, f"fields KubeVirt ignores or rejects: {extra}"
-    assert h.get("image"), "no image: KubeVirt would run its sidecar-shim instead"
-    assert h.get("imagePullPolicy", "IfNotPresent") in ("Always", "IfNotPresent", "Never")
-    for a in h.get("args", []):
-        if a.startswith("--"):
-            flag = a.split("=")[0]
-            assert re.search(rf"(^|\s){re.escape(flag)}\b", help_text, re.M), \
-                f"{flag} is not a `vdi-sidecar serve` flag"
-    cm = h.get("configMap")
-    if cm:
-        assert set(cm) <= {"name", "key", "hookPath"}, cm
-        data = docs[("ConfigMap", cm["name"])]["data"]
-        assert cm["key"] in data, f"ConfigMap {cm['name']} has no key {cm['key']}"
-        args = h.get("args", [])
-        assert "--password-file" in args and args[args.index("--password-file") + 1] == cm["hookPath"], \
-            "the mounted credentials are not what --password-file reads"
-    pvc = h.get("pvc")
-    if pvc:
-        assert set(pvc) <= {"name", "volumePath", "sharedComputePath"}, pvc
+
+def check_hooks(hooks):
+    for h in hooks:
+        extra = set(h) - allowed
+        assert not extra, f"fields KubeVirt ignores or rejects: {extra}"
+        assert h.get("image"), "no image: KubeVirt would run its sidecar-shim instead"
+        assert h.get("imagePullPolicy", "IfNotPresent") in ("Always", "IfNotPresent", "Never")
+        for a in h.get("args", []):
+            if a.startswith("--"):
+                flag = a.split("=")[0]
+                assert re.search(rf"(^|\s){re.escape(flag)}\b", help_text, re.M), \
+                    f"{flag} is not a `vdi-sidecar serve` flag"
+        cm = h.get("configMap")
+        if cm:
+            assert set(cm) <= {"name", "key", "hookPath"}, cm
+            data = docs[("ConfigMap", cm["name"])]["data"]
+            assert cm["key"] in data, f"ConfigMap {cm['name']} has no key {cm['key']}"
+            args = h.get("args", [])
+            assert "--password-file" in args and args[args.index("--password-file") + 1] == cm["hookPath"], \
+                "the mounted credentials are not what --password-file reads"
+        pvc = h.get("pvc")
+        if pvc:
+            assert set(pvc) <= {"name", "volumePath", "sharedComputePath"}, pvc
+
+hooks = json.loads(tmpl["metadata"]["annotations"]["hooks.kubevirt.io/hookSidecars"])
+check_hooks(hooks)
+
+# Recording (manifests/recording/): the merge patch keeps the demo's entry, adds the claim, and
+# --record-dir is where the claim is mounted; the bound fits the claim.
+patch = load("manifests/recording/vm-patch.yaml")[0]
+rec_hooks = json.loads(patch["spec"]["template"]["metadata"]["annotations"]["hooks.kubevirt.io/hookSidecars"])
+check_hooks(rec_hooks)
+assert len(rec_hooks) == len(hooks) == 1, "one sidecar entry"
+base, rec = hooks[0], rec_hooks[0]
+for k in ("image", "imagePullPolicy", "configMap"):
+    assert rec.get(k) == base.get(k), f"the recording patch changes {k}"
+assert rec["args"][: len(base["args"])] == base["args"], "the recording patch drops the demo's flags"
+pvc_doc = load("manifests/recording/pvc.yaml")[0]
+assert pvc_doc["kind"] == "PersistentVolumeClaim" and rec["pvc"]["name"] == pvc_doc["metadata"]["name"]
+rargs = rec["args"]
+assert rargs[rargs.index("--record-dir") + 1] == rec["pvc"]["volumePath"], \
+    "--record-dir is not the claim's mount"
+units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30}
+def size(text):
+    m = re.fullmatch(r"(\d+)([KMG]i?)?", text)
+    assert m, text
+    return int(m.group(1)) * units.get(m.group(2) or "", 1)
+assert size(rargs[rargs.index("--record-max-bytes") + 1]) < size(pvc_doc["spec"]["resources"]["requests"]["storage"]), \
+    "--record-max-bytes must stay below the claim's size"
 
 dev = tmpl["spec"]["domain"]["devices"]
 assert "sound" in dev, "no sound device: the sidecar would leave audio out"

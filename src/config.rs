@@ -12,6 +12,7 @@ use clap::{Args, ValueEnum};
 use tokio_util::sync::CancellationToken;
 
 use crate::bus::BusConfig;
+use crate::h264::record::RecordConfig;
 use crate::hook;
 use crate::hook::domain::RewriteOptions;
 use crate::modules;
@@ -74,6 +75,10 @@ pub struct ViewerArgs {
     /// keeps every client on bitmaps (RemoteFX).
     #[arg(long, env = "VDI_RDP_H264", value_enum, default_value_t = Switch::On)]
     pub rdp_h264: Switch,
+    /// Open H.264 (RFB encoding 50) for VNC clients that list it — noVNC in browsers with
+    /// WebCodecs — while the screen changes like video; `off` keeps them on Tight.
+    #[arg(long, env = "VDI_VNC_H264", value_enum, default_value_t = Switch::On)]
+    pub vnc_h264: Switch,
     /// Web client (HTTPS + WebSocket + noVNC page) listen address, or `none`.
     #[arg(long, env = "VDI_HTTP")]
     pub http: Option<String>,
@@ -129,9 +134,56 @@ pub struct ViewerArgs {
     #[arg(long, env = "VDI_CLIPBOARD_LIMIT", default_value_t = clipboard::DEFAULT_LIMIT,
           value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=16 << 20))]
     pub clipboard_limit: usize,
+    /// Record every viewer session to a fragmented MP4 file in this directory (H.264 from the
+    /// console's shared encoder; the file is named after the session's start, VM, protocol,
+    /// peer and user). Off when unset.
+    #[arg(long, env = "VDI_RECORD_DIR")]
+    pub record_dir: Option<PathBuf>,
+    /// Most bytes --record-dir may hold (suffix K, M or G: powers of 1024): the oldest finished
+    /// recordings are removed first; a recording that would still pass it stops, with a warning.
+    #[arg(long, env = "VDI_RECORD_MAX_BYTES", default_value = "1G", value_parser = parse_size)]
+    pub record_max_bytes: u64,
+}
+
+/// A byte count with an optional K, M or G suffix (powers of 1024).
+fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let (digits, shift) = match t.chars().last().map(|c| c.to_ascii_uppercase()) {
+        Some('K') => (&t[..t.len() - 1], 10),
+        Some('M') => (&t[..t.len() - 1], 20),
+        Some('G') => (&t[..t.len() - 1], 30),
+        _ => (t, 0),
+    };
+    let n: u64 = digits
+        .trim()
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size (a number, optionally with K, M or G)"))?;
+    let bytes = n
+        .checked_mul(1 << shift)
+        .ok_or_else(|| format!("{text:?} is too large"))?;
+    if bytes < 1 << 20 {
+        return Err(format!("{text:?} is under 1M: too small for a recording"));
+    }
+    Ok(bytes)
 }
 
 impl ViewerArgs {
+    /// Where sessions are recorded, checked to be writable (a bad directory fails at start-up).
+    pub fn recording(&self) -> anyhow::Result<Option<RecordConfig>> {
+        let Some(dir) = &self.record_dir else {
+            return Ok(None);
+        };
+        let cfg = RecordConfig {
+            dir: dir.clone(),
+            max_bytes: self.record_max_bytes,
+        };
+        cfg.prepare().with_context(|| {
+            format!("--record-dir {} is not a writable directory", dir.display())
+        })?;
+        tracing::info!(dir = %dir.display(), max_bytes = cfg.max_bytes, "sessions are recorded");
+        Ok(Some(cfg))
+    }
+
     pub fn clipboard(&self) -> ClipboardSettings {
         ClipboardSettings {
             policy: self.clipboard,
@@ -268,6 +320,7 @@ impl ViewerArgs {
             cfg.require_tls = self.vnc_require_tls;
             cfg.share = share;
             cfg.groups = Arc::clone(&groups);
+            cfg.h264 = self.vnc_h264 == Switch::On;
             (addr, Arc::new(cfg))
         });
         let web = http_addr.map(|addr| {
@@ -276,6 +329,7 @@ impl ViewerArgs {
             vnc.protocol = crate::metrics::Protocol::Web;
             vnc.share = share;
             vnc.groups = Arc::clone(&groups);
+            vnc.h264 = self.vnc_h264 == Switch::On;
             let web = WebConfig {
                 novnc: Some(self.web_root.clone()),
                 tls: (!self.http_insecure).then(|| tls.clone()),
@@ -299,6 +353,7 @@ impl ViewerArgs {
             web,
             metrics,
             budget: Some(budget),
+            record: self.recording()?,
             clipboard: self.clipboard(),
         })
     }
@@ -633,5 +688,37 @@ mod tests {
             ..ViewerArgs::default()
         };
         assert!(!rdp(off).h264);
+    }
+
+    #[test]
+    fn record_sizes_take_suffixes_and_refuse_nonsense() {
+        assert_eq!(parse_size("1G"), Ok(1 << 30));
+        assert_eq!(parse_size("64m"), Ok(64 << 20));
+        assert_eq!(parse_size("2048K"), Ok(2 << 20));
+        assert_eq!(parse_size("1048576"), Ok(1 << 20));
+        assert!(parse_size("512K").is_err(), "under 1M");
+        assert!(parse_size("lots").is_err());
+        assert!(parse_size("-1G").is_err());
+        assert!(parse_size("99999999999G").is_err(), "overflow");
+    }
+
+    #[test]
+    fn a_record_dir_that_cannot_be_written_fails_at_start_up() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("plain-file");
+        std::fs::write(&file, b"x").expect("write");
+        let args = ViewerArgs {
+            record_dir: Some(file.join("sub")),
+            record_max_bytes: 1 << 30,
+            ..ViewerArgs::default()
+        };
+        assert!(args.recording().is_err());
+        let ok = ViewerArgs {
+            record_dir: Some(dir.path().join("new")),
+            record_max_bytes: 1 << 30,
+            ..ViewerArgs::default()
+        };
+        let cfg = ok.recording().expect("writable").expect("on");
+        assert!(cfg.dir.is_dir());
     }
 }

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::h264::record::{RecordConfig, Recorder};
 use crate::metrics::Protocol;
 use crate::qemu::source::Consoles;
 use crate::rdp::RdpConfig;
@@ -34,6 +35,8 @@ pub struct Viewers {
     /// Which way clipboard text may go, and how much (the source applies it, see
     /// [`crate::qemu::source::SourceOptions`]).
     pub clipboard: ClipboardSettings,
+    /// Where viewer sessions are recorded (`--record-dir`), if anywhere.
+    pub record: Option<RecordConfig>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -88,6 +91,9 @@ impl Viewers {
         let mut desktop = Desktop::primary(consoles);
         if let Some(b) = &self.budget {
             desktop.budget = Arc::clone(b);
+        }
+        if let Some(r) = &self.record {
+            desktop.recorder = Some(Recorder::new(r.clone(), desktop.video.clone()));
         }
         register_metrics(&desktop, &vnc, &rdp, &web);
         let mut at = Listening {

@@ -32,6 +32,8 @@ pub struct ClientCaps {
     pub continuous_updates: bool,
     /// Extended Clipboard (UTF-8 cut text, notify/request/provide).
     pub ext_clipboard: bool,
+    /// Open H.264 (noVNC with WebCodecs).
+    pub h264: bool,
     pub compress: Option<u32>,
     /// JPEG quality level 0–9 (Tight only uses JPEG when the client sent one).
     pub quality: Option<u8>,
@@ -71,6 +73,7 @@ impl ClientCaps {
                 enc::FENCE => c.fence = true,
                 enc::CONTINUOUS_UPDATES => c.continuous_updates = true,
                 super::clipboard::EXTENDED_CLIPBOARD => c.ext_clipboard = true,
+                super::h264::ENCODING => c.h264 = true,
                 enc::COMPRESS_0..=enc::COMPRESS_9 => {
                     c.compress = u32::try_from(e - enc::COMPRESS_0).ok();
                 }

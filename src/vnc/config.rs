@@ -47,6 +47,9 @@ pub struct VncConfig {
     /// The shared encodings (and encoder pool) of the console; give every listener serving it
     /// the same one so their viewers share.
     pub groups: Arc<Groups>,
+    /// Open H.264 for clients that list it (noVNC with WebCodecs), while the screen looks like
+    /// video.
+    pub h264: bool,
     pub(super) sessions: Sessions,
 }
 
@@ -68,6 +71,7 @@ impl VncConfig {
                 std::thread::available_parallelism().map_or(1, |n| n.get()),
                 DEFAULT_FRAME_BYTES,
             ),
+            h264: true,
             sessions: Sessions::default(),
         }
     }

@@ -14,6 +14,7 @@ pub mod encode;
 pub mod encoder;
 pub mod extras;
 pub mod frame;
+pub mod h264;
 pub mod handshake;
 pub mod hextile;
 pub mod proto;

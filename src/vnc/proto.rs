@@ -1,6 +1,7 @@
 //! RFB (RFC 6143 + the community extensions in rfbproto) client messages: a pure decoder with
 //! explicit limits, and the server-side constants. No I/O here.
 
+use crate::qemu::input::button;
 use bytes::{Buf, BytesMut};
 
 /// RFC 6143 §7.5 client message types.
@@ -445,9 +446,43 @@ pub fn decode_with(buf: &mut BytesMut, cut_limit: u32) -> Result<Option<ClientMs
     Ok(Some(out))
 }
 
+/// RFB button mask bits → QEMU buttons: bits 0-2 left/middle/right, 3-6 wheel up/down/left/right.
+pub fn rfb_buttons(mask: u8) -> u32 {
+    [
+        button::LEFT,
+        button::MIDDLE,
+        button::RIGHT,
+        button::WHEEL_UP,
+        button::WHEEL_DOWN,
+        button::WHEEL_LEFT,
+        button::WHEEL_RIGHT,
+    ]
+    .iter()
+    .enumerate()
+    .filter(|(bit, _)| mask & (1 << bit) != 0)
+    .fold(0, |held, (_, b)| held | 1 << b)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rfb_button_bits_map_to_qemu_buttons() {
+        assert_eq!(rfb_buttons(0), 0);
+        assert_eq!(rfb_buttons(0b001), 1 << button::LEFT);
+        assert_eq!(rfb_buttons(0b010), 1 << button::MIDDLE);
+        assert_eq!(rfb_buttons(0b100), 1 << button::RIGHT);
+        assert_eq!(
+            rfb_buttons(0b111_1000),
+            1 << button::WHEEL_UP
+                | 1 << button::WHEEL_DOWN
+                | 1 << button::WHEEL_LEFT
+                | 1 << button::WHEEL_RIGHT
+        );
+        assert_eq!(rfb_buttons(0x80), 0, "bit 7 is not a button");
+    }
+
     use proptest::prelude::*;
 
     fn one(bytes: &[u8]) -> Result<Option<ClientMsg>, ProtoError> {

@@ -18,14 +18,14 @@ use super::cut_text::ClientClipboard;
 use super::delivery::{Fetched, Place};
 use super::extras::{self, Told};
 use super::frame::{EncodedRect, ZLIB_HEADER};
+use super::h264::{Next, VideoMode};
 use super::handshake::ConnError;
-use super::proto::{ClientMsg, PixelFormat, decode_with};
+use super::proto::{ClientMsg, PixelFormat, decode_with, rfb_buttons};
 use super::pseudo;
 use super::share::{Frame, Kind};
 use crate::framebuffer::{Rect, Viewer};
 use crate::net::Io;
 use crate::qemu::audio::AudioEvent;
-use crate::qemu::input::button;
 use crate::session::Desktop;
 use crate::session::input::ViewerInput;
 use crate::session::stats::ViewerStats;
@@ -65,6 +65,8 @@ pub(super) struct Session {
     force_full: bool,
     /// Where this viewer stands in the shared encoding of its group.
     place: Place,
+    /// Tight, or the console's H.264 stream while the screen looks like video.
+    video: VideoMode,
     /// The client's ZRLE inflater has had its zlib header.
     zlib_started: bool,
     sound: Sound,
@@ -105,6 +107,7 @@ impl Session {
             continuous: None,
             force_full: false,
             place: Place::default(),
+            video: VideoMode::default(),
             zlib_started: false,
             sound: Sound::default(),
             clipboard: ClientClipboard::new(clip),
@@ -138,7 +141,8 @@ impl Session {
                     self.stats.add(|c| &c.bytes_in, n as u64);
                     self.handle_input().await?;
                 }
-                () = self.viewer.changed(), if waiting => {}
+                () = self.viewer.changed(), if waiting && !self.video.active() => {}
+                ev = self.video.next(), if waiting && self.video.active() => self.on_video(ev).await?,
                 () = sleep_until_opt(refresh_at), if waiting && refresh_at.is_some() => {}
                 ev = self.sound.recv(), if self.sound.is_on() => self.on_sound(ev).await?,
                 ev = self.clipboard.next() => {
@@ -181,21 +185,19 @@ impl Session {
         };
         let (fw, fh) = self.desktop.fb.size();
         let resized = fw != 0 && fh != 0 && (fw, fh) != (self.width, self.height);
+        if self.video.active() {
+            if incremental && !resized {
+                return Ok(()); // the stream's pictures answer it
+            }
+            self.video.stop();
+        }
         if resized && (self.caps.desktop_size || self.caps.ext_desktop_size) {
             return self.announce_size(fw, fh).await;
         }
         if !incremental {
             self.place.forget();
         }
-        let mut extras = Vec::new();
-        let n_extras = self.told.write(
-            &self.caps,
-            &self.desktop,
-            &self.place.pf,
-            (self.width, self.height),
-            &self.cfg.desktop_name,
-            &mut extras,
-        );
+        let (extras, n_extras) = self.extras();
         let whole = region.x == 0
             && region.y == 0
             && region.w >= self.width
@@ -235,6 +237,51 @@ impl Session {
         }
     }
 
+    /// The pseudo-rectangles this viewer is owed (cursor, LEDs, name, …) and their count.
+    fn extras(&mut self) -> (Vec<u8>, usize) {
+        let mut extras = Vec::new();
+        let n = self.told.write(
+            &self.caps,
+            &self.desktop,
+            &self.place.pf,
+            (self.width, self.height),
+            &self.cfg.desktop_name,
+            &mut extras,
+        );
+        (extras, n)
+    }
+
+    /// A picture of the shared H.264 stream, as one whole-screen rectangle after this viewer's
+    /// pseudo-rectangles; or, once the screen calmed down (or changed size), back to Tight with a
+    /// complete update.
+    async fn on_video(&mut self, ev: Next) -> Result<(), ConnError> {
+        let f = match ev {
+            Next::Picture(f) if (f.width, f.height) == (self.width, self.height) => f,
+            _ => {
+                debug!("the screen calmed down: back to Tight");
+                self.video.stop();
+                self.place.forget();
+                self.force_full = true;
+                return Ok(());
+            }
+        };
+        let (extras, n_extras) = self.extras();
+        let mut out = std::mem::take(&mut self.out);
+        out.clear();
+        pseudo::update_header(&mut out, u16::try_from(n_extras + 1).unwrap_or(u16::MAX));
+        out.extend_from_slice(&extras);
+        self.video.header(&f, &mut out);
+        let r = self.write(&out).await;
+        self.out = out;
+        r?;
+        self.write(&f.data).await?;
+        self.stats.add(|c| &c.updates, 1);
+        self.stats.add(|c| &c.h264_frames, 1);
+        self.stats.add(|c| &c.h264_key_frames, u64::from(f.key));
+        self.pending = None;
+        Ok(())
+    }
+
     /// Sends `frame` with this viewer's pseudo-rectangles first, and counts it.
     async fn send(
         &mut self,
@@ -256,6 +303,16 @@ impl Session {
         self.stats.add(|c| &c.copy_rects, frame.copies as u64);
         if frame.kind == Kind::Refresh {
             self.stats.add(|c| &c.lossless_refreshes, 1);
+        }
+        let screen = u64::from(self.width) * u64::from(self.height);
+        let now = std::time::Instant::now();
+        if frame.kind == Kind::Delta
+            && self.caps.h264
+            && self.cfg.h264
+            && self.video.observe(&frame.damage, screen, now)
+        {
+            debug!("the screen looks like video: H.264");
+            self.video.start(&self.desktop.video);
         }
         self.pending = None;
         self.force_full = false;
@@ -524,23 +581,6 @@ impl Session {
     }
 }
 
-/// RFB button mask bits → QEMU buttons: bits 0-2 left/middle/right, 3-6 wheel up/down/left/right.
-fn rfb_buttons(mask: u8) -> u32 {
-    [
-        button::LEFT,
-        button::MIDDLE,
-        button::RIGHT,
-        button::WHEEL_UP,
-        button::WHEEL_DOWN,
-        button::WHEEL_LEFT,
-        button::WHEEL_RIGHT,
-    ]
-    .iter()
-    .enumerate()
-    .filter(|(bit, _)| mask & (1 << bit) != 0)
-    .fold(0, |held, (_, b)| held | 1 << b)
-}
-
 async fn sleep_until_opt(at: Option<Instant>) {
     match at {
         Some(t) => tokio::time::sleep_until(t).await,
@@ -550,25 +590,4 @@ async fn sleep_until_opt(at: Option<Instant>) {
 
 fn to16(v: u32) -> u16 {
     u16::try_from(v).unwrap_or(u16::MAX)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn rfb_button_bits_map_to_qemu_buttons() {
-        assert_eq!(rfb_buttons(0), 0);
-        assert_eq!(rfb_buttons(0b001), 1 << button::LEFT);
-        assert_eq!(rfb_buttons(0b010), 1 << button::MIDDLE);
-        assert_eq!(rfb_buttons(0b100), 1 << button::RIGHT);
-        assert_eq!(
-            rfb_buttons(0b111_1000),
-            1 << button::WHEEL_UP
-                | 1 << button::WHEEL_DOWN
-                | 1 << button::WHEEL_LEFT
-                | 1 << button::WHEEL_RIGHT
-        );
-        assert_eq!(rfb_buttons(0x80), 0, "bit 7 is not a button");
-    }
 }
