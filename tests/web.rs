@@ -32,20 +32,20 @@ fn novnc() -> PathBuf {
 }
 
 /// The web listener as `serve` wires it (the VNC server behind its WebSocket).
-async fn start_with(consoles: &Consoles, cfg: WebConfig) -> SocketAddr {
+async fn start_with(consoles: &Consoles, cfg: WebConfig) -> (SocketAddr, Arc<VncConfig>) {
     let vnc = Arc::new(VncConfig::new(
         Arc::new(Auth::password(PASSWORD)),
         "web-desk",
     ));
     let viewers = Viewers {
-        web: Some(("127.0.0.1:0".parse().expect("addr"), cfg, vnc)),
+        web: Some(("127.0.0.1:0".parse().expect("addr"), cfg, Arc::clone(&vnc))),
         ..Viewers::default()
     };
     let at = viewers
         .start(consoles, &tokio_util::sync::CancellationToken::new())
         .await
         .expect("listen");
-    at.web.expect("web address")
+    (at.web.expect("web address"), vnc)
 }
 
 async fn start(consoles: &Consoles, tls: bool) -> SocketAddr {
@@ -53,7 +53,7 @@ async fn start(consoles: &Consoles, tls: bool) -> SocketAddr {
         novnc: Some(novnc()),
         tls: tls.then(|| TlsIdentity::generate(&default_names(&[])).expect("certificate")),
     };
-    start_with(consoles, cfg).await
+    start_with(consoles, cfg).await.0
 }
 
 /// A blocking HTTP/1.1 GET; returns (status, headers+body).
@@ -258,7 +258,8 @@ async fn without_novnc_the_page_says_how_to_get_it() {
             tls: None,
         },
     )
-    .await;
+    .await
+    .0;
     let (code, body) = tokio::task::spawn_blocking(move || get(addr, "/"))
         .await
         .expect("get");
@@ -318,6 +319,71 @@ async fn chromium_with_novnc_shows_the_guest_exactly_and_types_into_it() {
     })
     .await
     .expect("browser");
+    drop(vm);
+    rig.stop().await;
+}
+
+/// Video in the guest: noVNC negotiates Open H.264 when this Chromium decodes it (WebCodecs;
+/// then the viewer gets H.264 pictures from the shared stream) — otherwise the test says so and
+/// checks the Tight fallback — and either way, once the video ends, the canvas equals the
+/// screendump exactly (back to Tight, lossless refresh).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chromium_with_novnc_gets_video_as_h264_and_ends_exact() {
+    let rig = Rig::start().await;
+    let cfg = WebConfig {
+        novnc: Some(novnc()),
+        tls: Some(TlsIdentity::generate(&default_names(&[])).expect("certificate")),
+    };
+    let (addr, vnc) = start_with(&rig.consoles, cfg).await;
+    let vm = rig.vm_with_test_image().await;
+    let dir = rig.dir.path().to_owned();
+    let url = format!("https://127.0.0.1:{}/", addr.port());
+    let page = {
+        let dir = dir.clone();
+        std::thread::spawn(move || browser(&url, PASSWORD, "video", &dir))
+    };
+    let vm = tokio::task::spawn_blocking(move || {
+        let mut vm = vm;
+        assert!(
+            common::wait_until(Duration::from_secs(60), || dir.join("connected").exists()),
+            "the page never connected"
+        );
+        vm.guest("scene video 5000");
+        let (w, h, px) = vm.screendump();
+        let mut oracle = format!("{w} {h}\n").into_bytes();
+        for p in px {
+            oracle.extend_from_slice(&[(p >> 16) as u8, (p >> 8) as u8, p as u8, 255]);
+        }
+        let tmp = dir.join("oracle.tmp");
+        std::fs::write(&tmp, oracle).expect("oracle");
+        std::fs::rename(&tmp, dir.join("oracle.rgba")).expect("oracle");
+        vm
+    })
+    .await
+    .expect("guest");
+    let seen = page.join().expect("page");
+    let stats = &vnc.stats;
+    let get = vdi_sidecar::session::stats::Counters::get;
+    let (h264, jpeg) = (get(&stats.h264_frames), get(&stats.jpeg_rects));
+    eprintln!("page: {seen}; H.264 pictures {h264}, JPEG rectangles {jpeg}");
+    assert!(
+        seen.contains("\"differing_pixels\":0"),
+        "canvas differs: {seen}"
+    );
+    if seen.contains("\"h264\":true") {
+        assert!(
+            h264 >= 10,
+            "H.264 decodable here, yet {h264} pictures went out"
+        );
+        assert!(
+            seen.contains("\"video_problems\":[]"),
+            "the browser's decoder complained: {seen}"
+        );
+    } else {
+        eprintln!("this Chromium cannot decode H.264 (WebCodecs): checked the Tight fallback");
+        assert_eq!(h264, 0, "H.264 sent to a browser that did not ask for it");
+        assert!(jpeg > 0, "the video went out as Tight JPEG");
+    }
     drop(vm);
     rig.stop().await;
 }

@@ -147,6 +147,10 @@ pub struct Client {
     pub copies: usize,
     /// Pixel data received (Raw and ZRLE payloads).
     pub bytes: usize,
+    /// Open H.264 rectangles received, in order: (flags, Annex B bytes).
+    pub h264: Vec<(u32, Vec<u8>)>,
+    /// The encoding of each pixel rectangle received, in order.
+    pub encodings: Vec<i32>,
 }
 
 impl Client {
@@ -170,6 +174,8 @@ impl Client {
             leds: None,
             copies: 0,
             bytes: 0,
+            h264: Vec::new(),
+            encodings: Vec::new(),
         })
     }
 
@@ -193,7 +199,19 @@ impl Client {
             let w = self.s.read_u16().await.expect("w") as usize;
             let h = self.s.read_u16().await.expect("h") as usize;
             let enc = self.s.read_i32().await.expect("enc");
+            if enc >= 0 {
+                self.encodings.push(enc);
+            }
             match enc {
+                50 => {
+                    // Open H.264: the whole screen; kept for the test to decode.
+                    let len = self.s.read_u32().await.expect("len") as usize;
+                    let flags = self.s.read_u32().await.expect("flags");
+                    let mut data = vec![0u8; len];
+                    self.s.read_exact(&mut data).await.expect("h264");
+                    self.bytes += len;
+                    self.h264.push((flags, data));
+                }
                 0 => {
                     let mut data = vec![0u8; w * h * 4];
                     self.s.read_exact(&mut data).await.expect("raw");
