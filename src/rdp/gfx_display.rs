@@ -345,7 +345,13 @@ mod tests {
         let video = Video::new(fb.clone(), 60.0);
         let stats = ViewerStats::new(&std::sync::Arc::default());
         let mut view = GfxView::new(link, &video, stats.clone(), None);
-        run_for(&mut view, &fb, Duration::from_millis(1500)).await;
+        // Under a loaded machine the window may take longer to fill: keep going (bounded).
+        for _ in 0..8 {
+            run_for(&mut view, &fb, Duration::from_millis(1500)).await;
+            if Counters::get(&stats.own().h264_dropped) >= 1 {
+                break;
+            }
+        }
         let sent = Counters::get(&stats.own().h264_frames);
         assert_eq!(sent, u64::from(WINDOW), "frames without acknowledgement");
         assert!(Counters::get(&stats.own().h264_dropped) >= 1);
