@@ -61,15 +61,7 @@ async fn audit_lines_are_json_with_every_field_and_each_end_has_its_reason() {
         ],
         &[("VDI_PASSWORD", PASSWORD)],
     );
-    use vdi_sidecar::hook::proto::v1alpha3;
-    let domain = std::fs::read(common::data_file("domains/kubevirt-basic.xml")).expect("corpus");
-    v1alpha3::callbacks_client::CallbacksClient::new(common::uds_channel(&sc.socket()).await)
-        .on_define_domain(v1alpha3::OnDefineDomainParams {
-            domain_xml: domain,
-            vmi: br#"{"metadata":{"name":"vm-audit","namespace":"desk"}}"#.to_vec(),
-        })
-        .await
-        .expect("OnDefineDomain");
+    sc.define_vm("desk", "vm-audit").await;
 
     // Failed logins, one per protocol.
     assert!(login(vnc, "wrong", true).await.is_err());

@@ -86,15 +86,7 @@ async fn metrics_follow_viewers_of_every_protocol_and_parse_as_openmetrics() {
         &[("VDI_PASSWORD", PASSWORD)],
     );
     // The hook names the VM; QEMU joins the bus.
-    use vdi_sidecar::hook::proto::v1alpha3;
-    let domain = std::fs::read(common::data_file("domains/kubevirt-basic.xml")).expect("corpus");
-    v1alpha3::callbacks_client::CallbacksClient::new(common::uds_channel(&sc.socket()).await)
-        .on_define_domain(v1alpha3::OnDefineDomainParams {
-            domain_xml: domain,
-            vmi: br#"{"metadata":{"name":"vm-metrics","namespace":"desk"}}"#.to_vec(),
-        })
-        .await
-        .expect("OnDefineDomain");
+    sc.define_vm("desk", "vm-metrics").await;
     let addr = format!("unix:path={}", sc.bus_socket().display());
     let mut vm = Vm::start(sc.dir.path(), &addr, Video::StdVga);
     vm.wait_ready();

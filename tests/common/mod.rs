@@ -126,6 +126,21 @@ impl Sidecar {
         self.hooks_dir().join("vdi/bus")
     }
 
+    /// Calls OnDefineDomain (v1alpha3) like virt-launcher for VMI `namespace/name` with the
+    /// basic KubeVirt domain: this names the VM in logs, metrics and recordings.
+    pub async fn define_vm(&self, namespace: &str, name: &str) {
+        use vdi_sidecar::hook::proto::v1alpha3;
+        let domain = std::fs::read(data_file("domains/kubevirt-basic.xml")).expect("corpus");
+        let vmi = format!(r#"{{"metadata":{{"name":"{name}","namespace":"{namespace}"}}}}"#);
+        v1alpha3::callbacks_client::CallbacksClient::new(uds_channel(&self.socket()).await)
+            .on_define_domain(v1alpha3::OnDefineDomainParams {
+                domain_xml: domain,
+                vmi: vmi.into_bytes(),
+            })
+            .await
+            .expect("OnDefineDomain");
+    }
+
     /// Everything the sidecar logged so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("sidecar.log")).unwrap_or_default()
