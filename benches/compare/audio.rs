@@ -156,7 +156,7 @@ pub async fn rows(rig: &mut Rig, opts: &Opts, table: &mut Table) -> Result<()> {
 async fn sound_wait_rows(rig: &mut Rig, opts: &Opts, table: &mut Table) -> Result<()> {
     let (display, _xvfb) = crate::rdp::xvfb(640, 480)?;
     {
-        let _client = crate::rdp::freerdp(rig, &display, 640, 480, &["/sound:sys:fake"])?;
+        let _client = crate::rdp::freerdp(rig.rdp, &display, 640, 480, &["/sound:sys:fake"])?;
         // Logged in and the sound channel negotiated.
         tokio::time::sleep(Duration::from_secs(6)).await;
         for _ in 0..opts.rounds {

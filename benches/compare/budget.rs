@@ -12,7 +12,8 @@ use anyhow::{Context, Result};
 use tokio::process::{Child, Command};
 
 use crate::client::{self, Enc};
-use crate::stats::{Row, Table, median};
+use crate::rdp;
+use crate::stats::{self, Row, Table, median};
 use crate::{Opts, Rig, alternate};
 
 /// KubeVirt's sidecar resources for dedicated-CPU VMIs (requests = limits).
@@ -119,17 +120,26 @@ impl Drop for Cgroup {
 /// A `vdi-sidecar bridge` on the rig's bus, listening for VNC on a free port, with the
 /// allocator settings the sidecar image runs it with (see Containerfile).
 pub async fn bridge(rig: &Rig, cgroup: Option<&Cgroup>) -> Result<(Child, SocketAddr)> {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+    let port = free_port()?;
+    let rdp = ["--rdp", "none"].map(String::from);
+    let child = bridge_with(rig, cgroup, port, &rdp)?;
+    Ok((child, SocketAddr::from(([127, 0, 0, 1], port))))
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
-        .port();
-    let args: Vec<String> = [
+        .port())
+}
+
+/// The bridge with VNC on `port` and `extra` arguments.
+fn bridge_with(rig: &Rig, cgroup: Option<&Cgroup>, port: u16, extra: &[String]) -> Result<Child> {
+    let mut args: Vec<String> = [
         "bridge",
         "--dbus-address",
         &rig.bus_address,
         "--vnc",
         &format!("127.0.0.1:{port}"),
-        "--rdp",
-        "none",
         "--http",
         "none",
         "--insecure-no-auth",
@@ -137,6 +147,7 @@ pub async fn bridge(rig: &Rig, cgroup: Option<&Cgroup>) -> Result<(Child, Socket
     .iter()
     .map(|s| s.to_string())
     .collect();
+    args.extend_from_slice(extra);
     let exe = env!("CARGO_BIN_EXE_vdi-sidecar");
     let mut cmd = match cgroup {
         Some(cg) => cg.command(exe, &args),
@@ -153,7 +164,7 @@ pub async fn bridge(rig: &Rig, cgroup: Option<&Cgroup>) -> Result<(Child, Socket
         ))?),
         None => Stdio::null(),
     };
-    let child = cmd
+    cmd
         // VDI_BENCH_LOG=debug (with VDI_BENCH_DEBUG=1): every Scanout and shared frame logged.
         .env(
             "VDI_LOG",
@@ -175,8 +186,7 @@ pub async fn bridge(rig: &Rig, cgroup: Option<&Cgroup>) -> Result<(Child, Socket
         .stderr(stderr)
         .kill_on_drop(true)
         .spawn()
-        .context("vdi-sidecar bridge")?;
-    Ok((child, SocketAddr::from(([127, 0, 0, 1], port))))
+        .context("vdi-sidecar bridge")
 }
 
 /// The bridge's own pid (under `sh -c … exec` it is the same process).
@@ -391,4 +401,170 @@ pub async fn fifty(rig: &mut Rig, opts: &Opts, size: (u32, u32), table: &mut Tab
     let _ = child.start_kill();
     let _ = child.wait().await;
     result
+}
+
+/// H.264 under the budget: one `vdi-sidecar bridge` in the 200m/64M cgroup serving RDP clients
+/// the shared AVC420 stream (FreeRDP, outside the cgroup) and noVNC-like viewers Open H.264,
+/// while the guest plays full-screen video. The bar: one RDP viewer >= 10 fps.
+pub async fn h264_rows(
+    rig: &mut Rig,
+    opts: &Opts,
+    (w, h): (u32, u32),
+    table: &mut Table,
+) -> Result<()> {
+    let name = format!("vdi-bench-h264-{}", std::process::id());
+    let cg = match Cgroup::create(&name, MEMORY_LIMIT, CPU_LIMIT) {
+        Ok(cg) => cg,
+        Err(e) => {
+            table.note(format!(
+                "H.264 budget rows skipped: cannot make a cgroup ({e:#}); run as root on cgroup v1"
+            ));
+            return Ok(());
+        }
+    };
+    let (vnc_port, rdp_port, metrics_port) = (free_port()?, free_port()?, free_port()?);
+    // No password (the measuring VNC clients log in with None), so RDP runs TLS security.
+    let extra = [
+        "--rdp".into(),
+        format!("127.0.0.1:{rdp_port}"),
+        "--rdp-security".into(),
+        "tls".into(),
+        "--metrics".into(),
+        format!("127.0.0.1:{metrics_port}"),
+    ];
+    let mut child = bridge_with(rig, Some(&cg), vnc_port, &extra)?;
+    let pid = pid_of(&child)?;
+    let vnc = SocketAddr::from(([127, 0, 0, 1], vnc_port));
+    let rdp_addr = SocketAddr::from(([127, 0, 0, 1], rdp_port));
+    let metrics = SocketAddr::from(([127, 0, 0, 1], metrics_port));
+    client::wait_size(vnc, w, h, Duration::from_secs(60)).await?;
+    let saved = (rig.ours, rig.ours_pid);
+    (rig.ours, rig.ours_pid) = (vnc, pid);
+    let sz = format!("{w}x{h}");
+    let window = Duration::from_secs_f64(opts.secs);
+    let result = async {
+        let (display, _xvfb) = rdp::xvfb(w, h)?;
+        let counts: &[usize] = if opts.full { &[1, 4] } else { &[1] };
+        for &n in counts {
+            let label =
+                |what: &str| format!("{what}, RDP GFX H.264, {n} viewer(s), video, {sz}, 200m/64M");
+            cg.reset_peak();
+            let hits0 = cg.limit_hits();
+            let (mut fps, mut kib, mut cores) = (Vec::new(), Vec::new(), Vec::new());
+            for _ in 0..opts.rounds {
+                let (length, _base) = rig
+                    .start_scene("video", window, 2, Duration::from_secs(25))
+                    .await?;
+                let clients = (0..n)
+                    .map(|_| rdp::freerdp(rdp_addr, &display, w, h, &["/gfx:AVC420", "/sec:tls"]))
+                    .collect::<Result<Vec<_>>>()?;
+                let frames = || Ok(scrape(metrics)?.0);
+                rdp::wait_frames(frames, 2 * n as u64, Duration::from_secs(60)).await?;
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let ((f0, b0), c0) = (scrape(metrics)?, stats::cpu_of(pid)?);
+                let t0 = std::time::Instant::now();
+                tokio::time::sleep(window).await;
+                let ((f1, b1), c1) = (scrape(metrics)?, stats::cpu_of(pid)?);
+                let secs = t0.elapsed().as_secs_f64();
+                let frames = (f1 - f0) as f64;
+                fps.push(frames / secs / n as f64);
+                kib.push((b1 - b0) as f64 / frames.max(1.0) / 1024.0);
+                cores.push((c1 - c0) / secs);
+                drop(clients);
+                rig.finish_scene(length).await?;
+                if child.try_wait()?.is_some() {
+                    break;
+                }
+            }
+            let alive = child.try_wait()?.is_none();
+            let fps = median(&fps);
+            table.budget_single(Row::other(label("frames/s per viewer"), "fps", true), fps);
+            table.budget_single(
+                Row::other(label("KiB per frame"), "KiB", false),
+                median(&kib),
+            );
+            table.budget_single(
+                Row::other(label("sidecar CPU"), "cores", false),
+                median(&cores),
+            );
+            table.budget_single(
+                Row::other(label("peak memory (limit 64 MB)"), "MB", false),
+                cg.peak() as f64 / 1e6,
+            );
+            table.budget_single(
+                Row::other(label("memory limit hits"), "", false),
+                (cg.limit_hits() - hits0) as f64,
+            );
+            table.target(
+                label("never OOM-killed"),
+                alive && cg.oom_kills() == 0,
+                format!("alive: {alive}, OOM kills: {}", cg.oom_kills()),
+            );
+            if n == 1 {
+                table.target(label(">= 10 fps"), fps >= 10.0, format!("{fps:.1} fps"));
+            }
+            if !alive {
+                table.note("H.264 budget rows stopped: the bridge died (see the targets)".into());
+                return anyhow::Ok(());
+            }
+        }
+        // The browser: Open H.264 for noVNC viewers, from the same shared stream.
+        for &n in counts {
+            let (us, them) = alternate(rig, opts, "video", window, Enc::H264, n).await?;
+            let slowest = |runs: &[client::Run]| {
+                median(
+                    &runs
+                        .iter()
+                        .map(|r| r.per_viewer.iter().copied().fold(f64::INFINITY, f64::min))
+                        .collect::<Vec<_>>(),
+                )
+            };
+            let label = |what: &str| {
+                format!(
+                    "{what}, {}, {n} viewer(s), {sz}, 200m/64M",
+                    Enc::H264.name()
+                )
+            };
+            table.budget(
+                Row::other(label("updates/s per viewer, slowest"), "fps", true),
+                slowest(&us),
+                slowest(&them),
+            );
+            let share = median(
+                &us.iter()
+                    .map(|r| 100.0 * r.h264_updates / r.updates.max(1.0))
+                    .collect::<Vec<_>>(),
+            );
+            table.budget_single(
+                Row::other(label("share of updates as H.264"), "%", false),
+                share,
+            );
+        }
+        anyhow::Ok(())
+    }
+    .await;
+    (rig.ours, rig.ours_pid) = saved;
+    let _ = child.start_kill();
+    let _ = child.wait().await;
+    result
+}
+
+/// RDP frames and bytes sent, from the bridge's Prometheus endpoint.
+fn scrape(at: SocketAddr) -> Result<(u64, u64)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(at)?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    let sample = |name: &str| -> u64 {
+        text.lines()
+            .filter(|l| l.starts_with(name) && l.contains("protocol=\"rdp\""))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>() as u64
+    };
+    Ok((
+        sample("vdi_updates_total{"),
+        sample("vdi_sent_bytes_total{"),
+    ))
 }

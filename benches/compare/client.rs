@@ -19,6 +19,8 @@ pub enum Enc {
     TightJpeg,
     /// Tight with noVNC's default settings (quality level 6, compression level 2).
     NoVnc,
+    /// What noVNC >= 1.6 lists in a browser with WebCodecs: Open H.264 first, then its Tight.
+    H264,
     Raw,
 }
 
@@ -28,6 +30,7 @@ impl Enc {
             Enc::Zrle => "ZRLE",
             Enc::TightJpeg => "Tight+JPEG q8",
             Enc::NoVnc => "Tight+JPEG q6 (noVNC)",
+            Enc::H264 => "Open H.264 + Tight (noVNC, WebCodecs)",
             Enc::Raw => "Raw",
         }
     }
@@ -37,6 +40,7 @@ impl Enc {
             Enc::Zrle => "zrle",
             Enc::TightJpeg => "tight",
             Enc::NoVnc => "novnc",
+            Enc::H264 => "h264",
             Enc::Raw => "raw",
         }
     }
@@ -46,6 +50,7 @@ impl Enc {
             "zrle" => Enc::Zrle,
             "tight" => Enc::TightJpeg,
             "novnc" => Enc::NoVnc,
+            "h264" => Enc::H264,
             "raw" => Enc::Raw,
             _ => bail!("unknown encoding {s}"),
         })
@@ -58,6 +63,7 @@ impl Enc {
             Enc::TightJpeg => vec![7, -24, -250],
             // noVNC's defaults: quality 6 (-32 + 6), compression 2 (-256 + 2).
             Enc::NoVnc => vec![7, -26, -254],
+            Enc::H264 => vec![50, 7, -26, -254],
             Enc::Raw => vec![0],
         };
         v.push(-223); // DesktopSize
@@ -84,6 +90,8 @@ pub struct Run {
     pub per_viewer: Vec<f64>,
     /// Viewers the server turned away (over its memory limit) or never served a first screen.
     pub refused: usize,
+    /// Updates that came as Open H.264, summed over the viewers.
+    pub h264_updates: f64,
 }
 
 impl Run {
@@ -205,10 +213,11 @@ pub async fn measure(
             .split_whitespace()
             .filter_map(|v| v.parse().ok())
             .collect();
-        if f.len() != 3 {
+        if f.len() != 4 {
             bail!("client: {line}");
         }
         run.updates += f[0];
+        run.h264_updates += f[3];
         run.bytes += f[1];
         run.secs = run.secs.max(f[2]);
         run.per_viewer.push(f[0] / f[2].max(1e-9));
@@ -304,19 +313,22 @@ async fn stream(addr: SocketAddr, enc: Enc, window: Duration) -> Result<()> {
     // Nothing else runs on this client's thread while it waits for the start signal.
     std::io::stdin().read_line(&mut go)?;
     let start = Instant::now();
-    let (mut updates, mut bytes) = (0u64, 0u64);
+    let (mut updates, mut bytes, mut h264) = (0u64, 0u64, 0u64);
     while start.elapsed() < window {
         c.request(true).await?;
         let remaining = window.saturating_sub(start.elapsed());
         match tokio::time::timeout(remaining, c.update()).await {
             Ok(u) => {
-                bytes += u?.bytes;
+                let u = u?;
+                bytes += u.bytes;
+                h264 += u64::from(u.h264);
                 updates += 1;
             }
             Err(_) => break,
         }
     }
-    println!("{updates} {bytes} {}", start.elapsed().as_secs_f64());
+    let secs = start.elapsed().as_secs_f64();
+    println!("{updates} {bytes} {secs} {h264}");
     Ok(())
 }
 
@@ -369,6 +381,8 @@ async fn key_to_pixel(addr: SocketAddr, n: usize, first: usize) -> Result<Vec<f6
 pub struct Update {
     pub bytes: u64,
     rects: Vec<(u16, u16, u16, u16)>,
+    /// Whether a rectangle came as Open H.264.
+    pub h264: bool,
 }
 
 impl Update {
@@ -476,6 +490,7 @@ impl Rfb {
         let mut u = Update {
             bytes: 4,
             rects: Vec::with_capacity(n.into()),
+            h264: false,
         };
         for _ in 0..n {
             let mut hdr = [0u8; 12];
@@ -494,6 +509,13 @@ impl Rfb {
                     4 + self.skip(len).await?
                 }
                 7 => self.tight(wu, hu).await?,
+                // Open H.264: length, flags, then the Annex B bytes.
+                50 => {
+                    u.h264 = true;
+                    let len = self.s.read_u32().await? as usize;
+                    let _flags = self.s.read_u32().await?;
+                    8 + self.skip(len).await?
+                }
                 -223 => {
                     (self.w, self.h) = (w, h);
                     0

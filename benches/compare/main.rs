@@ -10,9 +10,10 @@
 //! (small mode, one short round: the table must come out complete, nothing is timed).
 //! Options after `--`: `--secs N` (window), `--rounds N`, `--samples N` (latency),
 //! `--sizes 1280x800,1920x1080`, `--no-rdp`, `--memory-only`, `--audio-only`, `--budget-only`,
-//! `--rdp-only`.
+//! `--rdp-only`, `--browser-only`, `--h264-only` (RDP, browser and budget H.264 rows).
 
 mod audio;
+mod browser;
 mod budget;
 mod client;
 mod guest;
@@ -56,6 +57,9 @@ struct Opts {
     budget_only: bool,
     latency_only: bool,
     rdp_only: bool,
+    browser_only: bool,
+    /// Every H.264 row: RDP modes, browser, budget.
+    h264_only: bool,
 }
 
 impl Opts {
@@ -75,6 +79,8 @@ impl Opts {
                 budget_only: false,
                 latency_only: false,
                 rdp_only: false,
+                browser_only: false,
+                h264_only: false,
             }
         } else {
             Opts {
@@ -89,6 +95,8 @@ impl Opts {
                 budget_only: false,
                 latency_only: false,
                 rdp_only: false,
+                browser_only: false,
+                h264_only: false,
             }
         };
         let mut it = args.iter().skip(1);
@@ -113,6 +121,8 @@ impl Opts {
                 "--budget-only" => o.budget_only = true,
                 "--latency-only" => o.latency_only = true,
                 "--rdp-only" => o.rdp_only = true,
+                "--browser-only" => o.browser_only = true,
+                "--h264-only" => o.h264_only = true,
                 _ => {} // --bench and libtest's own flags
             }
         }
@@ -342,6 +352,18 @@ async fn measure_all(rig: &mut Rig, opts: &Opts) -> Result<Table> {
         rdp::rows(rig, opts, last, &mut table).await?;
         return Ok(table);
     }
+    if opts.h264_only {
+        show_test_image(rig, last.0, last.1).await?;
+        rdp::rows(rig, opts, last, &mut table).await?;
+        browser::rows(rig, opts, last, &mut table).await?;
+        budget::h264_rows(rig, opts, last, &mut table).await?;
+        return Ok(table);
+    }
+    if opts.browser_only {
+        show_test_image(rig, last.0, last.1).await?;
+        browser::rows(rig, opts, last, &mut table).await?;
+        return Ok(table);
+    }
     if opts.memory_only {
         show_test_image(rig, last.0, last.1).await?;
         memory_rows(rig, opts, last, &mut table).await?;
@@ -350,6 +372,9 @@ async fn measure_all(rig: &mut Rig, opts: &Opts) -> Result<Table> {
     if opts.budget_only {
         show_test_image(rig, last.0, last.1).await?;
         budget::rows(rig, opts, last, &mut table).await?;
+        if opts.rdp {
+            budget::h264_rows(rig, opts, last, &mut table).await?;
+        }
         if std::env::var_os("VDI_BENCH_QUICK").is_none() {
             many_viewers(rig, opts, &mut table).await?;
         }
@@ -390,8 +415,12 @@ async fn measure_all(rig: &mut Rig, opts: &Opts) -> Result<Table> {
         if (w, h) == last {
             memory_rows(rig, opts, (w, h), &mut table).await?;
             budget::rows(rig, opts, (w, h), &mut table).await?;
+            if opts.rdp {
+                budget::h264_rows(rig, opts, (w, h), &mut table).await?;
+            }
             let fb = rig.fb.clone();
             resets::rows(rig, opts, &fb, &mut table).await?;
+            browser::rows(rig, opts, (w, h), &mut table).await?;
             if opts.rdp {
                 rdp::rows(rig, opts, (w, h), &mut table).await?;
             }

@@ -179,6 +179,8 @@ pub struct Table {
     vnc: Vec<Line>,
     memory: Vec<Line>,
     rdp: Vec<Line>,
+    /// Our VNC server to noVNC: Open H.264 + Tight against Tight alone.
+    browser: Vec<Line>,
     /// Rows under KubeVirt's sidecar budget and with many viewers (ours, QEMU: NaN when the row
     /// has only our value).
     budget: Vec<Line>,
@@ -243,6 +245,14 @@ impl Table {
         });
     }
 
+    pub fn browser(&mut self, row: Row, h264: f64, tight: f64) {
+        self.browser.push(Line {
+            row,
+            a: h264,
+            b: tight,
+        });
+    }
+
     pub fn print(&self, facts: &str) {
         println!("\nvdi-sidecar vs QEMU's own VNC server, same VM, same run ({facts})");
         println!(
@@ -259,6 +269,16 @@ impl Table {
                 "our VNC ZRLE",
                 "RDP/VNC",
                 &self.rdp,
+            );
+        }
+        if !self.browser.is_empty() {
+            println!();
+            section(
+                "browser (noVNC's encodings), ours",
+                "H.264+Tight",
+                "Tight q6",
+                "H.264/Tight",
+                &self.browser,
             );
         }
         if !self.budget.is_empty() {
@@ -287,7 +307,12 @@ impl Table {
 
     /// Every row has both values: the smoke test's only assertion.
     pub fn check_complete(&self) -> Result<()> {
-        let lines = self.vnc.iter().chain(&self.memory).chain(&self.rdp);
+        let lines = self
+            .vnc
+            .iter()
+            .chain(&self.memory)
+            .chain(&self.rdp)
+            .chain(&self.browser);
         let missing: Vec<&str> = lines
             .filter(|l| !l.a.is_finite() || !l.b.is_finite())
             .chain(self.budget.iter().filter(|l| !l.a.is_finite()))
