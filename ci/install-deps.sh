@@ -18,7 +18,7 @@ apt-get update -q
 apt-get install -y -q --no-install-recommends \
   dbus-daemon dbus cpio busybox-static xz-utils ca-certificates \
   imagemagick procps gvncviewer tigervnc-viewer tigervnc-tools xvfb xdotool util-linux \
-  x11proto-dev chromium pulseaudio pulseaudio-utils cmake pkgconf libturbojpeg0-dev libspice-protocol-dev xclip nasm ffmpeg
+  x11proto-dev chromium pulseaudio pulseaudio-utils cmake pkgconf libturbojpeg0-dev libspice-protocol-dev xclip nasm ffmpeg mmdebstrap
 apt-get install -y -q --no-install-recommends -t bookworm-backports \
   qemu-system-x86 qemu-system-data qemu-system-modules-opengl qemu-utils \
   libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients \

@@ -15,9 +15,17 @@ export CARGO_INCREMENTAL=0
 df -h . /tmp | sed 's/^/disk before tests: /'
 trap 'df -h . /tmp | sed "s/^/disk after tests: /"; du -sh target 2>/dev/null || true' EXIT
 
+# --desktop: only the end-to-end tests on the Debian desktop guest (tests/desktop.rs; its image
+# is built with mmdebstrap as root, ~2 min, and one boot takes ~2 min under TCG).
+if [ "${1:-}" = --desktop ]; then
+  exec cargo test --locked --test desktop -- --ignored --nocapture
+fi
 cargo fmt --check
 cargo clippy --all-targets --locked -- -D warnings
 cargo test --locked --all-targets --no-fail-fast
+# The Debian desktop guest (its image built here, ~2-4 min; the test ~2.5 min): it fits the CI
+# budget, so CI runs it too.
+cargo test --locked --test desktop -- --ignored --nocapture
 ./ci/check-packaging.sh
 # Every fuzz target's committed seeds run in `cargo test` above (tests/fuzz_seeds.rs). The
 # coverage-guided runs need their own sanitizer build of every dependency (17-18 min on these

@@ -3,7 +3,7 @@
 //! test guest from `tests/guest/build.sh`), attaches the display source and serves VNC.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -42,10 +42,36 @@ pub struct DemoConfig {
     pub extra_qemu_args: Vec<String>,
     /// Guest program commands sent after the test image is drawn (e.g. `animate 100000`).
     pub guest_commands: Vec<String>,
+    /// A desktop disk image (tests/guest/desktop/build.sh) booted instead of the test program:
+    /// virtio-gpu, root on the disk (writes go to a snapshot), no commands sent.
+    pub disk: Option<PathBuf>,
 }
 
 /// QEMU arguments for a sound card whose audio goes to the D-Bus display (48 kHz stereo, what the
 /// domain rewrite asks libvirt for). Shared with the tests and the benchmark.
+/// QEMU arguments for the desktop image of `tests/guest/desktop/build.sh` (after `-kernel` and
+/// `-initrd`): the memory, CPUs and GPU a desktop VM has, root on the disk, whose writes go to a
+/// snapshot so every boot starts from the built image.
+pub fn desktop_args(disk: &Path) -> Vec<String> {
+    let mut args: Vec<String> = ["-m", "1536", "-smp", "2", "-vga", "none"]
+        .into_iter()
+        .chain(["-device", "virtio-gpu-pci", "-drive"])
+        .map(String::from)
+        .collect();
+    args.push(format!(
+        "file={},format=raw,if=virtio,snapshot=on",
+        disk.display()
+    ));
+    args.extend(
+        [
+            "-append",
+            "root=/dev/vda rw console=ttyS0 quiet systemd.show_status=0",
+        ]
+        .map(String::from),
+    );
+    args
+}
+
 pub const AUDIO_ARGS: &[&str] = &[
     "-audiodev",
     "dbus,id=snd0,out.frequency=48000",
@@ -87,29 +113,21 @@ pub async fn run(cfg: DemoConfig, stop: CancellationToken) -> Result<(), Error> 
         .map_err(|e| Error::Listen(e.addr, e.source))?;
 
     let serial = dir.join("serial.sock");
-    let mut qemu = Command::new(&cfg.qemu)
-        .args([
-            "-accel",
-            "tcg",
-            "-m",
-            "256",
-            "-nodefaults",
-            "-name",
-            "vdi-demo",
-        ])
-        .args([
-            "-vga",
-            "std",
-            "-device",
-            "qemu-xhci",
-            "-device",
-            "usb-tablet",
-        ])
+    let mut qemu = Command::new(&cfg.qemu);
+    qemu.args(["-accel", "tcg", "-nodefaults", "-name", "vdi-demo"])
+        .args(["-device", "qemu-xhci", "-device", "usb-tablet"])
         .arg("-kernel")
         .arg(&cfg.kernel)
         .arg("-initrd")
-        .arg(&cfg.initrd)
-        .args(["-append", "console=ttyS0 quiet"])
+        .arg(&cfg.initrd);
+    match &cfg.disk {
+        // A real desktop needs the memory and the GPU a desktop VM has.
+        Some(disk) => qemu.args(desktop_args(disk)),
+        None => qemu
+            .args(["-m", "256", "-vga", "std"])
+            .args(["-append", "console=ttyS0 quiet"]),
+    };
+    let mut qemu = qemu
         // A sound card (its audio goes to the D-Bus display) and, unless the clipboard is off,
         // the vdagent port a guest agent would use: what the domain rewrite gives a real VM.
         .args(AUDIO_ARGS)
@@ -174,6 +192,10 @@ pub async fn run(cfg: DemoConfig, stop: CancellationToken) -> Result<(), Error> 
         "fill 1".to_owned(),
     ];
     commands.extend(cfg.guest_commands.iter().cloned());
+    if cfg.disk.is_some() {
+        // The desktop's serial runs shell commands: it gets none of the test program's.
+        commands.clear();
+    }
     let drive = drive_guest(serial, commands);
     tokio::select! {
         () = stop.cancelled() => {}
@@ -203,7 +225,11 @@ async fn drive_guest(serial: PathBuf, commands: Vec<String>) -> std::io::Result<
             for c in &commands {
                 wr.write_all(format!("{c}\n").as_bytes()).await?;
             }
-            info!("guest ready: drawing the test image; keys you type show as events");
+            if commands.is_empty() {
+                info!("guest ready");
+            } else {
+                info!("guest ready: drawing the test image; keys you type show as events");
+            }
         } else if let Some(event) = line.strip_prefix("VDI ") {
             info!(guest = event.trim_end());
         }

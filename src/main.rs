@@ -55,9 +55,13 @@ struct DemoArgs {
     /// QEMU binary (10.0+ with the D-Bus display module).
     #[arg(long, default_value = "qemu-system-x86_64")]
     qemu: PathBuf,
-    /// Guest resolution, WIDTHxHEIGHT.
+    /// Guest resolution, WIDTHxHEIGHT (the test program's; a desktop follows its viewer).
     #[arg(long, default_value = "1024x768")]
     size: String,
+    /// Boot this desktop disk image instead (target/desktop-guest/disk.raw from
+    /// tests/guest/desktop/build.sh, with its --kernel vmlinuz and --initrd initrd.img).
+    #[arg(long)]
+    disk: Option<PathBuf>,
     #[command(flatten)]
     viewers: ViewerArgs,
 }
@@ -190,6 +194,7 @@ fn run_demo(args: DemoArgs) -> anyhow::Result<()> {
         height,
         extra_qemu_args: Vec::new(),
         guest_commands: Vec::new(),
+        disk: args.disk,
     };
     run_until_signal(|stop| async move { Ok(vdi_sidecar::demo::run(cfg, stop).await?) })
 }

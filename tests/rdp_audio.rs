@@ -7,63 +7,18 @@
 
 mod common;
 
-use std::process::Stdio;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use common::Proc;
 use common::pulse::{MIC, Pulse, SINK, samples};
 use common::qemu::{AUDIO_ARGS, Rig, Video};
-use common::rdp::{PASSWORD, USER, config, serve};
+use common::rdp::{config, serve};
 use common::x11::Xvfb;
 use vdi_sidecar::session::Desktop;
 
 fn freerdp(port: u16, x: &Xvfb, pulse: &Pulse, sound: &str, log: &std::path::Path) -> Proc {
-    freerdp_with(port, x, pulse, &[&format!("/sound:{sound}")], log)
-}
-
-fn freerdp_with(port: u16, x: &Xvfb, pulse: &Pulse, extra: &[&str], log: &std::path::Path) -> Proc {
-    let child = pulse
-        .command("xfreerdp3")
-        .arg(format!("/v:127.0.0.1:{port}"))
-        .arg(format!("/u:{USER}"))
-        .arg(format!("/p:{PASSWORD}"))
-        .args(["/cert:ignore", "-gfx", "/log-level:INFO"])
-        .args(extra)
-        .env("DISPLAY", &x.display)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(log).expect("log"))
-        .spawn()
-        .expect("xfreerdp3");
-    Proc {
-        child,
-        name: "xfreerdp3",
-    }
-}
-
-/// The longest run of 20 ms blocks whose pitch is near 1 kHz: the recording is not a timeline
-/// (the null sink's monitor skips the time nothing plays), so the tone is found by its pitch.
-fn kilohertz_run(pcm: &[f32]) -> &[f32] {
-    const BLOCK: usize = 960;
-    let crossings = |b: &[f32]| {
-        b.windows(2)
-            .filter(|w| (w[0] < 0.0) != (w[1] < 0.0))
-            .count()
-    };
-    let is_tone = |b: &[f32]| (36..=44).contains(&crossings(b)) && b.iter().any(|v| v.abs() > 0.1);
-    let (mut best, mut run) = ((0, 0), (0, 0));
-    for (k, b) in pcm.chunks_exact(BLOCK).enumerate() {
-        run = if is_tone(b) {
-            (if run.1 == 0 { k } else { run.0 }, run.1 + 1)
-        } else {
-            (k, 0)
-        };
-        if run.1 > best.1 {
-            best = run;
-        }
-    }
-    &pcm[best.0 * BLOCK..(best.0 + best.1) * BLOCK]
+    pulse.freerdp(port, x, &[&format!("/sound:{sound}")], log)
 }
 
 /// FreeRDP takes the first format we offer, Opus.
@@ -149,7 +104,7 @@ async fn plays_the_tone(extra: &'static str) -> (u64, u64) {
         "nothing audible recorded ({} bytes); client log:\n{log_text}",
         recorded.len()
     );
-    let (hz, secs) = common::tone(kilohertz_run(&pcm), 48000);
+    let (hz, secs) = common::tone(common::pulse::pitch_run(&pcm, 1000), 48000);
     eprintln!(
         "rdpsnd{extra} through FreeRDP + PulseAudio: {hz:.1} Hz for {secs:.2} s; {} bytes of PCM, \
          {} on the wire, {} waves dropped",
@@ -194,10 +149,9 @@ async fn the_guest_records_the_rdp_clients_microphone() {
         let x = Xvfb::start();
         let pulse = Pulse::start(MIC_HZ);
         let log = dir.join("xfreerdp-mic.log");
-        let client = freerdp_with(
+        let client = pulse.freerdp(
             port,
             &x,
-            &pulse,
             &[
                 "/sound:sys:fake",
                 &format!("/microphone:sys:pulse,dev:{MIC}"),

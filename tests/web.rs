@@ -4,6 +4,7 @@
 
 mod common;
 
+use common::browser;
 use common::ws::frame;
 
 use std::io::{Read, Write};
@@ -22,14 +23,6 @@ use vdi_sidecar::vnc::VncConfig;
 use vdi_sidecar::web::WebConfig;
 
 const PASSWORD: &str = "web-pass";
-
-fn web_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("web")
-}
-
-fn novnc() -> PathBuf {
-    web_dir().join("node_modules/@novnc/novnc")
-}
 
 /// The web listener as `serve` wires it (the VNC server behind its WebSocket).
 async fn start_with(consoles: &Consoles, cfg: WebConfig) -> (SocketAddr, Arc<VncConfig>) {
@@ -50,7 +43,7 @@ async fn start_with(consoles: &Consoles, cfg: WebConfig) -> (SocketAddr, Arc<Vnc
 
 async fn start(consoles: &Consoles, tls: bool) -> SocketAddr {
     let cfg = WebConfig {
-        novnc: Some(novnc()),
+        novnc: Some(browser::novnc()),
         tls: tls.then(|| TlsIdentity::generate(&default_names(&[])).expect("certificate")),
     };
     start_with(consoles, cfg).await.0
@@ -267,24 +260,6 @@ async fn without_novnc_the_page_says_how_to_get_it() {
     assert!(body.contains("npm install"), "{body}");
 }
 
-/// Runs web/browser-check.mjs; returns its JSON line.
-fn browser(url: &str, password: &str, mode: &str, out: &std::path::Path) -> String {
-    let o = std::process::Command::new("node")
-        .current_dir(web_dir())
-        .arg("browser-check.mjs")
-        .args([url, password, mode])
-        .arg(out)
-        .output()
-        .expect("node (install nodejs; npm install in web/)");
-    let stdout = String::from_utf8_lossy(&o.stdout).into_owned();
-    assert!(
-        o.status.success(),
-        "browser check failed: {stdout}\n{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    stdout
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chromium_with_novnc_shows_the_guest_exactly_and_types_into_it() {
     let rig = Rig::start().await;
@@ -293,15 +268,10 @@ async fn chromium_with_novnc_shows_the_guest_exactly_and_types_into_it() {
     let dir = rig.dir.path().to_owned();
     let vm = tokio::task::spawn_blocking(move || {
         let mut vm = vm;
-        let (w, h, px) = vm.screendump();
-        let mut oracle = format!("{w} {h}\n").into_bytes();
-        for p in px {
-            oracle.extend_from_slice(&[(p >> 16) as u8, (p >> 8) as u8, p as u8, 255]);
-        }
-        std::fs::write(dir.join("oracle.rgba"), oracle).expect("oracle");
+        browser::write_oracle(&mut vm, &dir);
         let url = format!("https://127.0.0.1:{}/", addr.port());
 
-        let seen = browser(&url, PASSWORD, "view", &dir);
+        let seen = browser::check(&url, PASSWORD, "view", &dir);
         assert!(
             seen.contains("\"differing_pixels\":0"),
             "canvas differs: {seen}"
@@ -313,7 +283,7 @@ async fn chromium_with_novnc_shows_the_guest_exactly_and_types_into_it() {
         let _ = std::fs::create_dir_all(&artifacts);
         let _ = std::fs::copy(dir.join("web-client.png"), artifacts.join("web-client.png"));
 
-        let refused = browser(&url, "wrong-pw", "badpass", &dir);
+        let refused = browser::check(&url, "wrong-pw", "badpass", &dir);
         assert!(refused.contains("Authentication failed"), "{refused}");
         vm
     })
@@ -331,7 +301,7 @@ async fn chromium_with_novnc_shows_the_guest_exactly_and_types_into_it() {
 async fn chromium_with_novnc_gets_video_as_h264_and_ends_exact() {
     let rig = Rig::start().await;
     let cfg = WebConfig {
-        novnc: Some(novnc()),
+        novnc: Some(browser::novnc()),
         tls: Some(TlsIdentity::generate(&default_names(&[])).expect("certificate")),
     };
     let (addr, vnc) = start_with(&rig.consoles, cfg).await;
@@ -340,7 +310,7 @@ async fn chromium_with_novnc_gets_video_as_h264_and_ends_exact() {
     let url = format!("https://127.0.0.1:{}/", addr.port());
     let page = {
         let dir = dir.clone();
-        std::thread::spawn(move || browser(&url, PASSWORD, "video", &dir))
+        std::thread::spawn(move || browser::check(&url, PASSWORD, "video", &dir))
     };
     let vm = tokio::task::spawn_blocking(move || {
         let mut vm = vm;
@@ -349,14 +319,7 @@ async fn chromium_with_novnc_gets_video_as_h264_and_ends_exact() {
             "the page never connected"
         );
         vm.guest("scene video 5000");
-        let (w, h, px) = vm.screendump();
-        let mut oracle = format!("{w} {h}\n").into_bytes();
-        for p in px {
-            oracle.extend_from_slice(&[(p >> 16) as u8, (p >> 8) as u8, p as u8, 255]);
-        }
-        let tmp = dir.join("oracle.tmp");
-        std::fs::write(&tmp, oracle).expect("oracle");
-        std::fs::rename(&tmp, dir.join("oracle.rgba")).expect("oracle");
+        browser::write_oracle(&mut vm, &dir);
         vm
     })
     .await
@@ -404,7 +367,7 @@ async fn chromium_with_novnc_copies_and_pastes_through_the_guest_agent() {
         std::fs::write(dir.join("clip-out.txt"), "from the browser\nzwei ✓").expect("write");
         let url = format!("https://127.0.0.1:{}/", addr.port());
         let d = dir.clone();
-        let page = std::thread::spawn(move || browser(&url, PASSWORD, "clipboard", &d));
+        let page = std::thread::spawn(move || browser::check(&url, PASSWORD, "clipboard", &d));
         // The page's paste reaches the guest while the page is still connected.
         vm.expect_line("CLIP GRAB", Duration::from_secs(60));
         vm.send_line("paste");

@@ -234,11 +234,51 @@ pub async fn measure(
 /// Key-to-pixel latency samples (ms) from a child client. `first` numbers the first key press
 /// across the whole run: presses alternate between two keys, so every press changes the box
 /// (QEMU's server compares pixels and would send nothing for a repaint in the same colour).
-pub async fn latency(addr: SocketAddr, samples: usize, first: usize) -> Result<Vec<f64>> {
+/// Where a key's pixels are looked for.
+#[derive(Clone, Copy, Debug)]
+pub struct Region {
+    pub x: u16,
+    pub y: u16,
+    pub w: u16,
+    pub h: u16,
+}
+
+/// The test guest's key box (`keybox on`) at the top left.
+pub const KEYBOX: Region = Region {
+    x: 0,
+    y: 0,
+    w: 64,
+    h: 64,
+};
+
+impl Region {
+    fn arg(self) -> String {
+        format!("{},{},{},{}", self.x, self.y, self.w, self.h)
+    }
+
+    fn parse(s: &str) -> Result<Self> {
+        let v: Vec<u16> = s
+            .split(',')
+            .map(str::parse)
+            .collect::<std::result::Result<_, _>>()?;
+        match v[..] {
+            [x, y, w, h] => Ok(Self { x, y, w, h }),
+            _ => bail!("region is X,Y,W,H: {s}"),
+        }
+    }
+}
+
+pub async fn latency(
+    addr: SocketAddr,
+    samples: usize,
+    first: usize,
+    watch: Region,
+) -> Result<Vec<f64>> {
     let exe = std::env::current_exe()?;
     let out = Command::new(&exe)
         .args(["client", "latency", &addr.to_string(), &samples.to_string()])
         .arg(first.to_string())
+        .arg(watch.arg())
         .stdin(Stdio::null())
         .kill_on_drop(true)
         .output()
@@ -272,7 +312,7 @@ pub async fn wait_size(addr: SocketAddr, w: u32, h: u32, timeout: Duration) -> R
     }
 }
 
-/// `compare client stream ADDR ENC SECS` / `compare client latency ADDR N`.
+/// `compare client stream ADDR ENC SECS` / `compare client latency ADDR N FIRST X,Y,W,H`.
 pub fn child_main(args: &[String]) -> Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -287,7 +327,8 @@ pub fn child_main(args: &[String]) -> Result<()> {
         Some("latency") => {
             let n: usize = args.get(2).context("samples")?.parse()?;
             let first: usize = args.get(3).context("first key")?.parse()?;
-            let got = rt.block_on(key_to_pixel(addr, n, first))?;
+            let watch = Region::parse(args.get(4).context("region")?)?;
+            let got = rt.block_on(key_to_pixel(addr, n, first, watch))?;
             let s: Vec<String> = got.iter().map(|v| format!("{v:.2}")).collect();
             println!("{}", s.join(" "));
             Ok(())
@@ -334,7 +375,7 @@ async fn stream(addr: SocketAddr, enc: Enc, window: Duration) -> Result<()> {
 
 /// Presses `a` / `b` in turn (the guest paints its top-left 64x64 box in a colour derived from
 /// the key) and times until an update touching that box has arrived in full.
-async fn key_to_pixel(addr: SocketAddr, n: usize, first: usize) -> Result<Vec<f64>> {
+async fn key_to_pixel(addr: SocketAddr, n: usize, first: usize, watch: Region) -> Result<Vec<f64>> {
     let mut c = Rfb::connect(addr, Enc::Zrle).await?;
     c.request(false).await?;
     c.update().await?;
@@ -366,7 +407,7 @@ async fn key_to_pixel(addr: SocketAddr, n: usize, first: usize) -> Result<Vec<f6
             let u = tokio::time::timeout(Duration::from_secs(5), c.update())
                 .await
                 .with_context(|| format!("{addr}: the pixels of key {i} never came"))??;
-            if u.touches(0, 0, 64, 64) {
+            if u.touches(watch) {
                 out.push(t0.elapsed().as_secs_f64() * 1000.0);
                 break;
             }
@@ -386,7 +427,8 @@ pub struct Update {
 }
 
 impl Update {
-    fn touches(&self, x: u16, y: u16, w: u16, h: u16) -> bool {
+    fn touches(&self, r: Region) -> bool {
+        let Region { x, y, w, h } = r;
         self.rects
             .iter()
             .any(|&(rx, ry, rw, rh)| rx < x + w && x < rx + rw && ry < y + h && y < ry + rh)

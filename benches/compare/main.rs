@@ -10,7 +10,8 @@
 //! (small mode, one short round: the table must come out complete, nothing is timed).
 //! Options after `--`: `--secs N` (window), `--rounds N`, `--samples N` (latency),
 //! `--sizes 1280x800,1920x1080`, `--no-rdp`, `--memory-only`, `--audio-only`, `--budget-only`,
-//! `--rdp-only`, `--browser-only`, `--h264-only` (RDP, browser and budget H.264 rows).
+//! `--rdp-only`, `--browser-only`, `--h264-only` (RDP, browser and budget H.264 rows),
+//! `--desktop-only` (key-to-pixel on the Debian desktop guest; the full run ends with it).
 
 mod audio;
 mod browser;
@@ -22,7 +23,7 @@ mod resets;
 mod stats;
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
@@ -58,6 +59,8 @@ struct Opts {
     latency_only: bool,
     rdp_only: bool,
     browser_only: bool,
+    /// Only key-to-pixel on the desktop guest.
+    desktop_only: bool,
     /// Every H.264 row: RDP modes, browser, budget.
     h264_only: bool,
 }
@@ -80,6 +83,7 @@ impl Opts {
                 latency_only: false,
                 rdp_only: false,
                 browser_only: false,
+                desktop_only: false,
                 h264_only: false,
             }
         } else {
@@ -96,6 +100,7 @@ impl Opts {
                 latency_only: false,
                 rdp_only: false,
                 browser_only: false,
+                desktop_only: false,
                 h264_only: false,
             }
         };
@@ -122,6 +127,7 @@ impl Opts {
                 "--latency-only" => o.latency_only = true,
                 "--rdp-only" => o.rdp_only = true,
                 "--browser-only" => o.browser_only = true,
+                "--desktop-only" => o.desktop_only = true,
                 "--h264-only" => o.h264_only = true,
                 _ => {} // --bench and libtest's own flags
             }
@@ -170,29 +176,40 @@ struct QemuCfg {
 impl QemuCfg {
     /// QEMU with both its own `-vnc` and `-display dbus` on our bus, and the guest's serial.
     async fn start(&self, video: Video) -> Result<(tokio::process::Child, Guest)> {
-        let serial = self.dir.join(format!("serial-{video:?}.sock"));
-        let _ = std::fs::remove_file(&serial);
         let display: &[&str] = match video {
             Video::StdVga => &["-vga", "std"],
             Video::VirtioGpu => &["-vga", "none", "-device", "virtio-gpu-pci"],
         };
+        let mut boot: Vec<String> = ["-m", "256"]
+            .iter()
+            .chain(display)
+            .map(|a| a.to_string())
+            .collect();
+        boot.push("-kernel".into());
+        boot.push(self.kernel_dir.join("vmlinuz").display().to_string());
+        boot.push("-initrd".into());
+        boot.push(self.kernel_dir.join("initrd.gz").display().to_string());
+        boot.extend(["-append".to_string(), "console=ttyS0 quiet".to_string()]);
+        self.spawn(&format!("{video:?}"), &boot).await
+    }
+
+    /// The same on the Debian desktop image (tests/guest/desktop/build.sh) in `image`.
+    async fn start_desktop(&self, image: &Path) -> Result<(tokio::process::Child, Guest)> {
+        let mut boot: Vec<String> = vec!["-kernel".into()];
+        boot.push(image.join("vmlinuz").display().to_string());
+        boot.push("-initrd".into());
+        boot.push(image.join("initrd.img").display().to_string());
+        boot.extend(vdi_sidecar::demo::desktop_args(&image.join("disk.raw")));
+        self.spawn("desktop", &boot).await
+    }
+
+    async fn spawn(&self, tag: &str, boot: &[String]) -> Result<(tokio::process::Child, Guest)> {
+        let serial = self.dir.join(format!("serial-{tag}.sock"));
+        let _ = std::fs::remove_file(&serial);
         let qemu = Command::new("qemu-system-x86_64")
-            .args([
-                "-accel",
-                "tcg",
-                "-m",
-                "256",
-                "-nodefaults",
-                "-name",
-                "vdi-bench",
-            ])
-            .args(display)
+            .args(["-accel", "tcg", "-nodefaults", "-name", "vdi-bench"])
+            .args(boot)
             .args(["-device", "qemu-xhci", "-device", "usb-tablet"])
-            .arg("-kernel")
-            .arg(self.kernel_dir.join("vmlinuz"))
-            .arg("-initrd")
-            .arg(self.kernel_dir.join("initrd.gz"))
-            .args(["-append", "console=ttyS0 quiet"])
             .args(vdi_sidecar::demo::AUDIO_ARGS)
             .arg("-display")
             .arg(format!("dbus,addr={},audiodev=snd0", self.bus_address))
@@ -288,19 +305,21 @@ async fn run(opts: Opts) -> Result<()> {
         qemu,
         qemu_cfg,
     };
-    let table = measure_all(&mut rig, &opts).await;
+    let mut table = Table::default();
+    let measured = measure_all(&mut rig, &opts, &mut table).await;
     stop.cancel();
     let _ = rig.qemu.start_kill();
     let _ = rig.qemu.wait().await;
     display.abort();
     bus.stop().await;
-    let table = table?;
     let mode = if opts.full {
         "full"
     } else {
         "smoke mode: tiny windows, no conclusions"
     };
+    // What was measured is printed even when a later row failed.
     table.print(&format!("{}; {mode}", machine_facts()));
+    measured?;
     table.check_complete()?;
     Ok(())
 }
@@ -337,56 +356,58 @@ impl Rig {
     }
 }
 
-async fn measure_all(rig: &mut Rig, opts: &Opts) -> Result<Table> {
+async fn measure_all(rig: &mut Rig, opts: &Opts, table: &mut Table) -> Result<()> {
     rig.guest.wait_ready(Duration::from_secs(120)).await?;
     rig.guest.cmd("display vbe", "display").await?;
-    let mut table = Table::default();
     let window = Duration::from_secs_f64(opts.secs);
     let last = *opts.sizes.last().context("no sizes")?;
     if opts.audio_only {
-        audio::rows(rig, opts, &mut table).await?;
-        return Ok(table);
+        audio::rows(rig, opts, table).await?;
+        return Ok(());
     }
     if opts.rdp_only {
         show_test_image(rig, last.0, last.1).await?;
-        rdp::rows(rig, opts, last, &mut table).await?;
-        return Ok(table);
+        rdp::rows(rig, opts, last, table).await?;
+        return Ok(());
     }
     if opts.h264_only {
         show_test_image(rig, last.0, last.1).await?;
-        rdp::rows(rig, opts, last, &mut table).await?;
-        browser::rows(rig, opts, last, &mut table).await?;
-        budget::h264_rows(rig, opts, last, &mut table).await?;
-        return Ok(table);
+        rdp::rows(rig, opts, last, table).await?;
+        browser::rows(rig, opts, last, table).await?;
+        budget::h264_rows(rig, opts, last, table).await?;
+        return Ok(());
     }
     if opts.browser_only {
         show_test_image(rig, last.0, last.1).await?;
-        browser::rows(rig, opts, last, &mut table).await?;
-        return Ok(table);
+        browser::rows(rig, opts, last, table).await?;
+        return Ok(());
     }
     if opts.memory_only {
         show_test_image(rig, last.0, last.1).await?;
-        memory_rows(rig, opts, last, &mut table).await?;
-        return Ok(table);
+        memory_rows(rig, opts, last, table).await?;
+        return Ok(());
     }
     if opts.budget_only {
         show_test_image(rig, last.0, last.1).await?;
-        budget::rows(rig, opts, last, &mut table).await?;
+        budget::rows(rig, opts, last, table).await?;
         if opts.rdp {
-            budget::h264_rows(rig, opts, last, &mut table).await?;
+            budget::h264_rows(rig, opts, last, table).await?;
         }
         if std::env::var_os("VDI_BENCH_QUICK").is_none() {
-            many_viewers(rig, opts, &mut table).await?;
+            many_viewers(rig, opts, table).await?;
         }
-        return Ok(table);
+        return Ok(());
+    }
+    if opts.desktop_only {
+        return desktop_latency(rig, opts, table).await;
     }
     if opts.latency_only {
         for &(w, h) in &opts.sizes {
             show_test_image(rig, w, h).await?;
-            latency_rows(rig, opts, (w, h), &mut table).await?;
+            latency_rows(rig, opts, (w, h), table).await?;
         }
-        virtio_latency(rig, opts, &mut table).await?;
-        return Ok(table);
+        virtio_latency(rig, opts, table).await?;
+        return Ok(());
     }
     for &(w, h) in &opts.sizes {
         show_test_image(rig, w, h).await?;
@@ -411,25 +432,29 @@ async fn measure_all(rig: &mut Rig, opts: &Opts) -> Result<Table> {
         }
         // Key-to-pixel latency with the guest idle.
         show_test_image(rig, w, h).await?;
-        latency_rows(rig, opts, (w, h), &mut table).await?;
+        latency_rows(rig, opts, (w, h), table).await?;
         if (w, h) == last {
-            memory_rows(rig, opts, (w, h), &mut table).await?;
-            budget::rows(rig, opts, (w, h), &mut table).await?;
+            memory_rows(rig, opts, (w, h), table).await?;
+            budget::rows(rig, opts, (w, h), table).await?;
             if opts.rdp {
-                budget::h264_rows(rig, opts, (w, h), &mut table).await?;
+                budget::h264_rows(rig, opts, (w, h), table).await?;
             }
             let fb = rig.fb.clone();
-            resets::rows(rig, opts, &fb, &mut table).await?;
-            browser::rows(rig, opts, (w, h), &mut table).await?;
+            resets::rows(rig, opts, &fb, table).await?;
+            browser::rows(rig, opts, (w, h), table).await?;
             if opts.rdp {
-                rdp::rows(rig, opts, (w, h), &mut table).await?;
+                rdp::rows(rig, opts, (w, h), table).await?;
             }
-            audio::rows(rig, opts, &mut table).await?;
+            audio::rows(rig, opts, table).await?;
         }
     }
-    many_viewers(rig, opts, &mut table).await?;
-    virtio_latency(rig, opts, &mut table).await?;
-    Ok(table)
+    many_viewers(rig, opts, table).await?;
+    virtio_latency(rig, opts, table).await?;
+    // The desktop image takes minutes to build and to boot: not in the smoke run.
+    if opts.full {
+        desktop_latency(rig, opts, table).await?;
+    }
+    Ok(())
 }
 
 /// Key-to-pixel on std VGA at `size`: both servers wait for QEMU's 30 ms refresh timer, so the
@@ -442,7 +467,7 @@ async fn latency_rows(
     table: &mut Table,
 ) -> Result<()> {
     let size = format!("{w}x{h}");
-    let (us, them) = latency_pair(rig, opts).await?;
+    let (us, them) = latency_pair(rig, opts, client::KEYBOX).await?;
     table.pair_values(Row::latency(&size, "median"), median(&us), median(&them));
     table.pair_values(Row::latency(&size, "p95"), p95(&us), p95(&them));
     let ratio = median(&us) / median(&them).max(1e-9);
@@ -476,7 +501,7 @@ async fn virtio_latency(rig: &mut Rig, opts: &Opts, table: &mut Table) -> Result
     for addr in [rig.ours, rig.theirs] {
         client::wait_size(addr, w, h, Duration::from_secs(60)).await?;
     }
-    let (us, them) = latency_pair(rig, opts).await?;
+    let (us, them) = latency_pair(rig, opts, client::KEYBOX).await?;
     let size = format!("{w}x{h}, virtio-gpu");
     let ratio = median(&us) / median(&them).max(1e-9);
     table.pair_values(Row::latency(&size, "median"), median(&us), median(&them));
@@ -484,6 +509,62 @@ async fn virtio_latency(rig: &mut Rig, opts: &Opts, table: &mut Table) -> Result
     let (lo, hi) = stats::ratio_interval(&us, &them);
     table.target(
         "key-to-pixel median ours/QEMU <= 0.7 on virtio-gpu".into(),
+        ratio <= 0.7,
+        format!(
+            "{ratio:.2} (95% {lo:.2}-{hi:.2}, n={}+{})",
+            us.len(),
+            them.len()
+        ),
+    );
+    Ok(())
+}
+
+/// Key-to-pixel on the Debian desktop guest (tests/guest/desktop: Xorg on virtio-gpu flushes
+/// damage at once, where our small guest's fbdev emulation defers it 50 ms): a terminal at the
+/// top left echoes the keys, whose pixels both servers must deliver. Reboots the VM on it.
+async fn desktop_latency(rig: &mut Rig, opts: &Opts, table: &mut Table) -> Result<()> {
+    let image = build_image("tests/guest/desktop/build.sh")
+        .context("the desktop guest (root and mmdebstrap)")?;
+    let _ = rig.qemu.start_kill();
+    let _ = rig.qemu.wait().await;
+    let (qemu, guest) = rig.qemu_cfg.start_desktop(&image).await?;
+    rig.qemu_pid = qemu.id().context("QEMU pid")?;
+    rig.qemu = qemu;
+    rig.guest = guest;
+    rig.guest.wait_ready(Duration::from_secs(600)).await?;
+    // setsid and no shared output: the serial command returns while the terminal runs.
+    rig.guest
+        .cmd(
+            "setsid xfce4-terminal --disable-server --hide-menubar --hide-toolbar \
+             --geometry=60x16+0+40 -x cat </dev/null >/dev/null 2>&1 &",
+            "setsid",
+        )
+        .await?;
+    rig.guest
+        .cmd(
+            "xdotool search --sync --class xfce4-terminal windowactivate --sync",
+            "xdotool",
+        )
+        .await?;
+    let (w, h) = rig.fb.size();
+    for addr in [rig.ours, rig.theirs] {
+        client::wait_size(addr, w, h, Duration::from_secs(60)).await?;
+    }
+    // The terminal's area, clear of the panel's clock (top right).
+    let watch = client::Region {
+        x: 0,
+        y: 30,
+        w: (w / 2) as u16,
+        h: (h / 2) as u16,
+    };
+    let (us, them) = latency_pair(rig, opts, watch).await?;
+    let size = format!("{w}x{h}, Xfce desktop on virtio-gpu");
+    let ratio = median(&us) / median(&them).max(1e-9);
+    table.pair_values(Row::latency(&size, "median"), median(&us), median(&them));
+    table.pair_values(Row::latency(&size, "p95"), p95(&us), p95(&them));
+    let (lo, hi) = stats::ratio_interval(&us, &them);
+    table.target(
+        "key-to-pixel median ours/QEMU <= 0.7 on the desktop (virtio-gpu)".into(),
         ratio <= 0.7,
         format!(
             "{ratio:.2} (95% {lo:.2}-{hi:.2}, n={}+{})",
@@ -557,7 +638,11 @@ async fn alternate(
     Ok((us, them))
 }
 
-async fn latency_pair(rig: &mut Rig, opts: &Opts) -> Result<(Vec<f64>, Vec<f64>)> {
+async fn latency_pair(
+    rig: &mut Rig,
+    opts: &Opts,
+    watch: client::Region,
+) -> Result<(Vec<f64>, Vec<f64>)> {
     let (mut us, mut them) = (Vec::new(), Vec::new());
     // Halves, alternating, so drift in the machine's load hits both servers alike.
     let half = opts.samples.div_ceil(2);
@@ -568,7 +653,7 @@ async fn latency_pair(rig: &mut Rig, opts: &Opts) -> Result<(Vec<f64>, Vec<f64>)
             [false, true]
         } {
             let addr = if mine { rig.ours } else { rig.theirs };
-            let got = client::latency(addr, half, rig.keys).await?;
+            let got = client::latency(addr, half, rig.keys, watch).await?;
             rig.keys += half;
             if mine { &mut us } else { &mut them }.extend(got);
         }
@@ -641,10 +726,15 @@ async fn memory_rows(
 }
 
 fn build_guest() -> Result<PathBuf> {
+    build_image("tests/guest/build.sh")
+}
+
+/// Runs one of the guest build scripts (cached under target/); returns the directory it prints.
+fn build_image(script: &str) -> Result<PathBuf> {
     let root = env!("CARGO_MANIFEST_DIR");
-    let out = std::process::Command::new(format!("{root}/tests/guest/build.sh"))
+    let out = std::process::Command::new(format!("{root}/{script}"))
         .output()
-        .context("tests/guest/build.sh")?;
+        .context(script.to_owned())?;
     if !out.status.success() {
         bail!(
             "guest build failed: {}",

@@ -132,7 +132,7 @@ pub async fn rows(rig: &mut Rig, opts: &Opts, (w, h): (u32, u32), table: &mut Ta
         rig.keys += n;
         tokio::task::spawn_blocking(move || key_to_pixel(&display, n, first)).await??
     };
-    let vnc_ms = client::latency(rig.ours, opts.samples, rig.keys).await?;
+    let vnc_ms = client::latency(rig.ours, opts.samples, rig.keys, client::KEYBOX).await?;
     rig.keys += opts.samples;
     table.rdp(
         Row::other(

@@ -233,6 +233,7 @@ pub async fn uds_channel(path: &Path) -> Channel {
         .await
         .expect("connect to hook socket")
 }
+pub mod browser;
 pub mod libvirt;
 pub mod pulse;
 pub mod qemu;

@@ -7,6 +7,8 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use super::rdp::{PASSWORD, USER};
+use super::x11::Xvfb;
 use super::{Proc, wait_until};
 
 /// The sink FreeRDP plays into and the source it records from.
@@ -106,6 +108,28 @@ impl Pulse {
         c
     }
 
+    /// FreeRDP 3 on `x` with this server as its sound system, logged in to our RDP server on
+    /// `port` with the test credentials; its stderr goes to `log`.
+    pub fn freerdp(&self, port: u16, x: &Xvfb, extra: &[&str], log: &Path) -> Proc {
+        let child = self
+            .command("xfreerdp3")
+            .arg(format!("/v:127.0.0.1:{port}"))
+            .arg(format!("/u:{USER}"))
+            .arg(format!("/p:{PASSWORD}"))
+            .args(["/cert:ignore", "-gfx", "/log-level:INFO"])
+            .args(extra)
+            .env("DISPLAY", &x.display)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(log).expect("log"))
+            .spawn()
+            .expect("xfreerdp3");
+        Proc {
+            child,
+            name: "xfreerdp3",
+        }
+    }
+
     /// Records what is played into [`SINK`] as raw s16le mono 48 kHz into `path`.
     pub fn record(&self, path: &Path) -> Proc {
         let child = self
@@ -144,4 +168,35 @@ pub fn samples(raw: &[u8]) -> Vec<f32> {
     raw.chunks_exact(2)
         .map(|b| f32::from(i16::from_le_bytes([b[0], b[1]])) / 32768.0)
         .collect()
+}
+
+/// The longest run of 20 ms blocks (48 kHz) whose pitch is within 10% of `hz`: the recording is
+/// not a timeline (the null sink's monitor skips the time nothing plays), so the tone is found
+/// by its pitch.
+pub fn pitch_run(pcm: &[f32], hz: u32) -> &[f32] {
+    const BLOCK: usize = 960;
+    // Zero crossings a block of `hz` has: two per period.
+    let expected = f64::from(hz) * 2.0 * BLOCK as f64 / 48000.0;
+    let (lo, hi) = (
+        (expected * 0.9).floor() as usize,
+        (expected * 1.1).ceil() as usize,
+    );
+    let crossings = |b: &[f32]| {
+        b.windows(2)
+            .filter(|w| (w[0] < 0.0) != (w[1] < 0.0))
+            .count()
+    };
+    let is_tone = |b: &[f32]| (lo..=hi).contains(&crossings(b)) && b.iter().any(|v| v.abs() > 0.1);
+    let (mut best, mut run) = ((0, 0), (0, 0));
+    for (k, b) in pcm.chunks_exact(BLOCK).enumerate() {
+        run = if is_tone(b) {
+            (if run.1 == 0 { k } else { run.0 }, run.1 + 1)
+        } else {
+            (k, 0)
+        };
+        if run.1 > best.1 {
+            best = run;
+        }
+    }
+    &pcm[best.0 * BLOCK..(best.0 + best.1) * BLOCK]
 }

@@ -34,6 +34,37 @@ pub fn guest() -> PathBuf {
     )
 }
 
+/// Builds (or reuses) the desktop guest (tests/guest/desktop/build.sh, as root); returns its
+/// directory (vmlinuz, initrd.img, disk.raw).
+pub fn desktop_guest() -> PathBuf {
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/guest/desktop/build.sh");
+    let out = Command::new("bash")
+        .arg(&script)
+        .output()
+        .expect("run tests/guest/desktop/build.sh");
+    assert!(
+        out.status.success(),
+        "desktop guest build failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    PathBuf::from(
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .lines()
+            .last()
+            .expect("path"),
+    )
+}
+
+/// Which guest QEMU boots.
+#[derive(Clone, Copy, Debug)]
+enum Boot {
+    /// Our small busybox guest (tests/guest/build.sh).
+    TestGuest,
+    /// The Debian desktop (tests/guest/desktop/build.sh).
+    Desktop,
+}
+
 /// A sound card on the D-Bus display, and the vdagent port the test guest's agent speaks on.
 #[allow(unused_imports)] // each test binary uses what it needs
 pub use vdi_sidecar::demo::{AUDIO_ARGS, VDAGENT_ARGS};
@@ -62,7 +93,20 @@ impl Vm {
 
     /// As [`Vm::start`], with extra QEMU arguments (devices).
     pub fn start_with(dir: &Path, bus_address: &str, video: Video, extra: &[&str]) -> Vm {
-        let g = guest();
+        Self::boot(dir, bus_address, video, extra, Boot::TestGuest)
+    }
+
+    /// The desktop guest (tests/guest/desktop) on virtio-gpu, with its sound card and vdagent
+    /// port: Xfce, spice-vdagent and PulseAudio as a user meets them.
+    pub fn start_desktop(dir: &Path, bus_address: &str) -> Vm {
+        let mut extra = vec!["-device", "qemu-xhci"];
+        extra.extend(["-device", "usb-tablet"]);
+        extra.extend(AUDIO_ARGS);
+        extra.extend(VDAGENT_ARGS);
+        Self::boot(dir, bus_address, Video::VirtioGpu, &extra, Boot::Desktop)
+    }
+
+    fn boot(dir: &Path, bus_address: &str, video: Video, extra: &[&str], boot: Boot) -> Vm {
         let serial = dir.join("serial.sock");
         let qmp = dir.join("qmp.sock");
         let mut cmd = Command::new("qemu-system-x86_64");
@@ -77,29 +121,48 @@ impl Vm {
             "-nodefaults",
             "-no-user-config",
         ])
-        .args(["-name", "vdi-test-vm"])
-        .arg("-kernel")
-        .arg(g.join("vmlinuz"))
-        .arg("-initrd")
-        .arg(g.join("initrd.gz"))
-        .args(["-append", "console=ttyS0 quiet"])
-        .arg("-display")
-        .arg(if extra.iter().any(|a| a.starts_with("dbus,id=snd0")) {
-            // A D-Bus audiodev is only exported when the display names it.
-            format!("dbus,addr={bus_address},audiodev=snd0")
-        } else {
-            format!("dbus,addr={bus_address}")
-        })
-        .arg("-serial")
-        .arg(format!("unix:{},server=on,wait=off", serial.display()))
-        .arg("-qmp")
-        .arg(format!("unix:{},server=on,wait=off", qmp.display()))
-        .args(extra)
-        .stdin(Stdio::null());
-        match video {
-            Video::StdVga => cmd.args(["-vga", "std"]),
-            Video::VirtioGpu => cmd.args(["-vga", "none", "-device", "virtio-gpu-pci"]),
-        };
+        .args(["-name", "vdi-test-vm"]);
+        match boot {
+            Boot::TestGuest => {
+                let g = guest();
+                cmd.arg("-kernel")
+                    .arg(g.join("vmlinuz"))
+                    .arg("-initrd")
+                    .arg(g.join("initrd.gz"))
+                    .args(["-append", "console=ttyS0 quiet"]);
+            }
+            Boot::Desktop => {
+                let g = desktop_guest();
+                cmd.arg("-kernel")
+                    .arg(g.join("vmlinuz"))
+                    .arg("-initrd")
+                    .arg(g.join("initrd.img"))
+                    .args(vdi_sidecar::demo::desktop_args(&g.join("disk.raw")));
+            }
+        }
+        cmd.arg("-display")
+            .arg(if extra.iter().any(|a| a.starts_with("dbus,id=snd0")) {
+                // A D-Bus audiodev is only exported when the display names it.
+                format!("dbus,addr={bus_address},audiodev=snd0")
+            } else {
+                format!("dbus,addr={bus_address}")
+            })
+            .arg("-serial")
+            .arg(format!("unix:{},server=on,wait=off", serial.display()))
+            .arg("-qmp")
+            .arg(format!("unix:{},server=on,wait=off", qmp.display()))
+            .args(extra)
+            .stdin(Stdio::null());
+        match (boot, video) {
+            // The desktop's arguments name its GPU.
+            (Boot::Desktop, _) => {}
+            (Boot::TestGuest, Video::StdVga) => {
+                cmd.args(["-vga", "std"]);
+            }
+            (Boot::TestGuest, Video::VirtioGpu) => {
+                cmd.args(["-vga", "none", "-device", "virtio-gpu-pci"]);
+            }
+        }
         let child = cmd
             .spawn()
             .expect("qemu-system-x86_64 (install qemu-system-x86)");
@@ -215,6 +278,22 @@ impl Vm {
 
     pub fn wait_ready(&mut self) {
         self.expect_line("READY", Duration::from_secs(90));
+    }
+
+    /// Runs a shell command in the desktop guest's session; its output and exit status.
+    pub fn shell(&mut self, cmd: &str) -> (String, i32) {
+        self.send_line(cmd);
+        let op = cmd.split_whitespace().next().unwrap_or_default().to_owned();
+        let mut out = String::new();
+        loop {
+            let line = self.expect_line("", Duration::from_secs(60));
+            if let Some(text) = line.strip_prefix("VDI OUT ") {
+                out.push_str(text);
+                out.push('\n');
+            } else if let Some(rest) = line.strip_prefix(&format!("VDI OK {op} ")) {
+                return (out, rest.trim().parse().unwrap_or(-1));
+            }
+        }
     }
 
     /// QMP `screendump` of console 0, as (width, height, 0x00RRGGBB pixels).

@@ -341,3 +341,55 @@ impl Client {
         }
     }
 }
+
+/// Connects (no password), enables QEMU audio in `sample` format 0..5, `channels`, `freq`.
+pub async fn audio_client(
+    addr: std::net::SocketAddr,
+    sample: u8,
+    channels: u8,
+    freq: u32,
+) -> TcpStream {
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    handshake(&mut s, "003.008", None, true)
+        .await
+        .expect("handshake");
+    set_encodings(&mut s, &[0, -259]).await;
+    // The server confirms with a pseudo-rectangle before we may send audio messages.
+    let mut ack = [0u8; 16];
+    s.read_exact(&mut ack).await.expect("ack");
+    assert_eq!(&ack[..4], &[0, 0, 0, 1]);
+    assert_eq!(
+        i32::from_be_bytes(ack[12..16].try_into().expect("enc")),
+        -259
+    );
+    let mut fmt = vec![255, 1, 0, 2, sample, channels];
+    fmt.extend_from_slice(&freq.to_be_bytes());
+    s.write_all(&fmt).await.expect("set format");
+    s.write_all(&[255, 1, 0, 0]).await.expect("enable");
+    let mut begin = [0u8; 4];
+    s.read_exact(&mut begin).await.expect("begin");
+    assert_eq!(begin, [255, 1, 0, 1]);
+    s
+}
+
+/// Reads audio data messages for `window`; returns the PCM bytes.
+pub async fn listen_audio(mut s: TcpStream, window: std::time::Duration) -> Vec<u8> {
+    let deadline = std::time::Instant::now() + window;
+    let mut pcm = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let mut head = [0u8; 4];
+        match tokio::time::timeout(left, s.read_exact(&mut head)).await {
+            Ok(r) => r.expect("audio message"),
+            Err(_) => return pcm,
+        };
+        assert_eq!(&head[..3], &[255, 1, 0], "{head:?}");
+        if head[3] != 2 {
+            continue;
+        }
+        let n = s.read_u32().await.expect("len") as usize;
+        let start = pcm.len();
+        pcm.resize(start + n, 0);
+        s.read_exact(&mut pcm[start..]).await.expect("pcm");
+    }
+}

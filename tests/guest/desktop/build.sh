@@ -65,11 +65,17 @@ EOF
 mkdir -p "$rootfs/home/user/.config/autostart"
 cat > "$rootfs/usr/local/bin/vdi-follow-size" <<'EOF'
 #!/bin/sh
-# Applies the monitor's preferred mode whenever the host announces a new one.
-last=
+# Applies the monitor's preferred mode (the viewer's window, announced by QEMU through
+# virtio-gpu) whenever it differs from the current one: what spice-vdagent does for SPICE.
 while sleep 0.5; do
-  cur=$(cat /sys/class/drm/card0-Virtual-1/modes 2>/dev/null | head -n1)
-  [ -n "$cur" ] && [ "$cur" != "$last" ] && xrandr --output Virtual-1 --auto && last=$cur
+  xrandr --query 2>/dev/null | awk '
+    / connected/ { out = $1 }
+    /^ +[0-9]+x[0-9]+/ && out != "" {
+      if ($0 ~ /\+/) pref[out] = $1
+      if ($0 ~ /\*/) cur[out] = $1
+    }
+    END { for (o in pref) if (pref[o] != cur[o]) print o }' |
+  while read -r o; do xrandr --output "$o" --auto; done
 done
 EOF
 chmod 755 "$rootfs/usr/local/bin/vdi-follow-size"
@@ -79,20 +85,28 @@ Type=Application
 Name=Follow the viewer's size
 Exec=/usr/local/bin/vdi-follow-size
 EOF
-# The serial command line: the tests send one shell command per line and read "OK <status>"
-# after its output; "READY" once the desktop's panel is up.
+# The serial command line, in the test guest's protocol (tests/common/qemu.rs): "VDI READY" once
+# the desktop and its sound server are up; then one shell command per line, run as the desktop's
+# user, its output as "VDI OUT <line>" (a last line without its newline too), and
+# "VDI OK <first word> <exit status>" at the end.
 cat > "$rootfs/usr/local/bin/vdi-serial" <<'EOF'
 #!/bin/bash
 stty -F /dev/ttyS0 raw -echo 115200
 exec </dev/ttyS0 >/dev/ttyS0 2>&1
-until pgrep -u user -x xfce4-panel >/dev/null && [ -S /run/user/1000/pulse/native ]; do sleep 1; done
-echo READY
+until pgrep -u user -x xfdesktop >/dev/null && pgrep -u user -x xfce4-panel >/dev/null &&
+      [ -S /run/user/1000/pulse/native ]; do sleep 1; done
+echo "VDI READY"
 while IFS= read -r line; do
-  runuser -u user -- env DISPLAY=:0 XDG_RUNTIME_DIR=/run/user/1000 bash -c "$line"
-  echo "OK $?"
+  line=${line%$'\r'}
+  [ -n "$line" ] || continue
+  runuser -u user -- env DISPLAY=:0 XDG_RUNTIME_DIR=/run/user/1000 bash -c "$line" 2>&1 </dev/null |
+    awk '{ print "VDI OUT " $0; fflush() }'
+  echo "VDI OK ${line%% *} ${PIPESTATUS[0]}"
 done
 EOF
 chmod 755 "$rootfs/usr/local/bin/vdi-serial"
+# ttyS0 is the command line's alone (the kernel's console=ttyS0 would start a getty there).
+ln -sf /dev/null "$rootfs/etc/systemd/system/serial-getty@ttyS0.service"
 cat > "$rootfs/etc/systemd/system/vdi-serial.service" <<'EOF'
 [Unit]
 Description=Test command line on ttyS0
