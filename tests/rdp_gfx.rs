@@ -11,8 +11,11 @@ use std::sync::Arc;
 use common::qemu::Rig;
 use common::rdp::{FreeRdp, config, serve};
 use common::x11::Xvfb;
+use vdi_sidecar::cgroup::Limits;
+use vdi_sidecar::h264::encoder::memory_cost;
 use vdi_sidecar::rdp::RdpConfig;
 use vdi_sidecar::session::Desktop;
+use vdi_sidecar::session::budget::{Budget, rdp_viewer_cost};
 use vdi_sidecar::session::stats::Counters;
 
 // One GUI test at a time: each runs QEMU under TCG plus FreeRDP on the 2 cores.
@@ -26,10 +29,22 @@ async fn with_guest(
     + Send
     + 'static,
 ) {
+    with_guest_in(cfg, Budget::unlimited(), body).await;
+}
+
+/// [`with_guest`] with the desktop's memory budget.
+async fn with_guest_in(
+    cfg: RdpConfig,
+    budget: Arc<Budget>,
+    body: impl FnOnce(&Xvfb, &mut common::qemu::Vm, &std::path::Path, u16, &Counters, &Desktop)
+    + Send
+    + 'static,
+) {
     let _serial = SERIAL.lock().await;
     let rig = Rig::start().await;
     let stats = Arc::clone(&cfg.stats);
-    let desktop = Desktop::primary(&rig.consoles);
+    let mut desktop = Desktop::primary(&rig.consoles);
+    desktop.budget = budget;
     let (port, stop) = serve(cfg, desktop.clone());
     let vm = rig.vm_with_test_image().await;
     let dir = rig.dir.path().to_owned();
@@ -166,6 +181,52 @@ async fn a_pipeline_without_h264_keeps_exact_bitmaps() {
             0,
             "H.264 sent to a client that refused it"
         );
+    })
+    .await;
+}
+
+/// A memory budget as a cgroup v2 of `limit` bytes using `used` would give (its control files
+/// in `dir`).
+fn budget_of(dir: &std::path::Path, limit: u64, used: u64) -> Arc<Budget> {
+    std::fs::write(dir.join("memory.max"), limit.to_string()).expect("memory.max");
+    std::fs::write(dir.join("memory.current"), used.to_string()).expect("memory.current");
+    let mountinfo = format!(
+        "30 25 0:26 / {} rw,nosuid - cgroup2 cgroup2 rw\n",
+        dir.display()
+    );
+    let limits = Limits::from_files("0::/\n", &mountinfo, |p| std::fs::read_to_string(p).ok());
+    assert_eq!(limits.memory, Some(limit), "the fake cgroup was not read");
+    assert_eq!(limits.memory_usage(), Some(used));
+    Budget::new(limits)
+}
+
+/// A sidecar whose memory limit holds one more viewer but not the console's H.264 encoder (as
+/// a 64 MB sidecar cannot hold a 1080p one): an AVC420 client is served exact bitmaps instead,
+/// no encoder starts, and the viewer is not refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h264_that_does_not_fit_the_memory_limit_leaves_bitmaps() {
+    let cgroup = tempfile::tempdir().expect("tempdir");
+    let limit = 64_000_000;
+    // The budget keeps limit/8 free; the guest shows 800x600.
+    let headroom = limit / 8;
+    let used = limit - headroom - memory_cost(800, 600) + (1 << 20);
+    assert!(
+        used + rdp_viewer_cost(800, 600) + headroom <= limit,
+        "the viewer fits"
+    );
+    let budget = budget_of(cgroup.path(), limit, used);
+    let check = Arc::clone(&budget);
+    with_guest_in(config(), budget, move |x, vm, dir, port, stats, desktop| {
+        let client = FreeRdp::open(x, dir, port, &["/gfx:AVC420"], &[]);
+        vm.guest("fill 3");
+        exact(x, &client, vm, "gfx-over-budget");
+        assert_eq!(get(&stats.h264_frames), 0, "H.264 sent over the budget");
+        assert_eq!(
+            get(&desktop.video.stats().encoders_made),
+            0,
+            "an encoder was started"
+        );
+        assert_eq!(check.refused(), 0, "the viewer was refused");
     })
     .await;
 }

@@ -15,6 +15,7 @@ use tracing::{debug, warn};
 
 use super::encoder::Encoder;
 use crate::framebuffer::{Framebuffer, Rect};
+use crate::session::budget::{Budget, Refused};
 
 /// Pictures kept for subscribers that are a little behind; older ones are lost (a lagging
 /// subscriber then waits for a key frame).
@@ -114,6 +115,16 @@ impl Video {
     fn ask_key(&self) {
         self.inner.want_key.store(true, Ordering::Release);
         self.inner.wake.notify_one();
+    }
+
+    /// Whether one more subscriber may join under `budget`: free while the stream runs (its
+    /// encoder is shared), otherwise an encoder of the console's size must fit the memory limit.
+    pub fn fits(&self, budget: &Budget) -> Result<(), Refused> {
+        if self.subscribers() > 0 {
+            return Ok(());
+        }
+        let (w, h) = self.inner.fb.size();
+        budget.reserve_shared(super::encoder::memory_cost(w, h))
     }
 
     pub fn subscribers(&self) -> usize {

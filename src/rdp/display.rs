@@ -5,6 +5,7 @@
 
 use std::collections::VecDeque;
 use std::num::{NonZeroU16, NonZeroUsize};
+use std::sync::Arc;
 
 use anyhow::Result;
 use bytes::Bytes;
@@ -21,6 +22,7 @@ use super::gfx_display::GfxView;
 use crate::framebuffer::{Cursor, Framebuffer, Rect, Viewer};
 use crate::h264::Video;
 use crate::qemu::control::ConsoleControl;
+use crate::session::budget::Budget;
 use crate::session::stats::ViewerStats;
 
 /// Desktop size announced while no display is attached yet.
@@ -54,7 +56,12 @@ pub struct H264 {
     pub video: Video,
     /// Stillness after which lossy areas are sent losslessly; `None`: never.
     pub lossless_after: Option<std::time::Duration>,
+    /// Whether the stream's encoder fits the memory limit (it is started for the first client).
+    pub budget: Arc<Budget>,
 }
+
+/// How long a client that H.264 did not fit for stays on bitmaps before it is tried again.
+const H264_RETRY: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl Display {
     pub fn new(
@@ -115,6 +122,7 @@ impl RdpServerDisplay for Display {
             stats: self.stats.clone(),
             gfx: self.gfx.clone(),
             h264: None,
+            h264_retry: None,
         }))
     }
 
@@ -158,6 +166,8 @@ struct Updates {
     gfx: Option<H264>,
     /// Set while pictures go out over the graphics pipeline instead of bitmaps.
     h264: Option<GfxView>,
+    /// H.264 did not fit the memory limit: bitmaps until then.
+    h264_retry: Option<std::time::Instant>,
 }
 
 impl Updates {
@@ -265,16 +275,26 @@ impl RdpServerDisplayUpdates for Updates {
                 }
                 continue;
             }
+            let waiting = self
+                .h264_retry
+                .is_some_and(|t| std::time::Instant::now() < t);
             match &self.gfx {
-                Some(g) if g.link.avc_ready() => {
-                    self.h264 = Some(GfxView::new(
-                        g.link.clone(),
-                        &g.video,
-                        self.stats.clone(),
-                        g.lossless_after,
-                    ));
-                }
-                Some(g) if !g.link.avc_refused() => {
+                Some(g) if g.link.avc_ready() && !waiting => match g.video.fits(&g.budget) {
+                    Ok(()) => {
+                        self.h264_retry = None;
+                        self.h264 = Some(GfxView::new(
+                            g.link.clone(),
+                            &g.video,
+                            self.stats.clone(),
+                            g.lossless_after,
+                        ));
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "H.264 does not fit the memory limit: bitmaps for now");
+                        self.h264_retry = Some(std::time::Instant::now() + H264_RETRY);
+                    }
+                },
+                Some(g) if !g.link.avc_refused() && !g.link.avc_ready() => {
                     tokio::select! {
                         _ = self.viewer.changed() => self.collect(),
                         _ = g.link.changed() => {}
@@ -342,6 +362,7 @@ mod tests {
             stats: ViewerStats::new(&std::sync::Arc::default()),
             gfx: None,
             h264: None,
+            h264_retry: None,
         }
     }
 

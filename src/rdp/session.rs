@@ -117,6 +117,7 @@ impl Session {
                 link: gfx.clone(),
                 video: self.desktop.video.clone(),
                 lossless_after: self.cfg.h264_lossless_after,
+                budget: Arc::clone(&self.desktop.budget),
             });
         }
         let acceptor = TlsAcceptor::from(Arc::clone(&self.cfg.tls.config));

@@ -84,6 +84,22 @@ impl Budget {
         self.decide(estimate, true)
     }
 
+    /// Reserves `estimate` bytes for something viewers share (an H.264 encoder), like
+    /// [`Self::admit`], but a refusal is not a refused viewer: the viewer stays, served another
+    /// way.
+    pub fn reserve_shared(&self, estimate: u64) -> Result<(), Refused> {
+        if self.limits.memory.is_none() {
+            return Ok(());
+        }
+        self.decide_for(
+            self.usage(),
+            estimate,
+            true,
+            Instant::now(),
+            "shared encoder",
+        )
+    }
+
     fn decide(&self, estimate: u64, reserve: bool) -> Result<(), Refused> {
         if self.limits.memory.is_none() {
             return Ok(());
@@ -98,6 +114,19 @@ impl Budget {
         estimate: u64,
         reserve: bool,
         now: Instant,
+    ) -> Result<(), Refused> {
+        self.decide_for(used, estimate, reserve, now, "viewer")
+    }
+
+    /// The decision for a viewer or for something viewers share (`what`); only viewers count
+    /// as refused.
+    fn decide_for(
+        &self,
+        used: u64,
+        estimate: u64,
+        reserve: bool,
+        now: Instant,
+        what: &'static str,
     ) -> Result<(), Refused> {
         let Some(limit) = self.limits.memory else {
             return Ok(());
@@ -119,11 +148,13 @@ impl Budget {
             .map_or(0, |at| used.saturating_sub(at));
         let pending = estimated.saturating_sub(grown);
         if used + pending + estimate + self.headroom > limit {
-            self.refused
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if what == "viewer" {
+                self.refused
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
             warn!(
                 used,
-                pending, estimate, limit, "viewer refused: memory limit"
+                pending, estimate, limit, what, "refused: memory limit"
             );
             return Err(Refused {
                 used_mb: (used + pending) >> 20,
@@ -213,6 +244,29 @@ mod tests {
             })
             .count();
         assert!(more < 16, "{more} more admitted at once");
+    }
+
+    #[test]
+    fn a_shared_encoder_that_does_not_fit_is_not_a_refused_viewer() {
+        let b = limited(64 << 20);
+        let t = Instant::now();
+        let cost = crate::h264::encoder::memory_cost(1920, 1080);
+        assert!(
+            b.decide_for(20 << 20, cost, true, t, "shared encoder")
+                .is_err(),
+            "a 1080p encoder does not fit next to 20 MB in 64 MB"
+        );
+        assert_eq!(b.refused(), 0);
+        assert!(
+            b.decide_for(
+                20 << 20,
+                crate::h264::encoder::memory_cost(800, 600),
+                true,
+                t,
+                "shared encoder"
+            )
+            .is_ok()
+        );
     }
 
     #[test]

@@ -13,6 +13,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::h264::{Frame, Subscription, Video};
+use crate::session::budget::Budget;
+use tracing::warn;
 
 /// The encoding number (RFB community registry: Open H.264).
 pub const ENCODING: i32 = 50;
@@ -46,7 +48,12 @@ pub struct VideoMode {
     reset: bool,
     /// When the last video-like picture came.
     large_at: Option<Instant>,
+    /// H.264 did not fit the memory limit: Tight until then.
+    refused_until: Option<Instant>,
 }
+
+/// How long a viewer that H.264 did not fit for stays on Tight before it is tried again.
+const RETRY: Duration = Duration::from_secs(30);
 
 fn large(changed: u64, screen: u64) -> bool {
     screen > 0 && changed.saturating_mul(LARGE) >= screen
@@ -81,12 +88,25 @@ impl VideoMode {
         self.run >= ENTER_RUN
     }
 
-    /// Joins the console's stream (the first picture will be a key frame).
-    pub fn start(&mut self, video: &Video) {
+    /// Joins the console's stream (the first picture will be a key frame), unless its encoder
+    /// does not fit `budget`'s memory limit: then Tight goes on and joining is tried again
+    /// after [`RETRY`]. Whether it joined.
+    pub fn start(&mut self, video: &Video, budget: &Budget) -> bool {
+        let now = Instant::now();
+        self.run = 0;
+        if self.refused_until.is_some_and(|t| now < t) {
+            return false;
+        }
+        if let Err(e) = video.fits(budget) {
+            warn!(error = %e, "H.264 does not fit the memory limit: Tight for now");
+            self.refused_until = Some(now + RETRY);
+            return false;
+        }
+        self.refused_until = None;
         self.sub = Some(video.subscribe());
         self.reset = true;
-        self.large_at = Some(Instant::now());
-        self.run = 0;
+        self.large_at = Some(now);
+        true
     }
 
     /// Leaves the stream (its encoder stops when nobody else needs it).
@@ -189,6 +209,26 @@ mod tests {
         assert!(!m.observe(&band(480), screen, at(160)));
     }
 
+    #[tokio::test]
+    async fn no_h264_when_its_encoder_does_not_fit_the_memory_limit() {
+        let fb = Framebuffer::new();
+        let px = vec![0x40u8; 1920 * 1080 * 4];
+        fb.scanout(1920, 1080, 1920 * 4, X8R8G8B8, &px)
+            .expect("scanout");
+        let video = Video::new(fb, 30.0);
+        let mut limits = crate::cgroup::Limits::none();
+        // Less than this process already uses: nothing fits.
+        limits.memory = Some(1 << 20);
+        let budget = Budget::new(limits);
+        let mut m = VideoMode::default();
+        assert!(!m.start(&video, &budget));
+        assert!(!m.active());
+        assert_eq!(video.subscribers(), 0, "no encoder started");
+        assert_eq!(budget.refused(), 0, "the viewer itself was not refused");
+        // Not tried again at once.
+        assert!(!m.start(&video, &Budget::unlimited()));
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn pictures_come_with_a_reset_first_and_calm_ends_the_mode() {
         let fb = Framebuffer::new();
@@ -197,7 +237,7 @@ mod tests {
         let video = Video::new(fb.clone(), 30.0);
         let mut m = VideoMode::default();
         assert!(!m.active());
-        m.start(&video);
+        assert!(m.start(&video, &Budget::unlimited()));
         let Next::Picture(f) = m.next().await else {
             panic!("a picture first")
         };

@@ -310,9 +310,9 @@ impl Session {
             && self.caps.h264
             && self.cfg.h264
             && self.video.observe(&frame.damage, screen, now)
+            && self.video.start(&self.desktop.video, &self.desktop.budget)
         {
             debug!("the screen looks like video: H.264");
-            self.video.start(&self.desktop.video);
         }
         self.pending = None;
         self.force_full = false;
