@@ -34,6 +34,12 @@ const DETACHED_SIZE: DesktopSize = DesktopSize {
 const MAX_SIDE: u32 = 8192;
 /// More damage rectangles than this are sent as their bounding box.
 const MAX_RECTS: usize = 16;
+/// Largest bitmap handed to ironrdp at once. It copies each bitmap two or three times while
+/// encoding (rows flipped, the surface command, its fragments), so a whole 1080p frame at once
+/// took ~30 MB more and got a 64 MB sidecar OOM-killed; bands are read from the framebuffer
+/// only when ironrdp asks for the next update. Bands are whole 64-row strips (at most 1 MB at
+/// the widest console).
+const BAND_BYTES: u32 = 512 * 1024;
 /// Largest pointer a client without the large-pointer capability accepts.
 const MAX_POINTER: u32 = 96;
 
@@ -117,6 +123,7 @@ impl RdpServerDisplay for Display {
             viewer: self.fb.viewer(),
             size,
             pending: VecDeque::new(),
+            bands: VecDeque::new(),
             cursor_serial: 0,
             pointer_visible: true,
             stats: self.stats.clone(),
@@ -160,6 +167,8 @@ struct Updates {
     /// The size the client was last told.
     size: DesktopSize,
     pending: VecDeque<DisplayUpdate>,
+    /// Damage still to send as bitmaps, in bands of at most [`BAND_BYTES`].
+    bands: VecDeque<Rect>,
     cursor_serial: u64,
     pointer_visible: bool,
     stats: ViewerStats,
@@ -179,7 +188,6 @@ impl Updates {
             // Pictures come from the shared H.264 stream; only the pointer goes this way.
             return;
         }
-        let fb = self.viewer.framebuffer().clone();
         if !damage.attached && damage.width == 0 {
             return;
         }
@@ -188,6 +196,7 @@ impl Updates {
             // The server deactivates, reactivates with `size()` and asks for a new update
             // stream, which starts with a full frame.
             self.size = now;
+            self.bands.clear();
             self.pending.push_back(DisplayUpdate::Resize(now));
             return;
         }
@@ -197,15 +206,35 @@ impl Updates {
         }
         let mut sent = 0;
         for r in rects {
-            if let Some(b) = self.bitmap(&fb, r) {
-                self.pending.push_back(DisplayUpdate::Bitmap(b));
+            // Whole 64-row tiles (RemoteFX codes 64x64 tiles: a cut tile would be coded twice).
+            let rows = (BAND_BYTES / (r.w.max(1) * 4) / 64 * 64).max(64);
+            let mut y = r.y;
+            while y < r.y + r.h {
+                let h = rows.min(r.y + r.h - y);
+                self.bands.push_back(Rect { y, h, ..r });
                 sent += 1;
+                y += h;
             }
         }
         if sent > 0 {
             self.stats.add(|c| &c.updates, 1);
             self.stats.add(|c| &c.rects, sent);
         }
+    }
+
+    /// The next update already decided: queued ones first, then the next band of damage, read
+    /// from the framebuffer now (its pixels newer than the damage said, never older).
+    fn pop_ready(&mut self) -> Option<DisplayUpdate> {
+        if let Some(u) = self.pending.pop_front() {
+            return Some(u);
+        }
+        let fb = self.viewer.framebuffer().clone();
+        while let Some(r) = self.bands.pop_front() {
+            if let Some(b) = self.bitmap(&fb, r) {
+                return Some(DisplayUpdate::Bitmap(b));
+            }
+        }
+        None
     }
 
     /// Queues pointer shape and visibility changes.
@@ -258,7 +287,7 @@ impl RdpServerDisplayUpdates for Updates {
     async fn next_update(&mut self) -> Result<Option<DisplayUpdate>> {
         // Cancel safe: every wait consumes nothing; everything after one is synchronous.
         loop {
-            if let Some(u) = self.pending.pop_front() {
+            if let Some(u) = self.pop_ready() {
                 return Ok(Some(u));
             }
             if let Some(view) = self.h264.as_mut() {
@@ -357,6 +386,7 @@ mod tests {
             viewer: fb.viewer(),
             size: desktop_size(w, h),
             pending: VecDeque::new(),
+            bands: VecDeque::new(),
             cursor_serial: 0,
             pointer_visible: true,
             stats: ViewerStats::new(&std::sync::Arc::default()),
@@ -373,7 +403,7 @@ mod tests {
             .expect("scanout");
         let mut u = updates(&fb);
         u.collect();
-        let Some(DisplayUpdate::Bitmap(b)) = u.pending.pop_front() else {
+        let Some(DisplayUpdate::Bitmap(b)) = u.pop_ready() else {
             panic!("no full frame");
         };
         assert_eq!((b.x, b.y, b.width.get(), b.height.get()), (0, 0, 8, 4));
@@ -382,12 +412,55 @@ mod tests {
         fb.update(2, 1, 3, 2, 12, X8R8G8B8, &frame(3, 2, 0x00abcdef), false)
             .expect("update");
         u.collect();
-        let Some(DisplayUpdate::Bitmap(b)) = u.pending.pop_front() else {
+        let Some(DisplayUpdate::Bitmap(b)) = u.pop_ready() else {
             panic!("no damage");
         };
         assert_eq!((b.x, b.y, b.width.get(), b.height.get()), (2, 1, 3, 2));
         assert_eq!(b.stride.get(), 12);
         assert_eq!(&b.data[..4], &[0xef, 0xcd, 0xab, 0x00]);
+    }
+
+    #[test]
+    fn a_large_frame_goes_out_in_small_bands_read_when_asked() {
+        let (w, h) = (1920, 1080);
+        let fb = Framebuffer::new();
+        fb.scanout(w, h, w * 4, X8R8G8B8, &frame(w, h, 0x0000_0001))
+            .expect("scanout");
+        let mut u = updates(&fb);
+        u.collect();
+        assert!(
+            u.pending.is_empty(),
+            "nothing copied before it is asked for"
+        );
+        // Changed after the damage was taken: the band read later has the new pixels.
+        fb.update(
+            0,
+            0,
+            w as i32,
+            1,
+            w * 4,
+            X8R8G8B8,
+            &frame(w, 1, 0x0000_0002),
+            false,
+        )
+        .expect("update");
+        let mut rows = 0;
+        let mut first = true;
+        while let Some(DisplayUpdate::Bitmap(b)) = u.pop_ready() {
+            assert!(
+                b.data.len() <= BAND_BYTES as usize,
+                "{} bytes",
+                b.data.len()
+            );
+            assert_eq!((b.x, u32::from(b.width.get())), (0, w));
+            assert_eq!(u32::from(b.y), rows, "bands in order, no gap");
+            if first {
+                assert_eq!(&b.data[..4], &[2, 0, 0, 0]);
+                first = false;
+            }
+            rows += u32::from(b.height.get());
+        }
+        assert_eq!(rows, h, "the bands cover the frame");
     }
 
     #[test]
@@ -398,6 +471,7 @@ mod tests {
         let mut u = updates(&fb);
         u.collect();
         u.pending.clear();
+        u.bands.clear();
         fb.scanout(16, 8, 64, X8R8G8B8, &frame(16, 8, 2))
             .expect("scanout");
         u.collect();
@@ -419,6 +493,7 @@ mod tests {
         let mut u = updates(&fb);
         u.collect();
         u.pending.clear();
+        u.bands.clear();
         fb.set_cursor(Cursor {
             width: 2,
             height: 2,
