@@ -15,7 +15,6 @@ use tracing::{debug, warn};
 
 use super::encoder::Encoder;
 use crate::framebuffer::{Framebuffer, Rect};
-use crate::session::budget::{Budget, Refused};
 
 /// Pictures kept for subscribers that are a little behind; older ones are lost (a lagging
 /// subscriber then waits for a key frame).
@@ -117,14 +116,10 @@ impl Video {
         self.inner.wake.notify_one();
     }
 
-    /// Whether one more subscriber may join under `budget`: free while the stream runs (its
-    /// encoder is shared), otherwise an encoder of the console's size must fit the memory limit.
-    pub fn fits(&self, budget: &Budget) -> Result<(), Refused> {
-        if self.subscribers() > 0 {
-            return Ok(());
-        }
-        let (w, h) = self.inner.fb.size();
-        budget.reserve_shared(super::encoder::memory_cost(w, h))
+    /// The size of the encoder one more subscriber would start: `None` while the stream runs
+    /// (its encoder is shared, joining costs nothing more).
+    pub fn encoder_to_start(&self) -> Option<(u32, u32)> {
+        (self.subscribers() == 0).then(|| self.inner.fb.size())
     }
 
     pub fn subscribers(&self) -> usize {

@@ -308,21 +308,23 @@ impl RdpServerDisplayUpdates for Updates {
                 .h264_retry
                 .is_some_and(|t| std::time::Instant::now() < t);
             match &self.gfx {
-                Some(g) if g.link.avc_ready() && !waiting => match g.video.fits(&g.budget) {
-                    Ok(()) => {
-                        self.h264_retry = None;
-                        self.h264 = Some(GfxView::new(
-                            g.link.clone(),
-                            &g.video,
-                            self.stats.clone(),
-                            g.lossless_after,
-                        ));
+                Some(g) if g.link.avc_ready() && !waiting => {
+                    match g.budget.reserve_encoder(&g.video) {
+                        Ok(()) => {
+                            self.h264_retry = None;
+                            self.h264 = Some(GfxView::new(
+                                g.link.clone(),
+                                &g.video,
+                                self.stats.clone(),
+                                g.lossless_after,
+                            ));
+                        }
+                        Err(e) => {
+                            warn!(error = %e, "H.264 does not fit the memory limit: bitmaps for now");
+                            self.h264_retry = Some(std::time::Instant::now() + H264_RETRY);
+                        }
                     }
-                    Err(e) => {
-                        warn!(error = %e, "H.264 does not fit the memory limit: bitmaps for now");
-                        self.h264_retry = Some(std::time::Instant::now() + H264_RETRY);
-                    }
-                },
+                }
                 Some(g) if !g.link.avc_refused() && !g.link.avc_ready() => {
                     tokio::select! {
                         _ = self.viewer.changed() => self.collect(),

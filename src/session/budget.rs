@@ -100,6 +100,22 @@ impl Budget {
         )
     }
 
+    /// Whether one more subscriber may join the console's H.264 stream: free while it runs,
+    /// otherwise the encoder it would start must fit (reserved, see [`Self::reserve_shared`]).
+    pub fn reserve_encoder(&self, video: &crate::h264::Video) -> Result<(), Refused> {
+        match video.encoder_to_start() {
+            None => Ok(()),
+            Some((w, h)) => self.reserve_shared(crate::h264::encoder::memory_cost(w, h)),
+        }
+    }
+
+    /// A budget of `memory` bytes whatever the cgroup says (tests, and what-ifs).
+    pub fn with_memory_limit(memory: u64) -> Arc<Self> {
+        let mut limits = Limits::none();
+        limits.memory = Some(memory);
+        Self::new(limits)
+    }
+
     fn decide(&self, estimate: u64, reserve: bool) -> Result<(), Refused> {
         if self.limits.memory.is_none() {
             return Ok(());

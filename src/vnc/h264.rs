@@ -97,7 +97,7 @@ impl VideoMode {
         if self.refused_until.is_some_and(|t| now < t) {
             return false;
         }
-        if let Err(e) = video.fits(budget) {
+        if let Err(e) = budget.reserve_encoder(video) {
             warn!(error = %e, "H.264 does not fit the memory limit: Tight for now");
             self.refused_until = Some(now + RETRY);
             return false;
@@ -216,10 +216,8 @@ mod tests {
         fb.scanout(1920, 1080, 1920 * 4, X8R8G8B8, &px)
             .expect("scanout");
         let video = Video::new(fb, 30.0);
-        let mut limits = crate::cgroup::Limits::none();
         // Less than this process already uses: nothing fits.
-        limits.memory = Some(1 << 20);
-        let budget = Budget::new(limits);
+        let budget = Budget::with_memory_limit(1 << 20);
         let mut m = VideoMode::default();
         assert!(!m.start(&video, &budget));
         assert!(!m.active());
