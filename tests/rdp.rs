@@ -428,47 +428,6 @@ async fn preempt_and_reject_policies_with_real_clients() {
     }
 }
 
-/// Accepts any server certificate: the hostile client only needs a TLS channel.
-#[derive(Debug)]
-struct AnyCert;
-
-impl rustls::client::danger::ServerCertVerifier for AnyCert {
-    fn verify_server_cert(
-        &self,
-        _: &rustls::pki_types::CertificateDer<'_>,
-        _: &[rustls::pki_types::CertificateDer<'_>],
-        _: &rustls::pki_types::ServerName<'_>,
-        _: &[u8],
-        _: rustls::pki_types::UnixTime,
-    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        Ok(rustls::client::danger::ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        _: &[u8],
-        _: &rustls::pki_types::CertificateDer<'_>,
-        _: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        _: &[u8],
-        _: &rustls::pki_types::CertificateDer<'_>,
-        _: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        rustls::crypto::ring::default_provider()
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
-}
-
 /// A real X.224 negotiation (asking for `protocols`) and TLS handshake.
 async fn tls_after_negotiation(
     port: u16,
@@ -487,16 +446,8 @@ async fn tls_after_negotiation(
     let mut rest = vec![0u8; usize::from(u16::from_be_bytes([head[2], head[3]])) - 4];
     tcp.read_exact(&mut rest).await.expect("connection confirm");
     assert_eq!(rest.get(7), Some(&2), "not an RDP_NEG_RSP: {rest:?}");
-    let cfg = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .expect("versions")
-    .dangerous()
-    .with_custom_certificate_verifier(std::sync::Arc::new(AnyCert))
-    .with_no_client_auth();
     let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
-    tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
+    common::rdp::tls_trusting_anything()
         .connect(name, tcp)
         .await
         .expect("TLS handshake")

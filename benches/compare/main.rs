@@ -325,6 +325,21 @@ async fn run(opts: Opts) -> Result<()> {
 }
 
 impl Rig {
+    /// Stops QEMU and boots the VM again on virtio-gpu: the test guest, or the desktop image
+    /// in `desktop`.
+    async fn reboot(&mut self, desktop: Option<&Path>) -> Result<()> {
+        let _ = self.qemu.start_kill();
+        let _ = self.qemu.wait().await;
+        let (qemu, guest) = match desktop {
+            None => self.qemu_cfg.start(Video::VirtioGpu).await?,
+            Some(image) => self.qemu_cfg.start_desktop(image).await?,
+        };
+        self.qemu_pid = qemu.id().context("QEMU pid")?;
+        self.qemu = qemu;
+        self.guest = guest;
+        Ok(())
+    }
+
     /// Starts `scene` for long enough to cover `windows` measuring windows plus `slack`, then
     /// measures QEMU's baseline (no client) while it runs. Returns the scene's length.
     async fn start_scene(
@@ -471,18 +486,13 @@ async fn latency_rows(
 ) -> Result<()> {
     let size = format!("{w}x{h}");
     let (us, them) = latency_pair(rig, opts, client::KEYBOX).await?;
-    table.pair_values(Row::latency(&size, "median"), median(&us), median(&them));
-    table.pair_values(Row::latency(&size, "p95"), p95(&us), p95(&them));
-    let ratio = median(&us) / median(&them).max(1e-9);
-    let (lo, hi) = stats::ratio_interval(&us, &them);
-    table.target(
+    latency_table(
+        table,
+        &size,
+        &us,
+        &them,
         format!("key-to-pixel median ours/QEMU <= 1.0 on std VGA, {size}"),
-        ratio <= 1.0,
-        format!(
-            "{ratio:.2} (95% {lo:.2}-{hi:.2}, n={}+{})",
-            us.len(),
-            them.len()
-        ),
+        1.0,
     );
     Ok(())
 }
@@ -490,12 +500,7 @@ async fn latency_rows(
 /// Key-to-pixel with the VM rebooted on virtio-gpu: the guest pushes its updates, which reach
 /// us over D-Bus at once, while QEMU's own VNC sends them on its refresh timer.
 async fn virtio_latency(rig: &mut Rig, opts: &Opts, table: &mut Table) -> Result<()> {
-    let _ = rig.qemu.start_kill();
-    let _ = rig.qemu.wait().await;
-    let (qemu, guest) = rig.qemu_cfg.start(Video::VirtioGpu).await?;
-    rig.qemu_pid = qemu.id().context("QEMU pid")?;
-    rig.qemu = qemu;
-    rig.guest = guest;
+    rig.reboot(None).await?;
     rig.guest.wait_ready(Duration::from_secs(120)).await?;
     rig.guest.cmd("display fb", "display").await?;
     rig.guest.cmd("keybox on", "keybox").await?;
@@ -506,19 +511,8 @@ async fn virtio_latency(rig: &mut Rig, opts: &Opts, table: &mut Table) -> Result
     }
     let (us, them) = latency_pair(rig, opts, client::KEYBOX).await?;
     let size = format!("{w}x{h}, virtio-gpu");
-    let ratio = median(&us) / median(&them).max(1e-9);
-    table.pair_values(Row::latency(&size, "median"), median(&us), median(&them));
-    table.pair_values(Row::latency(&size, "p95"), p95(&us), p95(&them));
-    let (lo, hi) = stats::ratio_interval(&us, &them);
-    table.target(
-        "key-to-pixel median ours/QEMU <= 0.7 on virtio-gpu".into(),
-        ratio <= 0.7,
-        format!(
-            "{ratio:.2} (95% {lo:.2}-{hi:.2}, n={}+{})",
-            us.len(),
-            them.len()
-        ),
-    );
+    let target = "key-to-pixel median ours/QEMU <= 0.7 on virtio-gpu".into();
+    latency_table(table, &size, &us, &them, target, 0.7);
     Ok(())
 }
 
@@ -528,12 +522,7 @@ async fn virtio_latency(rig: &mut Rig, opts: &Opts, table: &mut Table) -> Result
 async fn desktop_latency(rig: &mut Rig, opts: &Opts, table: &mut Table) -> Result<()> {
     let image = build_image("tests/guest/desktop/build.sh")
         .context("the desktop guest (root and mmdebstrap)")?;
-    let _ = rig.qemu.start_kill();
-    let _ = rig.qemu.wait().await;
-    let (qemu, guest) = rig.qemu_cfg.start_desktop(&image).await?;
-    rig.qemu_pid = qemu.id().context("QEMU pid")?;
-    rig.qemu = qemu;
-    rig.guest = guest;
+    rig.reboot(Some(&image)).await?;
     rig.guest.wait_ready(Duration::from_secs(600)).await?;
     // setsid and no shared output: the serial command returns while the terminal runs.
     rig.guest
@@ -562,19 +551,8 @@ async fn desktop_latency(rig: &mut Rig, opts: &Opts, table: &mut Table) -> Resul
     };
     let (us, them) = latency_pair(rig, opts, watch).await?;
     let size = format!("{w}x{h}, Xfce desktop on virtio-gpu");
-    let ratio = median(&us) / median(&them).max(1e-9);
-    table.pair_values(Row::latency(&size, "median"), median(&us), median(&them));
-    table.pair_values(Row::latency(&size, "p95"), p95(&us), p95(&them));
-    let (lo, hi) = stats::ratio_interval(&us, &them);
-    table.target(
-        "key-to-pixel median ours/QEMU <= 0.7 on the desktop (virtio-gpu)".into(),
-        ratio <= 0.7,
-        format!(
-            "{ratio:.2} (95% {lo:.2}-{hi:.2}, n={}+{})",
-            us.len(),
-            them.len()
-        ),
-    );
+    let target = "key-to-pixel median ours/QEMU <= 0.7 on the desktop (virtio-gpu)".into();
+    latency_table(table, &size, &us, &them, target, 0.7);
     Ok(())
 }
 
@@ -639,6 +617,31 @@ async fn alternate(
         rig.finish_scene(length).await?;
     }
     Ok((us, them))
+}
+
+/// The median and p95 rows of a key-to-pixel pair at `size`, and the target that the median
+/// ratio ours/QEMU is at most `bound` (with its 95 % bootstrap interval).
+fn latency_table(
+    table: &mut Table,
+    size: &str,
+    us: &[f64],
+    them: &[f64],
+    target: String,
+    bound: f64,
+) {
+    table.pair_values(Row::latency(size, "median"), median(us), median(them));
+    table.pair_values(Row::latency(size, "p95"), p95(us), p95(them));
+    let ratio = median(us) / median(them).max(1e-9);
+    let (lo, hi) = stats::ratio_interval(us, them);
+    table.target(
+        target,
+        ratio <= bound,
+        format!(
+            "{ratio:.2} (95% {lo:.2}-{hi:.2}, n={}+{})",
+            us.len(),
+            them.len()
+        ),
+    );
 }
 
 async fn latency_pair(

@@ -15,36 +15,25 @@ use vdi_sidecar::qemu::source::{self, Consoles, SourceOptions};
 
 /// Builds (or reuses) the test guest; returns its directory (vmlinuz, initrd.gz).
 pub fn guest() -> PathBuf {
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/guest/build.sh");
-    let out = Command::new("bash")
-        .arg(&script)
-        .output()
-        .expect("run tests/guest/build.sh");
-    assert!(
-        out.status.success(),
-        "guest build failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    PathBuf::from(
-        String::from_utf8_lossy(&out.stdout)
-            .trim()
-            .lines()
-            .last()
-            .expect("path"),
-    )
+    build_image("tests/guest/build.sh")
 }
 
 /// Builds (or reuses) the desktop guest (tests/guest/desktop/build.sh, as root); returns its
 /// directory (vmlinuz, initrd.img, disk.raw).
 pub fn desktop_guest() -> PathBuf {
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/guest/desktop/build.sh");
+    build_image("tests/guest/desktop/build.sh")
+}
+
+/// Runs a guest build script (it caches under target/); returns the directory it prints last.
+fn build_image(script: &str) -> PathBuf {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(script);
     let out = Command::new("bash")
-        .arg(&script)
+        .arg(&path)
         .output()
-        .expect("run tests/guest/desktop/build.sh");
+        .unwrap_or_else(|e| panic!("run {script}: {e}"));
     assert!(
         out.status.success(),
-        "desktop guest build failed: {}",
+        "{script} failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
     PathBuf::from(
